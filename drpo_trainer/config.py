@@ -1,0 +1,329 @@
+"""The one source of truth for run configuration.
+
+Every field is typed, bounded and documented here; YAML files in ``configs/`` only
+override these defaults, and ``key=value`` command-line arguments (dotted paths such
+as ``trainer.max_steps=20``) override the YAML. Unknown keys and bad values fail
+before any heavy import, naming the key and the fix. Imports only the standard
+library, pydantic and yaml so that ``drpo-train --help`` / ``--print-config`` are instant.
+
+Batch-size vocabulary (see the README glossary):
+  prompts_per_step      prompts drawn per step, over all ranks
+  samples_per_prompt    G, completions per prompt (the group)
+  minibatches_per_step  optimizer steps per rollout batch (stale mini-batches)
+  micro_batch_tokens_per_gpu  token budget of one forward/backward on one rank
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported with the key and how to fix it."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    path: str = Field(
+        "builtin:tiny-math",
+        description="A Hugging Face model directory (config.json + weights + tokenizer), or "
+        "'builtin:tiny-math' for the embedded tiny Qwen3 model built offline and cached.",
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Learner parameter dtype. bfloat16 on GPU; float32 on CPU."
+    )
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    attn_implementation: Optional[str] = Field(
+        None, description="transformers attention kernel ('sdpa', 'flash_attention_2', 'eager'); None = library default."
+    )
+    trust_remote_code: bool = Field(False, description="Allow custom modelling code from the model directory.")
+
+
+class DataConfig(Section):
+    train_files: list[str] = Field(
+        default_factory=lambda: ["data/synthetic_math_train.jsonl"],
+        description="JSONL or parquet files with fields `prompt` (text or chat messages) and `answer`.",
+    )
+    prompt_field: str = Field("prompt", description="Column holding the prompt (string or list of chat messages).")
+    answer_field: str = Field("answer", description="Column holding the gold answer.")
+    system_prompt: Optional[str] = Field(None, description="Optional system message prepended to every prompt.")
+    apply_chat_template: bool = Field(True, description="Format prompts with the tokenizer's chat template.")
+    max_prompt_tokens: int = Field(256, gt=0, description="Prompts longer than this are dropped and counted.")
+    shuffle: bool = Field(True, description="Shuffle the training prompts each epoch (deterministic from `seed`).")
+    seed: int = Field(0, description="Seed of the per-epoch shuffle.")
+
+
+class RolloutConfig(Section):
+    backend: Literal["hf", "vllm"] = Field(
+        "hf", description="'hf': transformers generate (CPU, small models, tests); 'vllm': the GPU engine."
+    )
+    samples_per_prompt: int = Field(8, ge=1, description="G: completions sampled per prompt (the advantage group).")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature; log-probs are always of logits / T.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling; 1.0 = off.")
+    top_k: int = Field(0, ge=0, description="Top-k sampling; 0 = off (transformers' implicit top_k=50 is disabled).")
+    max_new_tokens: int = Field(64, gt=0, description="Maximum response length in tokens.")
+    generation_batch_size: int = Field(64, gt=0, description="hf backend: completions generated per forward batch.")
+    tensor_parallel_size: int = Field(1, ge=1, description="vllm: GPUs per engine (tensor parallel group).")
+    gpu_memory_utilization: float = Field(0.5, gt=0, le=1, description="vllm: fraction of GPU memory for the engine.")
+    enable_sleep_mode: bool = Field(True, description="vllm: free engine memory while the learner updates.")
+    quantization: Optional[Literal["fp8"]] = Field(None, description="vllm: 'fp8' for FP8 rollout.")
+    max_model_len: Optional[int] = Field(None, description="vllm: context length; default prompt + response.")
+    sync_bucket_mb: int = Field(512, gt=0, description="Weight-sync bucket size (MiB of gathered parameters).")
+    parity_check: bool = Field(False, description="After each sync, score a probe batch with engine and learner.")
+    parity_max_abs_logprob_diff: float = Field(
+        0.5, gt=0, description="Abort when the parity check's mean |logprob difference| exceeds this."
+    )
+
+
+class RewardConfig(Section):
+    name: str = Field("math", description="Registered reward function (see drpo_trainer.rewards).")
+    extraction: Literal["boxed", "answer_line", "auto"] = Field(
+        "boxed", description="Where the final answer is: the LAST \\boxed{}, an 'Answer: X' line, or either."
+    )
+    num_workers: int = Field(2, ge=1, description="Verifier worker processes (killable, reused across steps).")
+    timeout_s: float = Field(5.0, gt=0, description="Wall-clock limit per verification; a hung sample scores 0.")
+    memory_limit_mb: int = Field(2048, gt=0, description="Address-space cap of each verifier worker.")
+
+
+class AlgorithmConfig(Section):
+    loss: str = Field("drpo", description="Policy loss from the registry: drpo, spo, dppo_tv, dppo_kl, grpo, pg.")
+    loss_params: dict[str, float] = Field(
+        default_factory=dict,
+        description="Loss parameters, e.g. {delta: 12.5} for drpo, {clip_low: 0.2, clip_high: 0.28} for grpo.",
+    )
+    loss_agg_mode: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm", "seq-mean-token-mean"] = (
+        Field("seq-mean-token-sum-norm", description="How per-token losses become one number (paper: -norm).")
+    )
+    horizon: Optional[int] = Field(
+        None, gt=0, description="Constant divisor of seq-mean-token-sum-norm; default rollout.max_new_tokens."
+    )
+    behaviour_logprobs: Literal["recompute", "rollout"] = Field(
+        "recompute", description="Which log-probs play mu: learner recomputation (default) or the engine's."
+    )
+    normalize_by_std: bool = Field(False, description="Divide group-centred rewards by (std + 1e-6).")
+    mismatch_correction: Optional[Literal["tis", "mis"]] = Field(
+        None, description="Train/inference mismatch correction with rollout log-probs; off by default."
+    )
+    tis_cap: float = Field(2.0, gt=0, description="tis: cap of the truncated importance weight.")
+    mis_lower: float = Field(0.5, ge=0, description="mis: tokens with rho below this are masked.")
+    mis_upper: float = Field(2.0, gt=0, description="mis: tokens with rho above this are masked.")
+
+
+class OptimConfig(Section):
+    lr: float = Field(1e-6, gt=0, description="AdamW learning rate.")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW decoupled weight decay.")
+    eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
+    grad_clip: float = Field(1.0, ge=0, description="Global gradient-norm clip; 0 = off.")
+    schedule: Literal["constant", "warmup_constant", "warmup_cosine"] = Field(
+        "constant", description="Learning-rate schedule over optimizer steps."
+    )
+    warmup_steps: int = Field(0, ge=0, description="Linear warm-up length in optimizer steps.")
+
+
+class TrainerConfig(Section):
+    max_steps: int = Field(100, gt=0, description="Rollout steps to run (each step = minibatches_per_step updates).")
+    prompts_per_step: int = Field(16, gt=0, description="Prompts per step over all ranks.")
+    minibatches_per_step: int = Field(2, gt=0, description="Optimizer steps per rollout batch; k > 1 are stale.")
+    micro_batch_tokens_per_gpu: int = Field(
+        8192, gt=0, description="Token budget of one learner forward/backward on one rank (padding-free packing)."
+    )
+    logprob_chunk_tokens: int = Field(1024, gt=0, description="Tokens per chunk of the log-prob head (no B*T*V logits).")
+    seed: int = Field(0, description="Seed of model-independent randomness (sampling, dropout).")
+
+
+class DistributedConfig(Section):
+    nproc_per_node: int | Literal["auto"] = Field(
+        "auto", description="Processes per node; 'auto' = number of local GPUs, or 1 on CPU."
+    )
+    nnodes: int = Field(1, ge=1, description="Number of nodes (multi-node runs use launch/ scripts).")
+    zero_stage: Literal[0, 1, 2, 3] = Field(3, description="DeepSpeed ZeRO stage of the learner.")
+    offload_optimizer: bool = Field(False, description="ZeRO optimizer state on CPU (saves GPU memory).")
+    backend: Literal["auto", "nccl", "gloo"] = Field("auto", description="Process-group backend; auto = nccl on GPU.")
+    deepspeed_config: Optional[str] = Field(None, description="A DeepSpeed JSON whose keys override ours.")
+
+
+class WandbConfig(Section):
+    mode: Literal["online", "offline", "disabled"] = Field(
+        "disabled", description="online falls back to offline (one message) when no key or network."
+    )
+    project: str = Field("drpo-trainer", description="W&B project.")
+    entity: Optional[str] = Field(None, description="W&B entity (team or user).")
+    name: Optional[str] = Field(None, description="Run name; default = output_dir's name.")
+    tags: list[str] = Field(default_factory=list, description="Run tags.")
+
+
+class TrackingConfig(Section):
+    wandb: WandbConfig = Field(default_factory=WandbConfig)
+    progress_bar: bool = Field(True, description="Console progress bar with reward and step time.")
+
+
+class EvalConfig(Section):
+    files: dict[str, str] = Field(
+        default_factory=lambda: {"synthetic": "data/synthetic_math_eval.jsonl"},
+        description="Eval sets: name -> JSONL/parquet file (same schema as training data).",
+    )
+    every_steps: int = Field(0, ge=0, description="Evaluate every N steps (0 = only at start and end).")
+    k: int = Field(4, ge=1, description="Samples per problem; reports avg@k accuracy.")
+    max_problems: Optional[int] = Field(None, gt=0, description="Evaluate only the first N problems of each set.")
+    temperature: Optional[float] = Field(None, gt=0, description="Eval temperature; default rollout.temperature.")
+    at_start: bool = Field(True, description="Also evaluate before the first update (step 0).")
+
+
+class CheckpointConfig(Section):
+    every_steps: int = Field(0, ge=0, description="Checkpoint every N steps (0 = only at the end).")
+    keep_last: int = Field(2, ge=1, description="Keep the newest K checkpoints.")
+    export_final: bool = Field(True, description="Export the final model as HF safetensors to output_dir/final.")
+
+
+class Config(Section):
+    output_dir: str = Field("runs/default", description="Run directory: metrics, config, checkpoints, exports.")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
+    algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig)
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> "Config":
+        if self.algorithm.mis_lower >= self.algorithm.mis_upper:
+            raise ValueError(
+                f"algorithm.mis_lower ({self.algorithm.mis_lower}) must be below algorithm.mis_upper "
+                f"({self.algorithm.mis_upper})"
+            )
+        if self.rollout.backend == "hf" and self.rollout.quantization is not None:
+            raise ValueError("rollout.quantization needs rollout.backend=vllm")
+        return self
+
+    @property
+    def horizon(self) -> int:
+        return self.algorithm.horizon or self.rollout.max_new_tokens
+
+    def check_world(self, world_size: int) -> None:
+        """Batch sizes must divide evenly over ranks and mini-batches (whole groups per mini-batch)."""
+        t = self.trainer
+        need = world_size * t.minibatches_per_step
+        if t.prompts_per_step % need:
+            lo = (t.prompts_per_step // need) * need or need
+            raise ConfigError(
+                f"trainer.prompts_per_step={t.prompts_per_step} must be divisible by world size ({world_size}) x "
+                f"trainer.minibatches_per_step ({t.minibatches_per_step}) = {need}, so that every rank's mini-batch "
+                f"holds whole prompt groups. Fix: set trainer.prompts_per_step={lo} or {lo + need}."
+            )
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading: YAML + dotted overrides -> validated Config, with errors that name the key and the fix.
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    node = tree
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted}: '{part}' is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(args: list[str]) -> dict:
+    """['trainer.max_steps=3', 'tracking.wandb.tags=[a,b]'] -> nested dict (values parsed as YAML)."""
+    tree: dict = {}
+    for arg in args:
+        if "=" not in arg:
+            raise ConfigError(f"override '{arg}' is not of the form key=value (e.g. trainer.max_steps=20)")
+        key, raw = arg.split("=", 1)
+        key = key.strip().lstrip("-")
+        if not key:
+            raise ConfigError(f"override '{arg}' has an empty key")
+        value = yaml.safe_load(raw) if raw.strip() else ""
+        _set_dotted(tree, key, value)
+    return tree
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k not in ("loss_params", "files"):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _known_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+    cls: Any = model
+    for part in loc[:-1]:
+        field = cls.model_fields.get(str(part))
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return []
+        cls = field.annotation
+    return list(cls.model_fields)
+
+
+def _format_errors(err: ValidationError, raw: dict) -> str:
+    lines = []
+    for e in err.errors():
+        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-after")))
+        key = ".".join(str(p) for p in loc) or "<config>"
+        if e["type"] == "extra_forbidden":
+            known = _known_keys(Config, loc)
+            close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+            hint = f"did you mean '{'.'.join(map(str, loc[:-1] + (close[0],)))}'?" if close else ""
+            lines.append(f"  {key}: unknown key. {hint} Valid keys here: {', '.join(known)}")
+        else:
+            got = e.get("input")
+            got_s = "" if isinstance(got, dict) else f" (got {got!r})"
+            lines.append(f"  {key}: {e['msg']}{got_s}")
+    return "invalid configuration:\n" + "\n".join(lines) + "\nSee `drpo-train --print-config` for every key and default."
+
+
+def load_config(path: Optional[str | os.PathLike] = None, overrides: Optional[list[str]] = None) -> Config:
+    """Defaults <- YAML file <- dotted overrides, validated."""
+    raw: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}. Fix: pass an existing YAML file, e.g. configs/tiny_cpu.yaml")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{p} is not valid YAML: {exc}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{p} must hold a mapping of sections (model:, rollout:, ...), not {type(raw).__name__}")
+    raw = _merge(raw, parse_overrides(overrides or []))
+    return config_from_dict(raw)
+
+
+def config_from_dict(raw: dict) -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, raw)) from None
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def save_config(cfg: Config, path: str | os.PathLike) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(str(path) + ".tmp")
+    tmp.write_text(dump_config(cfg))
+    os.replace(tmp, path)

@@ -4,7 +4,7 @@ Every loss in `POLICY_LOSSES` has the same signature
 
     loss_fn(logprobs, old_logprobs, advantages, mask, *, <its parameters>) -> (per_token_loss, metrics)
 
-on float32 (B, T) tensors (advantages already broadcast to tokens, A and mu detached), and
+on float32 (float64 if given) (B, T) tensors (advantages already broadcast to tokens, A and mu detached), and
 returns the unmasked per-token loss and its own metrics. `compute_policy_loss` is what a
 trainer calls: it validates, upcasts bf16 inputs to float32, applies the optional
 train/inference mismatch correction, calls the loss, aggregates (drpo_trainer.aggregation)
@@ -265,7 +265,7 @@ def compute_policy_loss(
     exp(old_logprobs - rollout_logprobs): 'tis' multiplies each token's loss by the detached
     min(rho, tis_cap); 'mis' zeroes tokens with rho outside [mis_lower, mis_upper]
     (the counts are unchanged, so the global normalisation stays valid).
-    Returns (scalar float32 loss, dict of 0-dim detached float32 metrics over the masked
+    Returns (scalar loss in float32, or float64 for float64 inputs, dict of 0-dim detached float32 metrics over the masked
     tokens: keys ending in _max / _min reduce by max / min, the rest are token means).
     """
     loss_params = validate_loss_params(name, params)
@@ -304,12 +304,13 @@ def _prepare_inputs(logprobs, old_logprobs, advantages, mask):
             f"advantages must be (B,) = {tuple(logprobs.shape[:1])} or (B, T) = {tuple(logprobs.shape)}; "
             f"got {tuple(advantages.shape)}"
         )
-    m = (mask > 0).float()
-    # float32 math whatever the input dtype: in bf16, r - 1 near r = 1 has a resolution of 0.008.
-    old = old_logprobs.detach().float()
+    # At least float32 whatever the input dtype: in bf16, r - 1 near r = 1 has a resolution of 0.008.
+    dtype = torch.promote_types(logprobs.dtype, torch.float32)
+    m = (mask > 0).to(dtype)
+    old = old_logprobs.detach().to(dtype)
     # Padding positions see logprobs == old_logprobs (r = 1): finite whatever they held, no gradient.
-    lp = torch.where(m > 0, logprobs.float(), old)
-    adv = torch.where(m > 0, advantages.detach().float(), torch.zeros((), device=lp.device))
+    lp = torch.where(m > 0, logprobs.to(dtype), old)
+    adv = torch.where(m > 0, advantages.detach().to(dtype), torch.zeros((), dtype=dtype, device=lp.device))
     return lp, old, adv, m
 
 
@@ -350,7 +351,7 @@ def _mismatch_weight(old, rollout_logprobs, m, mode, *, tis_cap, mis_lower, mis_
             f"mis_upper={mis_upper}, tis_cap={tis_cap}"
         )
     with torch.no_grad():
-        rho = torch.exp(old - torch.where(m > 0, rollout_logprobs.float(), old))
+        rho = torch.exp(old - torch.where(m > 0, rollout_logprobs.to(old.dtype), old))
         if mode == "tis":
             weight = rho.clamp(max=tis_cap)
             return weight, {"mismatch/tis_weight_mean": masked_mean(weight, m)}

@@ -1,0 +1,135 @@
+"""Process launch and process-group set-up.
+
+`drpo-train` on a single machine starts `distributed.nproc_per_node` processes itself
+(through `torch.distributed.run`) unless it already runs under a launcher: torchrun,
+the `deepspeed` launcher and `accelerate launch` set RANK / WORLD_SIZE / LOCAL_RANK;
+`srun` sets SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID, which we translate.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from dataclasses import dataclass
+from typing import Optional
+
+LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+
+
+def launched_externally(env: Optional[dict] = None) -> Optional[str]:
+    """Name of the launcher that started this process, or None."""
+    env = os.environ if env is None else env
+    if all(v in env for v in LAUNCHER_VARS):
+        if "TORCHELASTIC_RUN_ID" in env:
+            return "torchrun"
+        if "ACCELERATE_MIXED_PRECISION" in env or any(k.startswith("ACCELERATE_") for k in env):
+            return "accelerate"
+        return "deepspeed" if "CROSS_RANK" in env or "DS_ACCELERATOR" in env else "env"
+    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_STEP_ID" in env:
+        return "slurm"
+    return None
+
+
+def slurm_to_torch_env(env: dict) -> dict:
+    """srun (one task per GPU) -> the variables torch.distributed expects."""
+    out = {
+        "RANK": env["SLURM_PROCID"],
+        "WORLD_SIZE": env["SLURM_NTASKS"],
+        "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
+        "MASTER_PORT": env.get("MASTER_PORT", "29500"),
+    }
+    if "MASTER_ADDR" in env:
+        out["MASTER_ADDR"] = env["MASTER_ADDR"]
+    else:
+        nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", "127.0.0.1")
+        out["MASTER_ADDR"] = _first_slurm_host(nodelist)
+    return out
+
+
+def _first_slurm_host(nodelist: str) -> str:
+    """'gpu[01-04,07],cpu1' -> 'gpu01' (scontrol is the authority; this covers the common forms)."""
+    head = nodelist.split(",")[0] if "[" not in nodelist.split(",")[0] else nodelist
+    if "[" not in head:
+        return head
+    prefix, rest = head.split("[", 1)
+    first = rest.split("]")[0].split(",")[0].split("-")[0]
+    return prefix + first
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def resolve_nproc(nproc_per_node: int | str) -> int:
+    if nproc_per_node != "auto":
+        return int(nproc_per_node)
+    try:
+        import torch
+
+        return max(1, torch.cuda.device_count())
+    except Exception:
+        return 1
+
+
+def build_launch_command(nproc: int, argv: list[str], *, master_port: int, python: str = sys.executable) -> list[str]:
+    """The command that re-runs this CLI as `nproc` local processes."""
+    return [
+        python,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        "--nnodes=1",
+        "--master_addr=127.0.0.1",
+        f"--master_port={master_port}",
+        "-m",
+        "drpo_trainer.cli",
+        *argv,
+    ]
+
+
+@dataclass
+class DistContext:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: "object"  # torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(backend: str = "auto") -> DistContext:
+    """Initialise the default process group (1 process too) and pick this rank's device."""
+    if launched_externally() == "slurm":
+        os.environ.update(slurm_to_torch_env(dict(os.environ)))
+    for var, default in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(var, default)
+    if "MASTER_PORT" not in os.environ:
+        os.environ["MASTER_PORT"] = str(free_port())
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if not cuda:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if backend == "auto":
+        backend = "nccl" if cuda else "gloo"
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if cuda:
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    import deepspeed
+
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend=backend)
+    return DistContext(
+        rank=torch.distributed.get_rank(),
+        world_size=torch.distributed.get_world_size(),
+        local_rank=local_rank,
+        device=device,
+    )

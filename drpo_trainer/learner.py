@@ -1,0 +1,256 @@
+"""The learner: the policy on a DeepSpeed engine (ZeRO-3 by default).
+
+It owns three things the trainer calls in order each step:
+  1. `recompute_logprobs(samples)`: log mu, the behaviour log-probs of every sampled token
+     with the pre-update weights (no grad), frozen for the whole step;
+  2. `update(minibatch)`: one optimizer step on one (possibly stale) mini-batch, split into
+     padding-free token-budget micro-batches; the loss comes from the registry;
+  3. `gathered_weights()`: full parameters in buckets for the rollout engine.
+
+Gradient accumulation is ours, not DeepSpeed's: `managed_gradient_accumulation: false`
+makes every `engine.step()` the boundary, so micro-batch counts may vary per step. Each
+micro-batch's loss is normalised by the WHOLE mini-batch's token / sequence counts over
+all ranks, and multiplied by the world size to undo DeepSpeed's gradient averaging, so
+neither the micro-batch split nor the rank split changes the update.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Iterator, Optional
+
+import torch
+
+from drpo_trainer.config import Config
+from drpo_trainer.losses import compute_policy_loss
+from drpo_trainer.metrics import MetricAccumulator, all_reduce_max, all_reduce_sum
+from drpo_trainer.packing import pack_sequences, plan_micro_batches
+
+IGNORE = -100
+
+
+@dataclass
+class TrainSample:
+    """One completion as the learner sees it."""
+
+    input_ids: list[int]  # prompt + completion
+    prompt_len: int
+    advantage: float
+    rollout_logprobs: torch.Tensor  # (Tc,) from the engine
+    old_logprobs: Optional[torch.Tensor] = None  # (Tc,) learner recomputation with pre-update weights
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def completion_len(self) -> int:
+        return len(self.input_ids) - self.prompt_len
+
+
+def lr_lambda(schedule: str, warmup_steps: int, total_steps: int):
+    def fn(step: int) -> float:
+        if warmup_steps and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if schedule == "warmup_cosine":
+            span = max(1, total_steps - warmup_steps)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup_steps) / span)))
+        return 1.0
+
+    return fn
+
+
+def deepspeed_config(cfg: Config) -> dict:
+    zero: dict = {"stage": cfg.distributed.zero_stage}
+    if cfg.distributed.zero_stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = False
+    if cfg.distributed.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    ds = {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        "managed_gradient_accumulation": False,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,
+        "bf16": {"enabled": cfg.model.dtype == "bfloat16"},
+        "fp16": {"enabled": cfg.model.dtype == "float16"},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if cfg.distributed.deepspeed_config:
+        import json
+
+        with open(cfg.distributed.deepspeed_config) as f:
+            user = json.load(f)
+        ds = _deep_update(ds, user)
+    return ds
+
+
+def _deep_update(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_update(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+class Learner:
+    def __init__(self, cfg: Config, model_path: str, *, total_optimizer_steps: int) -> None:
+        import deepspeed
+        from transformers import AutoModelForCausalLM
+
+        self.cfg = cfg
+        self.world_size = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        ds_config = deepspeed_config(cfg)
+        self._hf_ds_config = None
+        if cfg.distributed.zero_stage == 3:
+            # Keeps transformers building the model straight into ZeRO-3 shards (zero.Init).
+            from transformers.integrations import HfDeepSpeedConfig
+
+            self._hf_ds_config = HfDeepSpeedConfig(ds_config)
+        kwargs = {"dtype": getattr(torch, cfg.model.dtype), "trust_remote_code": cfg.model.trust_remote_code}
+        if cfg.model.attn_implementation:
+            kwargs["attn_implementation"] = cfg.model.attn_implementation
+        model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
+        model.config.use_cache = False
+        if cfg.model.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        o = cfg.optim
+        optimizer = None
+        if not cfg.distributed.offload_optimizer:
+            optimizer = torch.optim.AdamW(
+                model.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay
+            )
+        else:  # ZeRO-Offload needs DeepSpeed's CPU Adam
+            ds_config["optimizer"] = {
+                "type": "AdamW",
+                "params": {"lr": o.lr, "betas": list(o.betas), "eps": o.eps, "weight_decay": o.weight_decay},
+            }
+        sched = lr_lambda(o.schedule, o.warmup_steps, total_optimizer_steps)
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model,
+            optimizer=optimizer,
+            model_parameters=model.parameters() if optimizer is None else None,
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, sched),
+            config=ds_config,
+        )
+        self.device = self.engine.device
+        self.engine.train()
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.engine.module
+
+    # -- log-probs of completion tokens -------------------------------------------------------
+    def _forward(self, samples: list[TrainSample], *, with_entropy: bool) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Packed forward; returns each sample's completion log-probs (Tc,) (and entropies)."""
+        from drpo_trainer.logprobs import token_logprobs
+
+        packed = pack_sequences([s.input_ids for s in samples])
+        targets = torch.full_like(packed.input_ids, IGNORE)
+        spans = []
+        for s, sl in zip(samples, packed.seq_slices):
+            # position t predicts token t + 1: completion tokens are predicted from prompt_len - 1 on
+            lo, hi = sl.start + s.prompt_len - 1, sl.stop - 1
+            targets[0, lo:hi] = packed.input_ids[0, lo + 1 : hi + 1]
+            spans.append((lo, hi))
+        lp, ent = token_logprobs(
+            self.engine,
+            packed.input_ids.to(self.device),
+            packed.position_ids.to(self.device),
+            targets.to(self.device),
+            temperature=self.cfg.rollout.temperature,
+            chunk_tokens=self.cfg.trainer.logprob_chunk_tokens,
+            with_entropy=with_entropy,
+        )
+        lps = [lp[0, lo:hi] for lo, hi in spans]
+        ents = [ent[0, lo:hi] for lo, hi in spans] if ent is not None else []
+        return lps, ents
+
+    def _micro_batches(self, samples: list[TrainSample]) -> list[list[int]]:
+        """This rank's micro-batches, padded with empty ones to the max count over ranks."""
+        plan = plan_micro_batches([len(s.input_ids) for s in samples], self.cfg.trainer.micro_batch_tokens_per_gpu, 1)[0]
+        (n_max,) = all_reduce_max([len(plan)])
+        return plan + [[] for _ in range(int(n_max) - len(plan))]
+
+    @torch.no_grad()
+    def recompute_logprobs(self, samples: list[TrainSample]) -> dict[str, float]:
+        """Fill `old_logprobs` of every sample with the current (pre-update) weights."""
+        self.engine.eval()  # no dropout: mu must be the deterministic policy
+        acc = MetricAccumulator()
+        for mb in self._micro_batches(samples):
+            if not mb:  # keep ZeRO-3 collectives in step with ranks that have more work
+                self._forward(samples[:1], with_entropy=False)
+                continue
+            lps, ents = self._forward([samples[i] for i in mb], with_entropy=True)
+            for i, lp, ent in zip(mb, lps, ents):
+                samples[i].old_logprobs = lp.float().cpu()
+                if ent.numel():
+                    acc.add({"policy/entropy": ent.float().mean()}, weight=ent.numel())
+        self.engine.train()
+        return acc.result(all_reduce=True)
+
+    # -- one optimizer step on one mini-batch -------------------------------------------------
+    def update(self, minibatch: list[TrainSample]) -> dict[str, float]:
+        a = self.cfg.algorithm
+        use_rollout_mu = a.behaviour_logprobs == "rollout"
+        if not use_rollout_mu and any(s.old_logprobs is None for s in minibatch):
+            raise RuntimeError("update() before recompute_logprobs(): behaviour log-probs are missing")
+        num_tokens, num_seqs = all_reduce_sum([sum(s.completion_len for s in minibatch), len(minibatch)])
+        acc = MetricAccumulator()
+        total_loss = 0.0
+        for mb in self._micro_batches(minibatch):
+            if not mb:
+                lps, _ = self._forward(minibatch[:1], with_entropy=False)
+                self.engine.backward(lps[0].sum() * 0.0)
+                continue
+            chosen = [minibatch[i] for i in mb]
+            lps, _ = self._forward(chosen, with_entropy=False)
+            logprobs, mask = _pad(lps, self.device)
+            mu = [s.rollout_logprobs if use_rollout_mu else s.old_logprobs for s in chosen]
+            old, _ = _pad(mu, self.device)
+            rollout, _ = _pad([s.rollout_logprobs for s in chosen], self.device)
+            adv = torch.tensor([s.advantage for s in chosen], dtype=torch.float32, device=self.device)
+            loss, metrics = compute_policy_loss(
+                a.loss,
+                logprobs.float(),
+                old,
+                adv,
+                mask,
+                loss_agg_mode=a.loss_agg_mode,
+                horizon=self.cfg.horizon,
+                global_num_tokens=num_tokens,
+                global_num_seqs=num_seqs,
+                rollout_logprobs=rollout,
+                mismatch_correction=a.mismatch_correction,
+                tis_cap=a.tis_cap,
+                mis_lower=a.mis_lower,
+                mis_upper=a.mis_upper,
+                **a.loss_params,
+            )
+            # losses are normalised by global counts; DeepSpeed averages grads over ranks
+            self.engine.backward(loss * self.world_size)
+            total_loss += loss.item()
+            acc.add(metrics, weight=float(mask.sum()))
+        self.engine.step()
+        out = acc.result(all_reduce=True)
+        (out["loss/policy"],) = all_reduce_sum([total_loss])
+        grad_norm = self.engine.get_global_grad_norm()
+        out["optim/grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+        out["optim/lr"] = float(self.engine.get_lr()[0])
+        return out
+
+    # -- weights for the rollout engine -------------------------------------------------------
+    def gathered_weights(self, bucket_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
+        from drpo_trainer.weight_sync import iter_gathered_buckets
+
+        return iter_gathered_buckets(self.engine.module, bucket_bytes)
+
+
+def _pad(rows: list[torch.Tensor], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """List of (T_i,) -> (B, T_max) values and 0/1 mask."""
+    width = max(1, max(r.numel() for r in rows))
+    values = torch.zeros(len(rows), width, dtype=rows[0].dtype, device=device)
+    mask = torch.zeros(len(rows), width, dtype=torch.float32, device=device)
+    for i, r in enumerate(rows):
+        values[i, : r.numel()] = r.to(device)
+        mask[i, : r.numel()] = 1.0
+    return values, mask

@@ -1,0 +1,87 @@
+"""Combining metrics over micro-batches, mini-batches and ranks.
+
+Convention (shared with `losses`): a key ending in `_max` is reduced by max, `_min` by
+min, anything else is a weighted mean (weights = the token or sample counts it was
+measured over). Reductions across ranks are one all-reduce per kind, not one per key.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Mapping
+
+import torch
+
+
+def _kind(key: str) -> str:
+    if key.endswith("_max"):
+        return "max"
+    if key.endswith("_min"):
+        return "min"
+    return "mean"
+
+
+class MetricAccumulator:
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = defaultdict(float)
+        self.weights: dict[str, float] = defaultdict(float)
+        self.extrema: dict[str, float] = {}
+
+    def add(self, metrics: Mapping[str, float | torch.Tensor], weight: float = 1.0) -> None:
+        for key, value in metrics.items():
+            v = float(value)
+            kind = _kind(key)
+            if kind == "mean":
+                if weight > 0:
+                    self.sums[key] += v * weight
+                    self.weights[key] += weight
+            elif key not in self.extrema:
+                self.extrema[key] = v
+            else:
+                self.extrema[key] = max(self.extrema[key], v) if kind == "max" else min(self.extrema[key], v)
+
+    def result(self, all_reduce: bool = False) -> dict[str, float]:
+        """Means and extrema; with all_reduce=True, over every rank of the default group.
+
+        Every rank must hold the same keys (the trainer guarantees this: same code path)."""
+        mean_keys = sorted(self.sums)
+        max_keys = sorted(k for k in self.extrema if _kind(k) == "max")
+        min_keys = sorted(k for k in self.extrema if _kind(k) == "min")
+        sums = torch.tensor([self.sums[k] for k in mean_keys] + [self.weights[k] for k in mean_keys], dtype=torch.float64)
+        maxs = torch.tensor([self.extrema[k] for k in max_keys] + [-self.extrema[k] for k in min_keys], dtype=torch.float64)
+        if all_reduce and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            dist = torch.distributed
+            dev = _comm_device()
+            s, m = sums.to(dev), maxs.to(dev)
+            dist.all_reduce(s, op=dist.ReduceOp.SUM)
+            if m.numel():
+                dist.all_reduce(m, op=dist.ReduceOp.MAX)
+            sums, maxs = s.cpu(), m.cpu()
+        n = len(mean_keys)
+        out = {k: (sums[i] / sums[n + i]).item() if sums[n + i] > 0 else 0.0 for i, k in enumerate(mean_keys)}
+        out.update({k: maxs[i].item() for i, k in enumerate(max_keys)})
+        out.update({k: -maxs[len(max_keys) + i].item() for i, k in enumerate(min_keys)})
+        return out
+
+
+def _comm_device() -> torch.device:
+    if torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce_sum(values: list[float]) -> list[float]:
+    """Sum a few numbers over all ranks (identity when not distributed)."""
+    t = torch.tensor(values, dtype=torch.float64)
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        t = t.to(_comm_device())
+        torch.distributed.all_reduce(t)
+    return t.cpu().tolist()
+
+
+def all_reduce_max(values: list[float]) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64)
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        t = t.to(_comm_device())
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return t.cpu().tolist()

@@ -1,0 +1,115 @@
+"""Rollout engine on transformers `generate`: CPUs, small models and the test suite.
+
+Same interface as the vLLM engine. It keeps its own full copy of the model (the learner's
+ZeRO-3 parameters are sharded), refreshed by `load_weights` after every update.
+Log-probs are taken from the RAW logits (`output_logits`) as log_softmax(logits / T):
+`output_scores` would be after top-k / top-p / min-length processors.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import torch
+
+from drpo_trainer.rollout.base import Completion, SamplingSpec
+
+
+class HFEngine:
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        dtype: str = "float32",
+        device: str | torch.device = "cpu",
+        generation_batch_size: int = 64,
+        tokenizer=None,
+        show_progress: bool = False,
+    ) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.device = torch.device(device)
+        self.tokenizer = tokenizer or AutoTokenizer.from_pretrained(model_path)
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype)).to(self.device)
+        self.model.eval()
+        self.model.requires_grad_(False)
+        self.generation_batch_size = generation_batch_size
+        self.show_progress = show_progress
+        eos = self.model.generation_config.eos_token_id
+        if eos is None:
+            eos = self.tokenizer.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos])
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else next(iter(self.eos_ids))
+
+    # -- weights ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        params = dict(self.model.named_parameters(remove_duplicate=False))
+        for name, tensor in named_tensors:
+            if name not in params:
+                raise KeyError(f"weight sync: the rollout model has no parameter '{name}'")
+            params[name].copy_(tensor.to(params[name].device, params[name].dtype))
+
+    def sleep(self) -> None:  # nothing to release on CPU
+        pass
+
+    def wake_up(self) -> None:
+        pass
+
+    # -- sampling --------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, prompt_ids: list[list[int]], spec: SamplingSpec) -> list[Completion]:
+        jobs = [(i, ids) for i, ids in enumerate(prompt_ids) for _ in range(spec.n)]  # grouped by prompt
+        out: list[Completion] = []
+        starts = range(0, len(jobs), self.generation_batch_size)
+        if self.show_progress:
+            from tqdm.auto import tqdm
+
+            starts = tqdm(starts, desc="generate", leave=False, unit="batch")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(spec.seed)
+            for s in starts:
+                out.extend(self._generate_batch(jobs[s : s + self.generation_batch_size], spec))
+        return out
+
+    def _generate_batch(self, jobs: list[tuple[int, list[int]]], spec: SamplingSpec) -> list[Completion]:
+        width = max(len(ids) for _, ids in jobs)
+        input_ids = torch.full((len(jobs), width), self.pad_id, dtype=torch.long)
+        attention = torch.zeros((len(jobs), width), dtype=torch.long)
+        for row, (_, ids) in enumerate(jobs):  # left padding
+            input_ids[row, width - len(ids) :] = torch.tensor(ids)
+            attention[row, width - len(ids) :] = 1
+        res = self.model.generate(
+            input_ids=input_ids.to(self.device),
+            attention_mask=attention.to(self.device),
+            do_sample=True,
+            temperature=spec.temperature,
+            top_p=spec.top_p,
+            top_k=spec.top_k,  # 0 disables; generate would otherwise apply top_k=50
+            max_new_tokens=spec.max_new_tokens,
+            eos_token_id=sorted(self.eos_ids),
+            pad_token_id=self.pad_id,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+        new_tokens = res.sequences[:, width:].cpu()  # (B, steps)
+        logits = torch.stack(res.logits, dim=1).float().cpu()  # (B, steps, V), raw
+        logprobs = torch.log_softmax(logits / spec.temperature, dim=-1)
+        token_lp = logprobs.gather(-1, new_tokens.unsqueeze(-1)).squeeze(-1)  # (B, steps)
+        return [self._completion(jobs[row], new_tokens[row], token_lp[row], spec) for row in range(len(jobs))]
+
+    def _completion(self, job, tokens: torch.Tensor, lps: torch.Tensor, spec: SamplingSpec) -> Completion:
+        prompt_index, prompt = job
+        ids = tokens.tolist()
+        end: Optional[int] = next((t + 1 for t, tok in enumerate(ids) if tok in self.eos_ids), None)
+        finish = "stop" if end is not None else "length"
+        end = end if end is not None else min(len(ids), spec.max_new_tokens)
+        ids = ids[:end]
+        return Completion(
+            prompt_index=prompt_index,
+            prompt_ids=list(prompt),
+            completion_ids=ids,
+            rollout_logprobs=lps[:end].tolist(),
+            finish_reason=finish,
+            text=self.tokenizer.decode(ids, skip_special_tokens=True),
+        )

@@ -1,0 +1,258 @@
+"""The DRPO training loop. Read `run_step` top to bottom: it is the algorithm.
+
+    prompts -> G rollouts each (engine, behaviour policy mu)
+            -> rewards (math verifier) -> group-relative advantages
+            -> log mu recomputed by the learner with the pre-update weights (frozen)
+            -> minibatches_per_step optimizer steps; mini-batch k sees a policy that has
+               already moved k-1 times (stale), against the same mu
+            -> updated weights pushed into the engine
+            -> metrics, checkpoint, eval
+
+Everything else here is set-up (`build_run`), evaluation and bookkeeping.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from drpo_trainer.advantages import group_advantages
+from drpo_trainer.config import Config
+from drpo_trainer.data import Problem, PromptSampler, load_problems
+from drpo_trainer.distributed import DistContext, setup_distributed
+from drpo_trainer.learner import Learner, TrainSample
+from drpo_trainer.losses import mismatch_metrics
+from drpo_trainer.metrics import MetricAccumulator, all_reduce_sum
+from drpo_trainer.rollout import SamplingSpec
+from drpo_trainer.tracking import Tracker, write_resolved_config
+
+
+class Timer:
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        start = time.perf_counter()
+        yield
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+    def metrics(self) -> dict[str, float]:
+        return {f"time/{k}": v for k, v in self.seconds.items()}
+
+
+@dataclass
+class Run:
+    """Everything a run holds between steps."""
+
+    cfg: Config
+    ctx: DistContext
+    tokenizer: object
+    train_set: list[Problem]
+    eval_sets: dict[str, list[Problem]]
+    sampler: PromptSampler
+    learner: Learner
+    engine: object
+    scorer: object
+    step: int = 0
+    extra: dict = field(default_factory=dict)  # loop state saved in checkpoints (wandb id, ...)
+
+
+def sampling_seed(base: int, step: int, rank: int, salt: int = 0) -> int:
+    """Distinct, reproducible per (seed, step, rank): a resume samples exactly as before."""
+    return (base * 1_000_003 + step * 10_007 + rank * 101 + salt) % (2**31 - 1)
+
+
+def split_minibatches(samples: list[TrainSample], k: int, group_size: int) -> list[list[TrainSample]]:
+    """k disjoint mini-batches of whole prompt groups, in rollout order."""
+    groups = [samples[i : i + group_size] for i in range(0, len(samples), group_size)]
+    per = len(groups) // k
+    return [[s for g in groups[j * per : (j + 1) * per] for s in g] for j in range(k)]
+
+
+# ------------------------------------------------------------------------------------------------
+def run_step(run: Run, step: int) -> dict[str, float]:
+    cfg, ctx, timer = run.cfg, run.ctx, Timer()
+    G = cfg.rollout.samples_per_prompt
+    with timer("step"):
+        # 1. prompts: this rank's slice of the step's global draw
+        indices = PromptSampler.rank_slice(run.sampler.next_indices(), ctx.rank, ctx.world_size)
+        prompts = [run.train_set[i] for i in indices]
+
+        # 2. rollouts from the behaviour policy
+        spec = _spec(cfg, n=G, seed=sampling_seed(cfg.trainer.seed, step, ctx.rank))
+        with timer("generate"):
+            completions = run.engine.generate([p.prompt_ids for p in prompts], spec)
+
+        # 3. rewards and group-relative advantages
+        with timer("score"):
+            rewards, reward_metrics = run.scorer.score(
+                [c.text for c in completions], [prompts[c.prompt_index].answer for c in completions]
+            )
+        advantages, adv_metrics = group_advantages(
+            torch.tensor(rewards, dtype=torch.float32), G, normalize_by_std=cfg.algorithm.normalize_by_std
+        )
+        samples = [
+            TrainSample(
+                input_ids=c.prompt_ids + c.completion_ids,
+                prompt_len=len(c.prompt_ids),
+                advantage=float(a),
+                rollout_logprobs=torch.tensor(c.rollout_logprobs, dtype=torch.float32),
+            )
+            for c, a in zip(completions, advantages)
+        ]
+
+        # 4. behaviour log-probs mu: the learner's pre-update weights, frozen for the step
+        run.engine.sleep()
+        with timer("recompute"):
+            policy_metrics = run.learner.recompute_logprobs(samples)
+
+        # 5. minibatches_per_step optimizer steps; mini-batch k > 1 is stale
+        updates = MetricAccumulator()
+        with timer("update"):
+            for minibatch in split_minibatches(samples, cfg.trainer.minibatches_per_step, G):
+                updates.add(run.learner.update(minibatch))
+
+        # 6. the engine samples the next step with the new weights
+        run.engine.wake_up()
+        with timer("sync"):
+            sync_metrics = sync_engine(run)
+
+    metrics = {**updates.result(), **policy_metrics, **sync_metrics}
+    metrics.update(_rollout_metrics(completions, samples, rewards, reward_metrics, adv_metrics, cfg))
+    times = MetricAccumulator()
+    times.add({f"{k}_max": v for k, v in timer.metrics().items()})
+    metrics.update({k[: -len("_max")]: v for k, v in times.result(all_reduce=True).items()})  # slowest rank
+    (total_tokens,) = all_reduce_sum([sum(len(s.input_ids) for s in samples)])
+    metrics["perf/tokens_per_s"] = total_tokens / max(metrics["time/step"], 1e-9)
+    return metrics
+
+
+def _spec(cfg: Config, *, n: int, seed: int, temperature: Optional[float] = None) -> SamplingSpec:
+    r = cfg.rollout
+    return SamplingSpec(
+        n=n,
+        temperature=temperature or r.temperature,
+        top_p=r.top_p,
+        top_k=r.top_k,
+        max_new_tokens=r.max_new_tokens,
+        seed=seed,
+    )
+
+
+def _rollout_metrics(completions, samples, rewards, reward_metrics, adv_metrics, cfg) -> dict[str, float]:
+    acc = MetricAccumulator()
+    n = len(completions)
+    counts = {k: v for k, v in reward_metrics.items() if k in ("reward/timeouts", "reward/errors")}
+    acc.add({k: v for k, v in reward_metrics.items() if k not in counts}, weight=n)
+    acc.add(adv_metrics, weight=n)
+    lengths = [len(c.completion_ids) for c in completions]
+    acc.add(
+        {
+            "response/length_mean": sum(lengths) / n,
+            "response/length_max": max(lengths),
+            "response/truncated_fraction": sum(c.finish_reason == "length" for c in completions) / n,
+        },
+        weight=n,
+    )
+    old = [s.old_logprobs for s in samples]
+    roll = [s.rollout_logprobs for s in samples]
+    width = max(1, max(lengths))
+    o = torch.zeros(n, width)
+    r = torch.zeros(n, width)
+    m = torch.zeros(n, width)
+    for i, (a, b) in enumerate(zip(old, roll)):
+        o[i, : a.numel()], r[i, : b.numel()], m[i, : a.numel()] = a, b, 1.0
+    acc.add(mismatch_metrics(o, r, m), weight=float(m.sum()))
+    out = acc.result(all_reduce=True)
+    out.update(dict(zip(counts, all_reduce_sum(list(counts.values())))))
+    return out
+
+
+def sync_engine(run: Run) -> dict[str, float]:
+    from drpo_trainer.weight_sync import sync_weights
+
+    return sync_weights(run.learner.module, run.engine, run.cfg.rollout.sync_bucket_mb * 2**20)
+
+
+# ------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate(run: Run, step: int) -> dict[str, float]:
+    """avg@k accuracy on every eval set: k samples per problem, problems sharded over ranks."""
+    cfg, ctx = run.cfg, run.ctx
+    out = {}
+    for name, problems in run.eval_sets.items():
+        problems = problems[: cfg.eval.max_problems] if cfg.eval.max_problems else problems
+        mine = problems[ctx.rank :: ctx.world_size]
+        correct = 0.0
+        if mine:
+            spec = _spec(
+                cfg, n=cfg.eval.k, seed=sampling_seed(cfg.trainer.seed, step, ctx.rank, salt=7), temperature=cfg.eval.temperature
+            )
+            comps = run.engine.generate([p.prompt_ids for p in mine], spec)
+            scores, _ = run.scorer.score([c.text for c in comps], [mine[c.prompt_index].answer for c in comps])
+            correct = float(sum(scores))
+        total_correct, total = all_reduce_sum([correct, len(mine) * cfg.eval.k])
+        out[f"eval/{name}/avg@{cfg.eval.k}"] = total_correct / max(total, 1)
+    return out
+
+
+def build_run(cfg: Config, ctx: DistContext) -> Run:
+    from transformers import AutoTokenizer
+
+    from drpo_trainer.rewards import make_reward_scorer
+    from drpo_trainer.rollout import make_engine
+    from drpo_trainer.tiny_model import resolve_model_path
+
+    cfg.check_world(ctx.world_size)
+    model_path = resolve_model_path(cfg.model.path)
+    tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
+    d = cfg.data
+    load = dict(
+        prompt_field=d.prompt_field,
+        answer_field=d.answer_field,
+        system_prompt=d.system_prompt,
+        apply_chat_template=d.apply_chat_template,
+        max_prompt_tokens=d.max_prompt_tokens,
+    )
+    train_set, stats = load_problems(d.train_files, tokenizer, **load)
+    eval_sets = {name: load_problems([path], tokenizer, **load)[0] for name, path in cfg.eval.files.items()}
+    sampler = PromptSampler(len(train_set), cfg.trainer.prompts_per_step, seed=d.seed, shuffle=d.shuffle)
+    learner = Learner(cfg, model_path, total_optimizer_steps=cfg.trainer.max_steps * cfg.trainer.minibatches_per_step)
+    engine = make_engine(cfg, model_path, tokenizer=tokenizer, device=ctx.device, seed=cfg.trainer.seed + ctx.rank)
+    scorer = make_reward_scorer(cfg.reward)
+    run = Run(cfg, ctx, tokenizer, train_set, eval_sets, sampler, learner, engine, scorer)
+    run.extra["data/prompts_dropped_too_long"] = stats.dropped_too_long
+    return run
+
+
+def train(cfg: Config, *, resume: Optional[str] = None) -> dict[str, float]:
+    """Run (or continue) training; returns the last step's metrics on rank 0."""
+    ctx = setup_distributed(cfg.distributed.backend)
+    torch.manual_seed(cfg.trainer.seed + ctx.rank)
+    if ctx.is_main:
+        write_resolved_config(cfg)
+    run = build_run(cfg, ctx)
+    tracker = Tracker(cfg, enabled=ctx.is_main, run_id=run.extra.get("wandb_run_id"), start_step=run.step)
+    if run.extra.get("data/prompts_dropped_too_long"):
+        tracker.message(f"dropped {run.extra['data/prompts_dropped_too_long']} prompts over data.max_prompt_tokens")
+    last: dict[str, float] = {}
+    try:
+        sync_engine(run)  # the engine starts from the learner's weights (also after a resume)
+        if cfg.eval.at_start and run.step == 0 and cfg.eval.files:
+            tracker.log(0, evaluate(run, 0))
+        for step in range(run.step + 1, cfg.trainer.max_steps + 1):
+            last = run_step(run, step)
+            run.step = step
+            if cfg.eval.files and (step == cfg.trainer.max_steps or (cfg.eval.every_steps and step % cfg.eval.every_steps == 0)):
+                last.update(evaluate(run, step))
+            tracker.log(step, last)
+    finally:
+        run.scorer.close()
+        tracker.close()
+    return last

@@ -1,0 +1,110 @@
+"""Config: defaults, YAML + dotted overrides, and errors that name the key and the fix."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from drpo_trainer.config import Config, ConfigError, load_config, parse_overrides
+from drpo_trainer.distributed import resolve_nproc
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+def test_defaults_are_valid_and_documented():
+    cfg = Config()
+    assert cfg.algorithm.loss == "drpo" and cfg.algorithm.behaviour_logprobs == "recompute"
+    for section_name, section in Config.model_fields.items():
+        sub = section.annotation
+        if hasattr(sub, "model_fields"):
+            for name, field in sub.model_fields.items():
+                assert field.description or hasattr(field.annotation, "model_fields"), f"{section_name}.{name} has no doc"
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_parses_and_divides(path):
+    cfg = load_config(path)
+    nproc = cfg.distributed.nproc_per_node
+    world = (nproc if isinstance(nproc, int) else 8) * cfg.distributed.nnodes
+    cfg.check_world(world)
+    from drpo_trainer.losses import validate_loss_params
+
+    validate_loss_params(cfg.algorithm.loss, cfg.algorithm.loss_params)
+
+
+def test_overrides_apply_on_top_of_yaml(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("trainer: {max_steps: 5, prompts_per_step: 8}\nrollout: {samples_per_prompt: 4}\n")
+    cfg = load_config(f, ["trainer.max_steps=7", "tracking.wandb.tags=[a, b]", "algorithm.loss_params={delta: 0.5}"])
+    assert cfg.trainer.max_steps == 7  # override wins
+    assert cfg.trainer.prompts_per_step == 8  # YAML kept
+    assert cfg.rollout.samples_per_prompt == 4
+    assert cfg.tracking.wandb.tags == ["a", "b"]
+    assert cfg.algorithm.loss_params == {"delta": 0.5}
+
+
+def test_unknown_key_names_key_and_suggests():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["trainer.prompts_per_stp=8"])
+    msg = str(e.value)
+    assert "trainer.prompts_per_stp: unknown key" in msg
+    assert "did you mean 'trainer.prompts_per_step'" in msg
+
+
+def test_bad_value_names_key_and_value():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["rollout.samples_per_prompt=0"])
+    assert "rollout.samples_per_prompt" in str(e.value) and "got 0" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["algorithm.behaviour_logprobs=old"])
+    assert "algorithm.behaviour_logprobs" in str(e.value) and "'recompute' or 'rollout'" in str(e.value)
+
+
+def test_override_syntax_errors():
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_overrides(["trainer.max_steps"])
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config("does/not/exist.yaml")
+
+
+def test_world_divisibility_message():
+    cfg = load_config(None, ["trainer.prompts_per_step=6", "trainer.minibatches_per_step=2"])
+    cfg.check_world(1)  # 6 % 2 == 0
+    with pytest.raises(ConfigError) as e:
+        cfg.check_world(2)  # 6 % (2 * 2) != 0
+    assert "trainer.prompts_per_step=6" in str(e.value) and "prompts_per_step=4 or 8" in str(e.value)
+
+
+def test_mis_band_must_be_ordered():
+    with pytest.raises(ConfigError, match="mis_lower"):
+        load_config(None, ["algorithm.mis_lower=3", "algorithm.mis_upper=2"])
+
+
+def test_cli_print_config_and_error_exit_code():
+    out = subprocess.run(
+        [sys.executable, "-m", "drpo_trainer.cli", "--config", str(ROOT / "configs/tiny_cpu.yaml"), "--print-config", "trainer.max_steps=3"],
+        capture_output=True, text=True, cwd=ROOT,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "max_steps: 3" in out.stdout
+    bad = subprocess.run(
+        [sys.executable, "-m", "drpo_trainer.cli", "algorithm.loss_agg_mode=mean"], capture_output=True, text=True, cwd=ROOT
+    )
+    assert bad.returncode == 2
+    assert "algorithm.loss_agg_mode" in bad.stderr
+
+
+def test_cli_does_not_import_heavy_modules_for_print_config():
+    code = (
+        "import sys; from drpo_trainer.cli import main; main(['--print-config']);"
+        "heavy=[m for m in ('transformers','deepspeed','vllm','datasets','wandb') if m in sys.modules]; print('HEAVY', heavy)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert "HEAVY []" in out.stdout, out.stdout + out.stderr
+
+
+def test_resolve_nproc():
+    assert resolve_nproc(3) == 3
+    assert resolve_nproc("auto") >= 1

@@ -1,0 +1,325 @@
+"""The killable verifier pool and the batch scorer the trainer uses (``RewardScorer``).
+
+Design (why): math-verify bounds its own time with ``signal.alarm``, which only works in a main
+thread, and a verification stuck inside one C call (a power tower, a huge factorial) ignores
+signals altogether. So each sample runs in a worker process (:mod:`drpo_trainer.rewards.worker`),
+one sample in flight per worker, and this parent enforces a wall-clock deadline per sample:
+``timeout_s`` inside the worker (a timer that interrupts Python code, leaving the worker alive),
+then ``timeout_s + KILL_GRACE_S`` here, after which the worker is killed and replaced. The sample
+scores 0 and is counted as a timeout; a worker that dies (segfault, memory) scores its sample 0
+as an error. Samples queued behind a hung one go to the other workers, so a hung sample delays
+the batch by at most its own deadline.
+
+Workers are fresh interpreters started with ``subprocess`` (the equivalent of a 'spawn' start,
+but without re-importing the launching script), so a trainer process holding torch threads and a
+torch.distributed process group is never forked. They live as long as the scorer: started when
+it is built, reused by every ``score`` call, stopped by ``close()``, ``with``, or interpreter exit.
+"""
+
+from __future__ import annotations
+
+import atexit
+import collections
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+import weakref
+from multiprocessing.connection import Connection, wait
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from drpo_trainer.rewards.extract import EXTRACTION_MODES, extract_final_answer
+from drpo_trainer.rewards.registry import get_reward, importable_ref
+
+logger = logging.getLogger(__name__)
+
+KILL_GRACE_S = 0.5  # parent-side margin over timeout_s before a worker is killed
+STARTUP_TIMEOUT_S = 120.0  # a worker that has not said 'ready' by then is broken (or the machine is)
+_MAX_START_FAILURES = 3
+_PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])  # the folder holding drpo_trainer/
+_LIVE_SCORERS: "weakref.WeakSet[RewardScorer]" = weakref.WeakSet()
+
+
+class _Worker:
+    """One verifier process and its two pipe ends."""
+
+    def __init__(self, init: dict) -> None:
+        to_child_r, to_child_w = os.pipe()
+        from_child_r, from_child_w = os.pipe()
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH")) if p)
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "drpo_trainer.rewards.worker", str(to_child_r), str(from_child_w)],
+                pass_fds=(to_child_r, from_child_w),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,  # a print in a reward must not go anywhere surprising
+                env=env,
+            )
+        finally:
+            os.close(to_child_r)
+            os.close(from_child_w)
+        self.to_worker = Connection(to_child_w, readable=False)
+        self.from_worker = Connection(from_child_r, writable=False)
+        self.to_worker.send(init)
+        self.started_at = time.monotonic()
+        self.ready = False
+        self.task: Optional[int] = None  # index of the sample in flight
+        self.deadline = float("inf")
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        for conn in (self.to_worker, self.from_worker):
+            conn.close()
+
+    def stop(self) -> None:
+        """Ask the worker to exit; kill() must still follow to reap it."""
+        try:
+            self.to_worker.send(None)
+        except OSError:
+            pass
+
+
+class RewardScorer:
+    """Scores batches with a registered reward in killable worker processes.
+
+    ``score(completions, answers)`` returns the per-sample rewards and the batch metrics
+    ``reward/mean``, ``reward/accuracy`` (fraction with full credit, reward >= 1),
+    ``reward/no_answer_fraction`` (no final answer under ``extraction``), ``reward/timeouts`` and
+    ``reward/errors`` (counts). Not re-entrant: one scorer per training rank.
+    """
+
+    def __init__(
+        self,
+        name: str = "math",
+        *,
+        extraction: str = "boxed",
+        num_workers: int = 2,
+        timeout_s: float = 5.0,
+        memory_limit_mb: int = 2048,
+    ) -> None:
+        if extraction not in EXTRACTION_MODES:
+            raise ValueError(f"reward.extraction={extraction!r} is not one of {', '.join(EXTRACTION_MODES)}")
+        if num_workers < 1:
+            raise ValueError(f"reward.num_workers={num_workers} must be >= 1")
+        if not timeout_s > 0:
+            raise ValueError(f"reward.timeout_s={timeout_s} must be > 0 (seconds per sample)")
+        if memory_limit_mb < 256:
+            raise ValueError(f"reward.memory_limit_mb={memory_limit_mb} is too small to import sympy; use >= 256")
+        fn = get_reward(name)
+        self.name, self.extraction = name, extraction
+        self.num_workers, self.timeout_s, self.memory_limit_mb = num_workers, float(timeout_s), memory_limit_mb
+        warm_up = getattr(fn, "warm_up", None)
+        self._init = {
+            "sys_path": [p for p in sys.path if p],
+            "reward": importable_ref(fn),
+            "warm_up": importable_ref(warm_up) if callable(warm_up) else None,
+            "kwargs": {"extraction": extraction},
+            "timeout_s": self.timeout_s,
+            "memory_limit_mb": memory_limit_mb,
+            "extraction": extraction,
+        }
+        self._lock = threading.Lock()
+        self._workers: list[_Worker] = []
+        self._start_failures = 0
+        self._closed = False
+        self.restarts = 0  # workers killed or lost and replaced, over the scorer's life
+        self._workers = [_Worker(self._init) for _ in range(num_workers)]
+        _LIVE_SCORERS.add(self)
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop every worker (politely, then by force). Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        for w in self._workers:
+            w.stop()
+        end = time.monotonic() + 1.0
+        for w in self._workers:
+            try:
+                w.proc.wait(timeout=max(0.0, end - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+            w.kill()
+        self._workers = []
+
+    def __enter__(self) -> "RewardScorer":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def worker_pids(self) -> list[int]:
+        return [w.proc.pid for w in self._workers]
+
+    def _replace(self, worker: _Worker) -> None:
+        worker.kill()
+        self._workers[self._workers.index(worker)] = _Worker(self._init)
+        self.restarts += 1
+
+    # -- scoring ---------------------------------------------------------------------------------
+
+    def score(self, completions: Sequence[str], answers: Sequence[str]) -> tuple[list[float], dict[str, float]]:
+        """Rewards of `completions` against gold `answers` (same length) and the batch metrics."""
+        if len(completions) != len(answers):
+            raise ValueError(f"{len(completions)} completions but {len(answers)} answers; pass one answer per completion")
+        for i, (c, a) in enumerate(zip(completions, answers)):
+            if not isinstance(c, str) or not isinstance(a, str):
+                raise TypeError(f"sample {i}: completion and answer must be str, got {type(c).__name__}, {type(a).__name__}")
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("this RewardScorer is closed; build a new one with make_reward_scorer(cfg.reward)")
+            outcomes = self._run(list(completions), list(answers))
+        return [o[0] for o in outcomes], _metrics(outcomes)
+
+    def _run(self, completions: list[str], answers: list[str]) -> list[tuple[float, str, bool]]:
+        outcomes: list[Optional[tuple[float, str, bool]]] = [None] * len(completions)
+        queue = collections.deque(range(len(completions)))
+
+        while queue or any(w.task is not None for w in self._workers):
+            for w in list(self._workers):
+                if w.ready and w.task is None and queue:
+                    index = queue.popleft()
+                    try:
+                        w.to_worker.send((index, completions[index], answers[index]))
+                    except OSError:  # died while idle: not the sample's fault, retry it elsewhere
+                        queue.appendleft(index)
+                        self._replace(w)
+                        continue
+                    w.task, w.deadline = index, time.monotonic() + self.timeout_s + KILL_GRACE_S
+            self._wait_and_collect(outcomes, completions)
+        return outcomes  # type: ignore[return-value]
+
+    def _settle(self, outcomes: list, completions: list[str], index: int, status: str, detail: str) -> None:
+        """Score a sample 0 without the worker's word (it was killed or died)."""
+        has_answer = extract_final_answer(completions[index], self.extraction) is not None
+        outcomes[index] = (0.0, status, has_answer)
+        _log_failure(status, index, detail, completions[index])
+
+    def _wait_and_collect(self, outcomes: list, completions: list[str]) -> None:
+        now = time.monotonic()
+        deadlines = [w.deadline for w in self._workers if w.task is not None]
+        deadlines += [w.started_at + STARTUP_TIMEOUT_S for w in self._workers if not w.ready]
+        by_conn = {w.from_worker: w for w in self._workers if w.task is not None or not w.ready}
+        timeout = max(0.0, min(deadlines) - now) if deadlines else None
+        for conn in wait(list(by_conn), timeout):
+            w = by_conn[conn]
+            try:
+                message = conn.recv()
+            except (EOFError, OSError):
+                self._lost(w, outcomes, completions)
+                continue
+            if message[0] == "ready":
+                w.ready = True
+                self._start_failures = 0
+            elif message[0] == "init_error":
+                self.close()
+                raise RuntimeError(f"reward worker could not start reward {self.name!r}:\n{message[1]}")
+            else:
+                _, index, score, status, has_answer, detail = message
+                outcomes[index] = (float(score), status, bool(has_answer))
+                if status != "ok":
+                    _log_failure(status, index, detail, completions[index])
+                w.task, w.deadline = None, float("inf")
+        now = time.monotonic()
+        for w in list(self._workers):
+            if w.task is not None and now >= w.deadline:
+                self._settle(outcomes, completions, w.task, "timeout", f"killed after {self.timeout_s + KILL_GRACE_S:.1f} s")
+                self._replace(w)
+            elif not w.ready and now >= w.started_at + STARTUP_TIMEOUT_S:
+                self.close()
+                raise RuntimeError(f"a reward worker did not start within {STARTUP_TIMEOUT_S:.0f} s")
+
+    def _lost(self, w: _Worker, outcomes: list, completions: list[str]) -> None:
+        """A worker's pipe closed: it crashed (segfault, memory) or was killed from outside."""
+        code = w.proc.wait()
+        if w.task is not None:
+            self._settle(outcomes, completions, w.task, "error", f"worker exited with code {code}")
+        elif not w.ready:
+            self._start_failures += 1
+            if self._start_failures >= _MAX_START_FAILURES:
+                self.close()
+                raise RuntimeError(
+                    f"reward workers keep exiting at start-up (exit code {code}). If memory_limit_mb="
+                    f"{self.memory_limit_mb} is too small for the reward's imports, raise reward.memory_limit_mb."
+                )
+        self._replace(w)
+
+
+def _log_failure(status: str, index: int, detail: str, completion: str) -> None:
+    logger.warning("reward %s on sample %d (%s); completion starts %.120r", status, index, detail, completion[:120])
+
+
+def _metrics(outcomes: list[tuple[float, str, bool]]) -> dict[str, float]:
+    n = len(outcomes)
+    scores = [o[0] for o in outcomes]
+    return {
+        "reward/mean": sum(scores) / n if n else 0.0,
+        "reward/accuracy": sum(s >= 1.0 for s in scores) / n if n else 0.0,
+        "reward/no_answer_fraction": sum(not o[2] for o in outcomes) / n if n else 0.0,
+        "reward/timeouts": float(sum(o[1] == "timeout" for o in outcomes)),
+        "reward/errors": float(sum(o[1] == "error" for o in outcomes)),
+    }
+
+
+def make_reward_scorer(cfg_reward: Any) -> RewardScorer:
+    """A scorer built from the ``reward`` config section (name, extraction, num_workers, timeout_s, memory_limit_mb)."""
+    return RewardScorer(
+        cfg_reward.name,
+        extraction=cfg_reward.extraction,
+        num_workers=cfg_reward.num_workers,
+        timeout_s=cfg_reward.timeout_s,
+        memory_limit_mb=cfg_reward.memory_limit_mb,
+    )
+
+
+_shared: Optional[RewardScorer] = None
+_shared_key: Optional[tuple] = None
+_shared_lock = threading.Lock()
+
+
+def score_math(
+    completions: Sequence[str],
+    answers: Sequence[str],
+    *,
+    num_workers: int = 2,
+    timeout_s: float = 5.0,
+    extraction: str = "boxed",
+    memory_limit_mb: int = 2048,
+) -> list[float]:
+    """Math rewards of a batch, in killable workers kept alive across calls (one shared scorer).
+
+    The shared scorer is rebuilt only when the settings change. Use :func:`make_reward_scorer`
+    for the metrics or a custom reward.
+    """
+    global _shared, _shared_key
+    key = (num_workers, float(timeout_s), extraction, memory_limit_mb)
+    with _shared_lock:
+        if _shared is None or _shared_key != key or _shared._closed:
+            if _shared is not None:
+                _shared.close()
+            _shared = RewardScorer(
+                "math", extraction=extraction, num_workers=num_workers, timeout_s=timeout_s, memory_limit_mb=memory_limit_mb
+            )
+            _shared_key = key
+        scorer = _shared
+    return scorer.score(completions, answers)[0]
+
+
+@atexit.register
+def _close_all() -> None:
+    for scorer in list(_LIVE_SCORERS):
+        scorer.close()

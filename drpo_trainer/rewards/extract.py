@@ -19,8 +19,9 @@ from typing import Optional
 
 EXTRACTION_MODES = ("boxed", "answer_line", "auto")
 
-# A box command: not followed by a letter (``\\boxedfoo`` is another macro).
-_BOX = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
+# A box command: not followed by a letter (``\\boxedfoo`` is another macro), and its backslash
+# not escaped (``\\\\boxed`` is a line break and a word). Group 1 is the command itself.
+_BOX = re.compile(r"(?<!\\)(?:\\\\)*(\\(?:boxed|fbox)(?![A-Za-z]))")
 # Tokens that matter for brace matching: an escaped character (``\\{`` is a literal brace), or a brace.
 _BRACE_TOKEN = re.compile(r"\\.|[{}]", re.S)
 # The same, plus box commands with their optional opening brace (for unwrapping nested boxes).
@@ -82,7 +83,7 @@ def _top_level_boxes(text: str) -> list[tuple[Optional[str], int, int]]:
         if m is None:
             return boxes
         content, end = _box_argument(text, m.end())
-        boxes.append((content, m.start(), end))
+        boxes.append((content, m.start(1), end))
         pos = max(end, m.end())
 
 

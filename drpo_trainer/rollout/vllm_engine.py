@@ -1,0 +1,333 @@
+"""The vLLM rollout engine: the ONLY module of drpo-trainer that imports vllm.
+
+One engine per training rank, colocated in the training process (vLLM's torchrun-style
+"external launcher": no extra processes, the learner's process group is reused). Ranks
+form consecutive tensor-parallel groups of `rollout.tensor_parallel_size`; the ranks of a
+group must submit identical requests, so `generate` all-gathers the group's prompts,
+generates them all with the group's shared seed, and returns this rank's share. Different
+groups ("data-parallel ranks") get different seeds.
+
+Written against the vLLM 0.33 source (`TESTED_VLLM`); other versions fail at start-up.
+Facts from that source this module relies on:
+  - sampled-token log-probs (`logprobs=0`) default to RAW log-probs (before temperature);
+    `logprobs_mode="processed_logprobs"` returns them after temperature (and after top-k /
+    top-p truncation, when those are on), i.e. log_softmax(logits / T) as the trainer needs;
+  - prompt log-probs skip the sampling processors: they are log_softmax(logits) at T = 1
+    whatever the mode, which is what the parity probe uses;
+  - with the external launcher `LLM.collective_rpc(fn)` runs `fn(worker)` in this process,
+    so tensors are handed over without copies or serialization;
+  - checkpoint-format weights are reloaded in place by `initialize_layerwise_reload` /
+    `model.load_weights` / `finalize_layerwise_reload` (vllm.model_executor.model_loader.reload),
+    which re-runs FP8 quantization of each layer once all its weights have arrived, so
+    buckets may split a layer;
+  - `LLM.sleep(level=1)` offloads weights to CPU and drops the KV cache; `wake_up(tags=...)`
+    brings back "weights" and "kv_cache" separately.
+
+The module itself imports without vllm: the pure conversion functions below are unit-tested on CPU.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Iterable, Optional, Sequence
+
+import torch
+
+from drpo_trainer.rollout.base import Completion, SamplingSpec
+
+TESTED_VLLM = ((0, 33), (0, 34))  # major.minor >= 0.33 and < 0.34
+TESTED_VLLM_TEXT = ">=0.33,<0.34"
+INSTALL_COMMAND = "pip install 'drpo-trainer[vllm]'"
+# Level 1 keeps a CPU copy of the weights; level 2 would discard them. We overwrite the weights
+# at every sync, but level 1 is the mode whose wake-up restores every buffer (rotary caches,
+# FP8 scales) that the reload does not rewrite.
+SLEEP_LEVEL = 1
+_SEED_STRIDE = 1 << 24  # room for 16M samples per (seed, rank) before request seeds overlap
+
+
+# ---------------------------------------------------------------------------------------------
+# Version gate and import
+
+
+def check_vllm_version(version: str) -> None:
+    """Raise RuntimeError unless `version` is in the tested range."""
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        release = Version(version).release
+    except InvalidVersion:
+        raise RuntimeError(
+            f"cannot parse the installed vllm version {version!r}; drpo-trainer is tested with vllm "
+            f"{TESTED_VLLM_TEXT}. Fix: {INSTALL_COMMAND}"
+        ) from None
+    lo, hi = TESTED_VLLM
+    if not (lo <= tuple(release[:2]) < hi):
+        raise RuntimeError(
+            f"vllm {version} is installed but drpo-trainer's vLLM engine is tested with vllm {TESTED_VLLM_TEXT} "
+            f"(its private-ish weight-reload and sleep APIs change between releases). Fix: {INSTALL_COMMAND}, "
+            "or use rollout.backend=hf."
+        )
+
+
+def import_vllm():
+    """Import vllm lazily, failing with the install command when it is missing or untested."""
+    try:
+        import vllm
+    except ImportError as exc:
+        raise RuntimeError(
+            f"rollout.backend=vllm needs the vllm package, which cannot be imported ({exc}). "
+            f"Fix: on a CUDA machine run {INSTALL_COMMAND} (vllm {TESTED_VLLM_TEXT}), or use rollout.backend=hf."
+        ) from None
+    check_vllm_version(vllm.__version__)
+    return vllm
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure conversions (tested on CPU with fake RequestOutput / CompletionOutput objects)
+
+
+def request_seeds(base_seed: int, dp_rank: int, num_prompts: int, n: int) -> list[int]:
+    """One seed per prompt. vLLM seeds the n samples of a request with seed, seed + 1, ...,
+    seed + n - 1, so consecutive prompts are n apart and nothing repeats within a call; the
+    data-parallel rank moves the whole range so that ranks never share a random stream."""
+    if n < 1 or num_prompts < 0:
+        raise ValueError(f"need n >= 1 and num_prompts >= 0, got n={n}, num_prompts={num_prompts}")
+    if num_prompts * n > _SEED_STRIDE:
+        raise ValueError(f"{num_prompts} prompts x {n} samples exceed {_SEED_STRIDE} distinct seeds per call")
+    base = ((base_seed * 65_537 + dp_rank) * _SEED_STRIDE) % (1 << 62)
+    return [base + j * n for j in range(num_prompts)]
+
+
+def to_vllm_sampling_kwargs(spec: SamplingSpec, seed: Optional[int] = None) -> dict[str, Any]:
+    """SamplingSpec -> keyword arguments of vllm.SamplingParams (sampled-token log-probs on)."""
+    if not spec.temperature > 0:
+        raise ValueError(f"temperature must be > 0 for sampling with log-probs, got {spec.temperature}")
+    if spec.n < 1 or spec.max_new_tokens < 1:
+        raise ValueError(f"need n >= 1 and max_new_tokens >= 1, got n={spec.n}, max_new_tokens={spec.max_new_tokens}")
+    if spec.top_k < 0 or not 0 < spec.top_p <= 1:
+        raise ValueError(f"top_k must be >= 0 (0 = off) and top_p in (0, 1], got top_k={spec.top_k}, top_p={spec.top_p}")
+    return {
+        "n": spec.n,
+        "temperature": float(spec.temperature),
+        "top_p": float(spec.top_p),
+        "top_k": int(spec.top_k),  # vLLM reads 0 as "off", like SamplingSpec
+        "min_p": 0.0,
+        "max_tokens": int(spec.max_new_tokens),
+        "logprobs": 0,  # the sampled token's log-prob only
+        "seed": seed,
+        "skip_special_tokens": True,
+    }
+
+
+def _sampled_logprob(position: Any, token_id: int, where: str) -> float:
+    try:
+        entry = position[token_id]
+    except (KeyError, TypeError):
+        raise ValueError(f"{where}: the engine returned no log-prob for the sampled token {token_id}") from None
+    value = float(entry.logprob)
+    if not math.isfinite(value):
+        raise ValueError(
+            f"{where}: log-prob of sampled token {token_id} is {value}; the engine's weights or logits are broken"
+        )
+    return value
+
+
+def completions_from_outputs(
+    outputs: Sequence[Any], prompt_ids: list[list[int]], n: Optional[int] = None
+) -> list[Completion]:
+    """vLLM RequestOutputs (one per prompt, in prompt order) -> Completions grouped by prompt."""
+    if len(outputs) != len(prompt_ids):
+        raise ValueError(f"the engine returned {len(outputs)} outputs for {len(prompt_ids)} prompts")
+    result: list[Completion] = []
+    for i, (out, prompt) in enumerate(zip(outputs, prompt_ids)):
+        got_prompt = getattr(out, "prompt_token_ids", None)
+        if got_prompt is not None and list(got_prompt) != list(prompt):
+            raise ValueError(f"output {i} belongs to another prompt (outputs must be in prompt order)")
+        samples = sorted(out.outputs, key=lambda c: c.index)
+        if n is not None and len(samples) != n:
+            raise ValueError(f"prompt {i}: expected {n} samples, the engine returned {len(samples)}")
+        for c in samples:
+            where = f"prompt {i} sample {c.index}"
+            if c.finish_reason not in ("stop", "length"):
+                raise RuntimeError(
+                    f"{where} finished with reason {c.finish_reason!r} (not 'stop' or 'length'); "
+                    "the engine aborted it: check the vLLM log (out of memory? max_model_len too small?)"
+                )
+            ids = list(c.token_ids)
+            if c.logprobs is None or len(c.logprobs) != len(ids):
+                got = None if c.logprobs is None else len(c.logprobs)
+                raise ValueError(f"{where}: {len(ids)} tokens but {got} log-prob positions; request logprobs=0")
+            lps = [_sampled_logprob(c.logprobs[t], tok, where) for t, tok in enumerate(ids)]
+            result.append(
+                Completion(
+                    prompt_index=i,
+                    prompt_ids=list(prompt),
+                    completion_ids=ids,
+                    rollout_logprobs=lps,
+                    finish_reason=c.finish_reason,
+                    text=c.text or "",
+                )
+            )
+    return result
+
+
+def prompt_logprobs_from_outputs(outputs: Sequence[Any], sequences: list[list[int]]) -> list[list[float]]:
+    """Prompt log-probs of tokens 1..L-1 of each scored sequence (position 0 has none), at T = 1."""
+    if len(outputs) != len(sequences):
+        raise ValueError(f"the engine returned {len(outputs)} outputs for {len(sequences)} probe sequences")
+    scored = []
+    for i, (out, seq) in enumerate(zip(outputs, sequences)):
+        plp = out.prompt_logprobs
+        if plp is None or len(plp) != len(seq):
+            got = None if plp is None else len(plp)
+            raise ValueError(f"probe {i}: {len(seq)} tokens but {got} prompt log-prob positions; request prompt_logprobs=0")
+        scored.append([_sampled_logprob(plp[t], seq[t], f"probe {i} position {t}") for t in range(1, len(seq))])
+    return scored
+
+
+# ---------------------------------------------------------------------------------------------
+# Functions run inside the vLLM worker (in this process) through LLM.collective_rpc
+
+
+def _worker_model(worker):
+    runner = worker.model_runner
+    return runner.get_model() if hasattr(runner, "get_model") else runner.model
+
+
+def _worker_begin_reload(worker) -> None:
+    from vllm.config import set_current_vllm_config
+    from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
+
+    with set_current_vllm_config(worker.vllm_config):
+        initialize_layerwise_reload(_worker_model(worker))
+
+
+def _worker_load(worker, named_tensors: list[tuple[str, torch.Tensor]]) -> None:
+    from vllm.config import set_current_vllm_config
+
+    with set_current_vllm_config(worker.vllm_config):
+        _worker_model(worker).load_weights(weights=named_tensors)
+
+
+def _worker_finish_reload(worker) -> None:
+    from vllm.config import set_current_vllm_config
+    from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
+
+    with set_current_vllm_config(worker.vllm_config):
+        finalize_layerwise_reload(_worker_model(worker), worker.vllm_config.model_config)
+
+
+# ---------------------------------------------------------------------------------------------
+# The engine
+
+
+def _rank_and_world() -> tuple[int, int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    else:
+        rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    return rank, world, int(os.environ.get("LOCAL_RANK", rank))
+
+
+class VLLMEngine:
+    """RolloutEngine on a colocated vLLM LLM (one per rank, external launcher)."""
+
+    def __init__(self, model_path: str, cfg_rollout, *, seed: int, max_model_len: int, dtype: str) -> None:
+        vllm = import_vllm()
+        rank, world, local_rank = _rank_and_world()
+        tp = cfg_rollout.tensor_parallel_size
+        if world % tp:
+            raise ValueError(
+                f"rollout.tensor_parallel_size={tp} must divide the number of processes ({world}); "
+                f"set it to a divisor of {world}"
+            )
+        self.tp = tp
+        self.dp_rank = rank // tp  # ranks [k*tp, (k+1)*tp) form tensor-parallel group k
+        self.sleep_enabled = bool(cfg_rollout.enable_sleep_mode)
+        self._asleep = False
+        self._tp_group = None
+        if tp > 1:
+            self._tp_group, _ = torch.distributed.new_subgroups_by_enumeration(
+                [list(range(k * tp, (k + 1) * tp)) for k in range(world // tp)]
+            )
+        # The external launcher reads the torchrun variables; set them for a single process too.
+        os.environ.setdefault("RANK", str(rank))
+        os.environ.setdefault("LOCAL_RANK", str(local_rank))
+        os.environ.setdefault("WORLD_SIZE", str(world))
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29500")
+        self.llm = vllm.LLM(
+            model=model_path,
+            dtype=dtype,
+            tensor_parallel_size=tp,
+            distributed_executor_backend="external_launcher",
+            gpu_memory_utilization=cfg_rollout.gpu_memory_utilization,
+            enable_sleep_mode=self.sleep_enabled,
+            quantization=cfg_rollout.quantization,
+            max_model_len=cfg_rollout.max_model_len or max_model_len,
+            seed=seed + self.dp_rank,  # identical inside a TP group, distinct across groups
+            logprobs_mode="processed_logprobs",  # log_softmax(logits / T), not raw logits
+        )
+        self._sampling_params_cls = vllm.SamplingParams
+
+    # -- generation ---------------------------------------------------------------------------
+
+    def _gather_tp(self, items: list) -> tuple[list, int]:
+        """All TP ranks must submit the same requests: concatenate the group's lists."""
+        if self._tp_group is None:
+            return items, 0
+        parts: list = [None] * self.tp
+        torch.distributed.all_gather_object(parts, items, group=self._tp_group)
+        offset = sum(len(p) for p in parts[: torch.distributed.get_rank(self._tp_group)])
+        return [x for p in parts for x in p], offset
+
+    def generate(self, prompt_ids: list[list[int]], spec: SamplingSpec) -> list[Completion]:
+        if self._asleep:
+            self.wake_up()
+        all_prompts, offset = self._gather_tp(prompt_ids)
+        seeds = request_seeds(spec.seed, self.dp_rank, len(all_prompts), spec.n)
+        params = [self._sampling_params_cls(**to_vllm_sampling_kwargs(spec, seed=s)) for s in seeds]
+        outputs = self.llm.generate([{"prompt_token_ids": p} for p in all_prompts], params, use_tqdm=False)
+        mine = outputs[offset : offset + len(prompt_ids)]
+        return completions_from_outputs(mine, prompt_ids, n=spec.n)
+
+    def score(self, sequences: list[list[int]]) -> list[list[float]]:
+        """Log-probs of tokens 1..L-1 of each sequence at temperature 1 (parity probe)."""
+        if self._asleep:
+            self.wake_up()
+        all_seqs, offset = self._gather_tp(sequences)
+        params = self._sampling_params_cls(max_tokens=1, temperature=1.0, prompt_logprobs=0, detokenize=False)
+        outputs = self.llm.generate([{"prompt_token_ids": s} for s in all_seqs], params, use_tqdm=False)
+        return prompt_logprobs_from_outputs(outputs[offset : offset + len(sequences)], sequences)
+
+    # -- weights ------------------------------------------------------------------------------
+
+    def begin_weight_update(self) -> None:
+        """Wake only the weights (the KV cache stays released while gathered tensors are live)."""
+        if self._asleep:
+            torch.cuda.empty_cache()
+            self.llm.wake_up(tags=["weights"])
+        self.llm.collective_rpc(_worker_begin_reload)
+
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy full tensors with HF names into the engine; call between begin/finish_weight_update
+        (sync_weights does), or alone for a one-shot update."""
+        self.llm.collective_rpc(_worker_load, args=(list(named_tensors),))
+
+    def finish_weight_update(self) -> None:
+        self.llm.collective_rpc(_worker_finish_reload)
+        self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+
+    # -- memory -------------------------------------------------------------------------------
+
+    def sleep(self) -> None:
+        if self.sleep_enabled and not self._asleep:
+            self.llm.sleep(level=SLEEP_LEVEL)
+            self._asleep = True
+
+    def wake_up(self) -> None:
+        if self.sleep_enabled and self._asleep:
+            torch.cuda.empty_cache()
+            self.llm.wake_up()  # all tags: weights (if still asleep) and kv_cache
+            self._asleep = False

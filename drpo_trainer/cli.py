@@ -2,6 +2,9 @@
 
     drpo-train --config configs/tiny_cpu.yaml [key=value ...]      train (or continue: --resume auto)
     drpo-train --config X --print-config                           show the resolved config and exit
+    drpo-train export <checkpoint> <dir>                           checkpoint -> HF safetensors model
+
+Exit codes: 0 done, 2 bad configuration, 75 stopped by SIGTERM/SIGUSR1 after a checkpoint.
 
 On one machine it starts `distributed.nproc_per_node` processes itself, unless it was
 started by torchrun, the deepspeed launcher, accelerate launch or srun. Heavy libraries
@@ -36,6 +39,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["export"]:
+        return _export(argv[1:])
     args = _parser().parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
@@ -51,30 +56,57 @@ def main(argv: Optional[list[str]] = None) -> int:
     nproc = resolve_nproc(cfg.distributed.nproc_per_node)
     if launched_externally() is None and nproc > 1:
         cmd = build_launch_command(nproc, argv, master_port=free_port())
-        return _run_children(cmd)
+        return _run_children(cmd, cfg.output_dir)
 
+    from drpo_trainer.data import DataError
     from drpo_trainer.trainer import train
 
     try:
         train(cfg, resume=args.resume)
-    except ConfigError as err:
+    except (ConfigError, DataError) as err:
         print(f"drpo-train: {err}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
     return 0
 
 
-def _run_children(cmd: list[str]) -> int:
-    """Run the local launcher; forward SIGTERM/SIGINT/SIGUSR1 so children checkpoint and exit."""
+def _run_children(cmd: list[str], output_dir: str) -> int:
+    """Run the local launcher; a stop signal reaches the workers as SIGTERM (torchrun forwards
+    SIGTERM and would die of SIGUSR1), they checkpoint and exit; we then exit 75."""
     import signal
+    from pathlib import Path
 
-    proc = subprocess.Popen(cmd, env=dict(os.environ, DRPO_LAUNCHED_BY="drpo-train"))
+    from drpo_trainer.trainer import EXIT_PREEMPTED, PREEMPTED_MARKER
+
+    proc = subprocess.Popen(cmd)
+    stopping = []
 
     def forward(signum, _frame):
-        proc.send_signal(signum)
+        stopping.append(signum)
+        proc.send_signal(signal.SIGINT if signum == signal.SIGINT else signal.SIGTERM)
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
         signal.signal(sig, forward)
-    return proc.wait()
+    rc = proc.wait()
+    if stopping and (Path(output_dir) / PREEMPTED_MARKER).exists():
+        return EXIT_PREEMPTED
+    return rc
+
+
+def _export(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="drpo-train export", description="Checkpoint -> Hugging Face model directory.")
+    p.add_argument("checkpoint", help="a checkpoints/step_* directory")
+    p.add_argument("out_dir", help="where to write config.json, model.safetensors and the tokenizer")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="default: the run's model.dtype")
+    args = p.parse_args(argv)
+    from drpo_trainer.export import export_checkpoint
+
+    try:
+        out = export_checkpoint(args.checkpoint, args.out_dir, dtype=args.dtype)
+    except FileNotFoundError as err:
+        print(f"drpo-train export: {err}", file=sys.stderr)
+        return 1
+    print(f"exported {args.checkpoint} -> {out}")
+    return 0
 
 
 if __name__ == "__main__":

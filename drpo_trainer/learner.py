@@ -27,9 +27,6 @@ from drpo_trainer.losses import compute_policy_loss
 from drpo_trainer.metrics import MetricAccumulator, all_reduce_max, all_reduce_sum
 from drpo_trainer.packing import pack_sequences, plan_micro_batches
 
-IGNORE = -100
-
-
 @dataclass
 class TrainSample:
     """One completion as the learner sees it."""
@@ -100,16 +97,21 @@ class Learner:
         self.cfg = cfg
         self.world_size = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
         ds_config = deepspeed_config(cfg)
-        self._hf_ds_config = None
+        hf_ds_config = None
         if cfg.distributed.zero_stage == 3:
-            # Keeps transformers building the model straight into ZeRO-3 shards (zero.Init).
+            # While alive, makes transformers build the model straight into ZeRO-3 shards (zero.Init).
             from transformers.integrations import HfDeepSpeedConfig
 
-            self._hf_ds_config = HfDeepSpeedConfig(ds_config)
+            hf_ds_config = HfDeepSpeedConfig(ds_config)
         kwargs = {"dtype": getattr(torch, cfg.model.dtype), "trust_remote_code": cfg.model.trust_remote_code}
         if cfg.model.attn_implementation:
             kwargs["attn_implementation"] = cfg.model.attn_implementation
         model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
+        if hf_ds_config is not None:  # later loads (the rollout engine's full copy, exports) must not shard
+            from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+            unset_hf_deepspeed_config()
+            del hf_ds_config
         model.config.use_cache = False
         if cfg.model.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -144,26 +146,17 @@ class Learner:
         """Packed forward; returns each sample's completion log-probs (Tc,) (and entropies)."""
         from drpo_trainer.logprobs import token_logprobs
 
-        packed = pack_sequences([s.input_ids for s in samples])
-        targets = torch.full_like(packed.input_ids, IGNORE)
-        spans = []
-        for s, sl in zip(samples, packed.seq_slices):
-            # position t predicts token t + 1: completion tokens are predicted from prompt_len - 1 on
-            lo, hi = sl.start + s.prompt_len - 1, sl.stop - 1
-            targets[0, lo:hi] = packed.input_ids[0, lo + 1 : hi + 1]
-            spans.append((lo, hi))
+        packed = pack_sequences([s.input_ids for s in samples], prompt_lengths=[s.prompt_len for s in samples])
         lp, ent = token_logprobs(
             self.engine,
             packed.input_ids.to(self.device),
             packed.position_ids.to(self.device),
-            targets.to(self.device),
+            packed.targets.to(self.device),
             temperature=self.cfg.rollout.temperature,
             chunk_tokens=self.cfg.trainer.logprob_chunk_tokens,
             with_entropy=with_entropy,
         )
-        lps = [lp[0, lo:hi] for lo, hi in spans]
-        ents = [ent[0, lo:hi] for lo, hi in spans] if ent is not None else []
-        return lps, ents
+        return packed.split_targets(lp), (packed.split_targets(ent) if ent is not None else [])
 
     def _micro_batches(self, samples: list[TrainSample]) -> list[list[int]]:
         """This rank's micro-batches, padded with empty ones to the max count over ranks."""

@@ -108,14 +108,18 @@ def run_step(run: Run, step: int) -> dict[str, float]:
         ]
 
         # 4. behaviour log-probs mu: the learner's pre-update weights, frozen for the step
+        #    (computed per mini-batch, so the packing matches the update's: r = 1 exactly in mini-batch 1)
+        minibatches = split_minibatches(samples, cfg.trainer.minibatches_per_step, G)
         run.engine.sleep()
+        entropy = MetricAccumulator()
         with timer("recompute"):
-            policy_metrics = run.learner.recompute_logprobs(samples)
+            for minibatch in minibatches:
+                entropy.add(run.learner.recompute_logprobs(minibatch))
 
         # 5. minibatches_per_step optimizer steps; mini-batch k > 1 is stale
         updates = MetricAccumulator()
         with timer("update"):
-            for minibatch in split_minibatches(samples, cfg.trainer.minibatches_per_step, G):
+            for minibatch in minibatches:
                 updates.add(run.learner.update(minibatch))
 
         # 6. the engine samples the next step with the new weights
@@ -123,7 +127,7 @@ def run_step(run: Run, step: int) -> dict[str, float]:
         with timer("sync"):
             sync_metrics = sync_engine(run)
 
-    metrics = {**updates.result(), **policy_metrics, **sync_metrics}
+    metrics = {**updates.result(), **entropy.result(), **sync_metrics}
     metrics.update(_rollout_metrics(completions, samples, rewards, reward_metrics, adv_metrics, cfg))
     times = MetricAccumulator()
     times.add({f"{k}_max": v for k, v in timer.metrics().items()})
@@ -231,17 +235,85 @@ def build_run(cfg: Config, ctx: DistContext) -> Run:
     return run
 
 
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGUSR1 after writing a checkpoint
+PREEMPTED_MARKER = "PREEMPTED"  # in output_dir: the step of the checkpoint a stop request wrote
+
+
+class Preempted(SystemExit):
+    def __init__(self) -> None:
+        super().__init__(EXIT_PREEMPTED)
+
+
+class StopFlag:
+    """SIGTERM / SIGUSR1 ask for a checkpoint at the next step boundary, then exit 75."""
+
+    def __init__(self) -> None:
+        import signal
+
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, _frame) -> None:
+        self.requested = True
+
+    def any_rank(self) -> bool:
+        from drpo_trainer.metrics import all_reduce_max
+
+        return all_reduce_max([float(self.requested)])[0] > 0
+
+
+def save(run: Run) -> None:
+    from drpo_trainer.checkpoint import save_checkpoint
+    from drpo_trainer.config import dump_config
+
+    def hf_save(path: Path) -> None:
+        run.learner.module.config.save_pretrained(path)
+        run.tokenizer.save_pretrained(path)
+
+    loop_state = {"sampler": {"epoch": run.sampler.state.epoch, "index": run.sampler.state.index}, **run.extra}
+    save_checkpoint(
+        run.learner.engine, run.cfg.output_dir, run.step, loop_state,
+        config_yaml=dump_config(run.cfg), hf_save=hf_save, keep_last=run.cfg.checkpoint.keep_last,
+    )
+
+
+def restore(run: Run, resume: Optional[str]) -> Optional[Path]:
+    """Rank 0 picks the checkpoint (verifying it), every rank loads it."""
+    from drpo_trainer.checkpoint import load_checkpoint, resolve_resume
+    from drpo_trainer.data import SamplerState
+
+    chosen = [resolve_resume(resume, run.cfg.output_dir) if run.ctx.is_main else None]
+    if run.ctx.world_size > 1:
+        torch.distributed.broadcast_object_list(chosen, src=0)
+    path = chosen[0]
+    if path is None:
+        return None
+    state = load_checkpoint(run.learner.engine, Path(path))
+    run.step = state["step"]
+    run.sampler.state = SamplerState(**state["sampler"])
+    run.extra.update({k: v for k, v in state.items() if k not in ("step", "sampler", "world_size")})
+    return Path(path)
+
+
 def train(cfg: Config, *, resume: Optional[str] = None) -> dict[str, float]:
     """Run (or continue) training; returns the last step's metrics on rank 0."""
     ctx = setup_distributed(cfg.distributed.backend)
+    stop = StopFlag()
     torch.manual_seed(cfg.trainer.seed + ctx.rank)
     if ctx.is_main:
         write_resolved_config(cfg)
+        (Path(cfg.output_dir) / PREEMPTED_MARKER).unlink(missing_ok=True)
     run = build_run(cfg, ctx)
+    resumed = restore(run, resume)
     tracker = Tracker(cfg, enabled=ctx.is_main, run_id=run.extra.get("wandb_run_id"), start_step=run.step)
+    run.extra["wandb_run_id"] = tracker.run_id
+    if resumed is not None:
+        tracker.message(f"resumed from {resumed} at step {run.step}")
     if run.extra.get("data/prompts_dropped_too_long"):
         tracker.message(f"dropped {run.extra['data/prompts_dropped_too_long']} prompts over data.max_prompt_tokens")
     last: dict[str, float] = {}
+    ck = cfg.checkpoint
     try:
         sync_engine(run)  # the engine starts from the learner's weights (also after a resume)
         if cfg.eval.at_start and run.step == 0 and cfg.eval.files:
@@ -249,9 +321,23 @@ def train(cfg: Config, *, resume: Optional[str] = None) -> dict[str, float]:
         for step in range(run.step + 1, cfg.trainer.max_steps + 1):
             last = run_step(run, step)
             run.step = step
-            if cfg.eval.files and (step == cfg.trainer.max_steps or (cfg.eval.every_steps and step % cfg.eval.every_steps == 0)):
+            final = step == cfg.trainer.max_steps
+            if cfg.eval.files and (final or (cfg.eval.every_steps and step % cfg.eval.every_steps == 0)):
                 last.update(evaluate(run, step))
             tracker.log(step, last)
+            preempted = stop.any_rank()
+            if final or preempted or (ck.every_steps and step % ck.every_steps == 0):
+                save(run)
+            if preempted:
+                tracker.message(f"stop requested: checkpoint of step {step} written, exiting with {EXIT_PREEMPTED}")
+                if ctx.is_main:
+                    (Path(cfg.output_dir) / PREEMPTED_MARKER).write_text(str(step))
+                raise Preempted()
+        if ck.export_final:
+            from drpo_trainer.export import export_live
+
+            export_live(run.learner.module, Path(cfg.output_dir) / "checkpoints" / f"step_{run.step:06d}" / "hf",
+                        Path(cfg.output_dir) / "final", dtype=cfg.model.dtype)
     finally:
         run.scorer.close()
         tracker.close()

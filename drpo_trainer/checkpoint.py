@@ -1,0 +1,208 @@
+"""Checkpoints that never lose a run: atomic publish, verified resume, HF export.
+
+Layout of `<output_dir>/checkpoints/`:
+
+    step_000010/
+        ds/state/...          DeepSpeed ZeRO shards: model, optimizer, LR scheduler (every rank)
+        rng/rank_00000.pt     python / numpy / torch RNG states of each rank
+        loop_state.json       step, data position, W&B run id, world size, ...
+        config.yaml           the resolved config of the run
+        hf/                   model config + tokenizer (what `drpo-train export` needs besides weights)
+        MANIFEST.json         size and sha256 of every file above, written last
+    latest                    name of the newest published checkpoint, replaced last
+
+A checkpoint is written under `.tmp-step_N`, hashed (files split over ranks), then renamed
+into place in one `os.rename`; the `latest` pointer moves after that, and old ones are
+pruned last. Resume walks `latest` then every `step_*` newest first and takes the first
+whose manifest matches the files, warning about each one it skips.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+STATE_TAG = "state"
+MANIFEST = "MANIFEST.json"
+
+
+def _barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def _rank_world() -> tuple[int, int]:
+    if torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _files(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+
+def _hash_share(root: Path, names: list[str]) -> dict[str, list]:
+    """This rank's share of the files (round robin), hashed; gathered on every rank."""
+    rank, world = _rank_world()
+    mine = {n: [(root / n).stat().st_size, _sha256(root / n)] for n in names[rank::world]}
+    if world == 1:
+        return mine
+    parts: list = [None] * world
+    torch.distributed.all_gather_object(parts, mine)
+    return {k: v for part in parts for k, v in part.items()}
+
+
+def checkpoints_dir(output_dir: str | os.PathLike) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+def save_checkpoint(engine, output_dir: str, step: int, loop_state: dict, *, config_yaml: str, hf_save=None, keep_last: int = 2) -> Path:
+    """Every rank calls this. Returns the published directory."""
+    rank, world = _rank_world()
+    root = checkpoints_dir(output_dir)
+    name = f"step_{step:06d}"
+    tmp, final = root / f".tmp-{name}", root / name
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # debris of a crash during an earlier write
+        (tmp / "rng").mkdir(parents=True)
+    _barrier()
+    engine.save_checkpoint(str(tmp / "ds"), tag=STATE_TAG, save_latest=False)
+    torch.save(rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
+    if rank == 0:
+        (tmp / "loop_state.json").write_text(json.dumps({**loop_state, "step": step, "world_size": world}, indent=1))
+        (tmp / "config.yaml").write_text(config_yaml)
+        if hf_save is not None:
+            hf_save(tmp / "hf")
+    _barrier()
+    manifest = _hash_share(tmp, _files(tmp))
+    if rank == 0:
+        with open(tmp / MANIFEST, "w") as f:
+            json.dump({"files": manifest}, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        if final.exists():  # the same step written again (a resumed run re-reaching it)
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _fsync_dir(root)
+        pointer = root / "latest.tmp"
+        pointer.write_text(name)
+        os.replace(pointer, root / "latest")
+        _fsync_dir(root)
+        _prune(root, keep_last)
+    _barrier()
+    return final
+
+
+def _step_dirs(root: Path) -> list[Path]:
+    return sorted((p for p in root.glob("step_*") if p.is_dir()), key=lambda p: p.name, reverse=True)
+
+
+def _prune(root: Path, keep_last: int) -> None:
+    for old in _step_dirs(root)[keep_last:]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def verify_checkpoint(path: Path, *, hashes: bool = True) -> Optional[str]:
+    """None when every file of the manifest is there with its size (and hash); else the problem."""
+    mf = path / MANIFEST
+    if not mf.is_file():
+        return "no MANIFEST.json (the write did not finish)"
+    try:
+        files = json.loads(mf.read_text())["files"]
+    except (json.JSONDecodeError, KeyError) as exc:
+        return f"unreadable manifest: {exc}"
+    for rel, (size, digest) in files.items():
+        p = path / rel
+        if not p.is_file():
+            return f"missing file {rel}"
+        if p.stat().st_size != size:
+            return f"{rel} has {p.stat().st_size} bytes, the manifest says {size}"
+        if hashes and _sha256(p) != digest:
+            return f"{rel} does not match its sha256"
+    return None
+
+
+def find_checkpoint(output_dir: str) -> Optional[Path]:
+    """The newest valid checkpoint (latest pointer first), warning about each one skipped."""
+    root = checkpoints_dir(output_dir)
+    if not root.is_dir():
+        return None
+    candidates = _step_dirs(root)
+    pointer = root / "latest"
+    if pointer.is_file():
+        named = root / pointer.read_text().strip()
+        candidates = [named] + [c for c in candidates if c != named]
+    for cand in candidates:
+        problem = verify_checkpoint(cand) if cand.is_dir() else "missing directory"
+        if problem is None:
+            return cand
+        warnings.warn(f"skipping checkpoint {cand}: {problem}; falling back to an older one", stacklevel=2)
+    return None
+
+
+def load_checkpoint(engine, path: Path) -> dict:
+    """Every rank calls this; restores engine (model, optimizer, scheduler) and this rank's RNG."""
+    rank, world = _rank_world()
+    state = json.loads((path / "loop_state.json").read_text())
+    if state["world_size"] != world:
+        raise RuntimeError(
+            f"checkpoint {path} was written by {state['world_size']} processes, this run has {world}. "
+            f"Resume with the same number of processes, or convert the ZeRO shards to a universal checkpoint: "
+            f"python -m deepspeed.checkpoint.ds_to_universal --input_folder {path}/ds/{STATE_TAG} "
+            f"--output_folder {path}/ds/{STATE_TAG}_universal, then start a new run from the exported model "
+            f"(drpo-train export {path} <dir>; model.path=<dir>)."
+        )
+    load_path, _ = engine.load_checkpoint(str(path / "ds"), tag=STATE_TAG)
+    if load_path is None:
+        raise RuntimeError(f"DeepSpeed could not load {path}/ds/{STATE_TAG}")
+    set_rng_state(torch.load(path / "rng" / f"rank_{rank:05d}.pt", weights_only=False))
+    return state
+
+
+def resolve_resume(resume: Optional[str], output_dir: str) -> Optional[Path]:
+    """--resume auto | <path> | None -> a verified checkpoint directory or None (fresh start)."""
+    if resume is None:
+        return None
+    if resume == "auto":
+        return find_checkpoint(output_dir)
+    path = Path(resume)
+    problem = verify_checkpoint(path) if path.is_dir() else "no such directory"
+    if problem:
+        raise FileNotFoundError(f"--resume {resume}: {problem}. Fix: pass --resume auto or a step_* directory")
+    return path

@@ -1,0 +1,68 @@
+"""Hugging Face export: safetensors + config + tokenizer, loadable by transformers and vLLM.
+
+Two ways in: from a live learner at the end of a run (ZeRO-3 parameters gathered in
+buckets; rank 0 assembles the full state dict on CPU), or offline from a checkpoint
+directory (`drpo-train export <checkpoint> <dir>`), which consolidates the ZeRO shards
+with DeepSpeed's own converter and needs no process group.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+
+def _save(state_dict: dict, hf_dir: Path, out_dir: Path, dtype: str) -> None:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(hf_dir)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
+    model.load_state_dict({k: v.to(getattr(torch, dtype)) for k, v in state_dict.items()}, strict=False, assign=True)
+    model.tie_weights()  # a tied head shares the embedding just loaded
+    missing = [n for n, p in model.named_parameters() if p.is_meta]
+    if missing:
+        raise RuntimeError(f"export: no weights for {missing[:5]}{'...' if len(missing) > 5 else ''}")
+    tmp = Path(str(out_dir) + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    AutoTokenizer.from_pretrained(hf_dir).save_pretrained(tmp)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.rename(tmp, out_dir)
+
+
+def export_live(module: torch.nn.Module, hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: str, bucket_bytes: int = 1 << 30) -> None:
+    """Every rank calls this (each bucket is a collective gather); rank 0 writes."""
+    from drpo_trainer.weight_sync import iter_gathered_buckets
+
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    state: dict[str, torch.Tensor] = {}
+    for bucket in iter_gathered_buckets(module, bucket_bytes):
+        if rank == 0:
+            state.update({name: t.detach().to("cpu", copy=True) for name, t in bucket})
+    if rank == 0:
+        _save(state, Path(hf_dir), Path(out_dir), dtype)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: str | None = None) -> Path:
+    """Offline: a `step_*` checkpoint directory -> an HF model directory."""
+    import yaml
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from drpo_trainer.checkpoint import STATE_TAG, verify_checkpoint
+
+    ckpt = Path(checkpoint)
+    problem = verify_checkpoint(ckpt, hashes=False)
+    if problem:
+        raise FileNotFoundError(f"{ckpt} is not a complete checkpoint: {problem}")
+    if dtype is None:
+        dtype = yaml.safe_load((ckpt / "config.yaml").read_text())["model"]["dtype"]
+    state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt / "ds"), tag=STATE_TAG)
+    _save(state, ckpt / "hf", Path(out_dir), dtype)
+    return Path(out_dir)

@@ -1,0 +1,182 @@
+"""RewardScorer: results equal in-process scoring, metrics, worker reuse, registry, custom rewards, crashes.
+
+The reward functions defined here are imported by the verifier workers from this module (the
+test folder is on sys.path, which the scorer hands to its workers).
+"""
+
+import os
+import signal
+import sys
+
+import pytest
+
+from drpo_trainer.config import RewardConfig
+from drpo_trainer.rewards import (
+    RewardScorer,
+    get_reward,
+    make_reward_scorer,
+    math_reward,
+    register_reward,
+    registered_rewards,
+    score_math,
+)
+from drpo_trainer.rewards import pool as pool_module
+from drpo_trainer.rewards.registry import importable_ref
+
+B = r"\boxed"
+
+
+@register_reward("test_torch_loaded")
+def torch_loaded(completion, answer, **kwargs):
+    """1.0 when torch is imported in the process that runs the reward (must never be a worker)."""
+    return float("torch" in sys.modules)
+
+
+@register_reward("test_length")
+def length_reward(completion, answer, **kwargs):
+    """A custom reward: shaped, not binary; also checks the extraction kwarg arrives."""
+    assert kwargs == {"extraction": "boxed"}
+    return len(completion) / 10
+
+
+@register_reward("test_misbehaving")
+def misbehaving(completion, answer, **kwargs):
+    if completion == "RAISE":
+        raise RuntimeError("reward bug")
+    if completion == "NAN":
+        return float("nan")
+    if completion == "CRASH":
+        os.kill(os.getpid(), signal.SIGSEGV)
+    if completion == "ALLOC":
+        return float(len(bytearray(3 * 1024**3)))  # 3 GiB, above the 512 MiB cap
+    if completion == "PID":
+        return float(os.getpid())
+    return 1.0
+
+
+@pytest.fixture(scope="module")
+def math_scorer():
+    with RewardScorer("math", num_workers=2, timeout_s=5.0) as scorer:
+        yield scorer
+
+
+def test_batch_equals_in_process_scoring_in_order(math_scorer):
+    # 3 x 8 = 24 samples spread over 2 workers; each result must land at its own index.
+    completions, answers = [], []
+    for k in range(8):
+        completions += [B + f"{{{k}}}", B + f"{{{k + 1}}}", f"I think {k}"]
+        answers += [str(k)] * 3
+    scores, metrics = math_scorer.score(completions, answers)
+    assert scores == [math_reward(c, a) for c, a in zip(completions, answers)]
+    assert scores == [1.0, 0.0, 0.0] * 8
+    # 8 correct of 24: mean = accuracy = 1/3; 8 have no box: no-answer fraction = 1/3.
+    assert metrics == {
+        "reward/mean": pytest.approx(1 / 3),
+        "reward/accuracy": pytest.approx(1 / 3),
+        "reward/no_answer_fraction": pytest.approx(1 / 3),
+        "reward/timeouts": 0.0,
+        "reward/errors": 0.0,
+    }
+
+
+def test_workers_are_reused_across_calls(math_scorer):
+    pids = math_scorer.worker_pids()
+    assert math_scorer.score([B + "{2}"], ["2"])[0] == [1.0]
+    assert math_scorer.score([B + "{3}"], ["2"])[0] == [0.0]
+    assert math_scorer.worker_pids() == pids
+    assert math_scorer.score([], []) == ([], pytest.approx(dict.fromkeys(
+        ["reward/mean", "reward/accuracy", "reward/no_answer_fraction", "reward/timeouts", "reward/errors"], 0.0)))
+
+
+def test_bad_inputs_name_the_problem(math_scorer):
+    with pytest.raises(ValueError, match="2 completions but 1 answers"):
+        math_scorer.score(["a", "b"], ["1"])
+    with pytest.raises(TypeError, match="sample 0"):
+        math_scorer.score([None], ["1"])
+
+
+def test_score_math_reuses_one_scorer():
+    first = score_math([B + "{1/2}", B + "{3}"], ["0.5", "4"], num_workers=1)
+    scorer = pool_module._shared
+    second = score_math(["Answer: 7"], ["7"], num_workers=1, extraction="answer_line")
+    assert first == [1.0, 0.0] and second == [1.0]
+    assert pool_module._shared is not scorer  # settings changed: rebuilt
+    third = score_math(["Answer: 8"], ["7"], num_workers=1, extraction="answer_line")
+    assert third == [0.0]
+    assert pool_module._shared_key == (1, 5.0, "answer_line", 2048)
+    pool_module._shared.close()
+
+
+def test_custom_reward_by_name_and_by_path():
+    with make_reward_scorer(RewardConfig(name="test_length", num_workers=1)) as scorer:
+        # len("abcd") / 10 = 0.4 and len("x" * 25) / 10 = 2.5; neither has a box.
+        scores, metrics = scorer.score(["abcd", "x" * 25], ["", ""])
+    assert scores == [pytest.approx(0.4), pytest.approx(2.5)]
+    assert metrics["reward/mean"] == pytest.approx((0.4 + 2.5) / 2)
+    assert metrics["reward/accuracy"] == 0.5  # only 2.5 reaches full credit (>= 1)
+    assert metrics["reward/no_answer_fraction"] == 1.0
+    with RewardScorer(f"{__name__}:length_reward", num_workers=1) as scorer:
+        assert scorer.score(["abc"], [""])[0] == [pytest.approx(0.3)]
+
+
+def test_registry_errors():
+    assert "math" in registered_rewards()
+    assert get_reward("math") is math_reward
+    with pytest.raises(ValueError, match="unknown reward 'nope'. Registered: .*math"):
+        get_reward("nope")
+    with pytest.raises(ValueError, match="already registered"):
+        register_reward("test_length")(lambda c, a, **k: 0.0)
+    with pytest.raises(ValueError, match="cannot be imported by the verifier workers"):
+        importable_ref(lambda c, a: 0.0)
+    with pytest.raises(ValueError, match="has no function"):
+        get_reward(f"{__name__}:missing")
+    with pytest.raises(ValueError, match="cannot import module"):
+        get_reward("no_such_module_xyz:fn")
+
+
+def test_failures_are_counted_and_workers_survive_or_are_replaced():
+    with RewardScorer("test_misbehaving", num_workers=2, timeout_s=5.0, memory_limit_mb=512) as scorer:
+        batch = ["ok", "RAISE", "NAN", "ALLOC", "CRASH", "ok"]
+        scores, metrics = scorer.score(batch, ["1"] * len(batch))
+        # raise, NaN, MemoryError and the segfault are 4 errors scoring 0; the two 'ok' score 1.
+        assert scores == [1.0, 0.0, 0.0, 0.0, 0.0, 1.0]
+        assert metrics["reward/errors"] == 4.0 and metrics["reward/timeouts"] == 0.0
+        assert scorer.restarts == 1  # only the segfault killed a worker; MemoryError did not
+        pids = set(scorer.worker_pids())
+        got = scorer.score(["PID"] * 4, ["1"] * 4)[0]
+        assert {int(p) for p in got} <= pids  # later batches run on the live (replacement) workers
+        assert os.getpid() not in {int(p) for p in got}
+
+
+def test_safe_in_a_process_with_torch_and_a_process_group(tmp_path):
+    torch = pytest.importorskip("torch")
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        with RewardScorer("test_torch_loaded", num_workers=2) as scorer:
+            assert "torch" in sys.modules  # the parent has torch ...
+            assert scorer.score(["a", "b", "c"], ["", "", ""])[0] == [0.0, 0.0, 0.0]  # ... no worker does
+            pids = scorer.worker_pids()
+        assert all(not _alive(p) for p in pids)  # closed on leaving the with-block
+        with pytest.raises(RuntimeError, match="closed"):
+            scorer.score(["a"], ["1"])
+    finally:
+        dist.destroy_process_group()
+
+
+def test_bad_settings_fail_with_the_key():
+    with pytest.raises(ValueError, match="reward.extraction"):
+        RewardScorer("math", extraction="first")
+    with pytest.raises(ValueError, match="reward.timeout_s"):
+        RewardScorer("math", timeout_s=0)
+    with pytest.raises(ValueError, match="unknown reward"):
+        make_reward_scorer(RewardConfig(name="does_not_exist"))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True

@@ -122,10 +122,10 @@ def run_step(run: Run, step: int) -> dict[str, float]:
             for minibatch in minibatches:
                 updates.add(run.learner.update(minibatch))
 
-        # 6. the engine samples the next step with the new weights
-        run.engine.wake_up()
+        # 6. the engine samples the next step with the new weights (pushed while it sleeps)
         with timer("sync"):
             sync_metrics = sync_engine(run)
+        run.engine.wake_up()
 
     metrics = {**updates.result(), **entropy.result(), **sync_metrics}
     metrics.update(_rollout_metrics(completions, samples, rewards, reward_metrics, adv_metrics, cfg))
@@ -228,7 +228,7 @@ def build_run(cfg: Config, ctx: DistContext) -> Run:
     eval_sets = {name: load_problems([path], tokenizer, **load)[0] for name, path in cfg.eval.files.items()}
     sampler = PromptSampler(len(train_set), cfg.trainer.prompts_per_step, seed=d.seed, shuffle=d.shuffle)
     learner = Learner(cfg, model_path, total_optimizer_steps=cfg.trainer.max_steps * cfg.trainer.minibatches_per_step)
-    engine = make_engine(cfg, model_path, tokenizer=tokenizer, device=ctx.device, seed=cfg.trainer.seed + ctx.rank)
+    engine = make_engine(cfg, model_path, tokenizer=tokenizer, device=ctx.device, seed=cfg.trainer.seed)  # engines derive per-rank seeds
     scorer = make_reward_scorer(cfg.reward)
     run = Run(cfg, ctx, tokenizer, train_set, eval_sets, sampler, learner, engine, scorer)
     run.extra["data/prompts_dropped_too_long"] = stats.dropped_too_long

@@ -206,3 +206,61 @@ def resolve_resume(resume: Optional[str], output_dir: str) -> Optional[Path]:
     if problem:
         raise FileNotFoundError(f"--resume {resume}: {problem}. Fix: pass --resume auto or a step_* directory")
     return path
+
+
+# ---------------------------------------------------------------------------------------------
+# The trainer's side: what a Run saves and restores, and the stop request.
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGUSR1 after writing a checkpoint
+PREEMPTED_MARKER = "PREEMPTED"  # in output_dir: the step of the checkpoint a stop request wrote
+
+
+class StopFlag:
+    """SIGTERM / SIGUSR1 ask for a checkpoint at the next step boundary, then exit 75."""
+
+    def __init__(self) -> None:
+        import signal
+
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, _frame) -> None:
+        self.requested = True
+
+    def any_rank(self) -> bool:
+        from drpo_trainer.metrics import all_reduce_max
+
+        return all_reduce_max([float(self.requested)])[0] > 0
+
+
+def save_run(run) -> None:
+    """Checkpoint a trainer Run (every rank)."""
+    from drpo_trainer.config import dump_config
+
+    def hf_save(path: Path) -> None:
+        run.learner.module.config.save_pretrained(path)
+        run.tokenizer.save_pretrained(path)
+
+    loop_state = {"sampler": {"epoch": run.sampler.state.epoch, "index": run.sampler.state.index}, **run.extra}
+    save_checkpoint(
+        run.learner.engine, run.cfg.output_dir, run.step, loop_state,
+        config_yaml=dump_config(run.cfg), hf_save=hf_save, keep_last=run.cfg.checkpoint.keep_last,
+    )
+
+
+def restore_run(run, resume: Optional[str]) -> Optional[Path]:
+    """Rank 0 picks the checkpoint (verifying it), every rank loads it."""
+    from drpo_trainer.data import SamplerState
+
+    chosen = [resolve_resume(resume, run.cfg.output_dir) if run.ctx.is_main else None]
+    if run.ctx.world_size > 1:
+        torch.distributed.broadcast_object_list(chosen, src=0)
+    path = chosen[0]
+    if path is None:
+        return None
+    state = load_checkpoint(run.learner.engine, Path(path))
+    run.step = state["step"]
+    run.sampler.state = SamplerState(**state["sampler"])
+    run.extra.update({k: v for k, v in state.items() if k not in ("step", "sampler", "world_size")})
+    return Path(path)

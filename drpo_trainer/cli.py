@@ -75,7 +75,7 @@ def _run_children(cmd: list[str], output_dir: str) -> int:
     import signal
     from pathlib import Path
 
-    from drpo_trainer.trainer import EXIT_PREEMPTED, PREEMPTED_MARKER
+    from drpo_trainer.checkpoint import EXIT_PREEMPTED, PREEMPTED_MARKER
 
     proc = subprocess.Popen(cmd)
     stopping = []

@@ -22,6 +22,7 @@ from typing import Optional
 import torch
 
 from drpo_trainer.advantages import group_advantages
+from drpo_trainer.checkpoint import EXIT_PREEMPTED, PREEMPTED_MARKER, StopFlag, restore_run, save_run
 from drpo_trainer.config import Config
 from drpo_trainer.data import Problem, PromptSampler, load_problems
 from drpo_trainer.distributed import DistContext, setup_distributed
@@ -235,67 +236,6 @@ def build_run(cfg: Config, ctx: DistContext) -> Run:
     return run
 
 
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGUSR1 after writing a checkpoint
-PREEMPTED_MARKER = "PREEMPTED"  # in output_dir: the step of the checkpoint a stop request wrote
-
-
-class Preempted(SystemExit):
-    def __init__(self) -> None:
-        super().__init__(EXIT_PREEMPTED)
-
-
-class StopFlag:
-    """SIGTERM / SIGUSR1 ask for a checkpoint at the next step boundary, then exit 75."""
-
-    def __init__(self) -> None:
-        import signal
-
-        self.requested = False
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, _frame) -> None:
-        self.requested = True
-
-    def any_rank(self) -> bool:
-        from drpo_trainer.metrics import all_reduce_max
-
-        return all_reduce_max([float(self.requested)])[0] > 0
-
-
-def save(run: Run) -> None:
-    from drpo_trainer.checkpoint import save_checkpoint
-    from drpo_trainer.config import dump_config
-
-    def hf_save(path: Path) -> None:
-        run.learner.module.config.save_pretrained(path)
-        run.tokenizer.save_pretrained(path)
-
-    loop_state = {"sampler": {"epoch": run.sampler.state.epoch, "index": run.sampler.state.index}, **run.extra}
-    save_checkpoint(
-        run.learner.engine, run.cfg.output_dir, run.step, loop_state,
-        config_yaml=dump_config(run.cfg), hf_save=hf_save, keep_last=run.cfg.checkpoint.keep_last,
-    )
-
-
-def restore(run: Run, resume: Optional[str]) -> Optional[Path]:
-    """Rank 0 picks the checkpoint (verifying it), every rank loads it."""
-    from drpo_trainer.checkpoint import load_checkpoint, resolve_resume
-    from drpo_trainer.data import SamplerState
-
-    chosen = [resolve_resume(resume, run.cfg.output_dir) if run.ctx.is_main else None]
-    if run.ctx.world_size > 1:
-        torch.distributed.broadcast_object_list(chosen, src=0)
-    path = chosen[0]
-    if path is None:
-        return None
-    state = load_checkpoint(run.learner.engine, Path(path))
-    run.step = state["step"]
-    run.sampler.state = SamplerState(**state["sampler"])
-    run.extra.update({k: v for k, v in state.items() if k not in ("step", "sampler", "world_size")})
-    return Path(path)
-
-
 def train(cfg: Config, *, resume: Optional[str] = None) -> dict[str, float]:
     """Run (or continue) training; returns the last step's metrics on rank 0."""
     ctx = setup_distributed(cfg.distributed.backend)
@@ -305,7 +245,7 @@ def train(cfg: Config, *, resume: Optional[str] = None) -> dict[str, float]:
         write_resolved_config(cfg)
         (Path(cfg.output_dir) / PREEMPTED_MARKER).unlink(missing_ok=True)
     run = build_run(cfg, ctx)
-    resumed = restore(run, resume)
+    resumed = restore_run(run, resume)
     tracker = Tracker(cfg, enabled=ctx.is_main, run_id=run.extra.get("wandb_run_id"), start_step=run.step)
     run.extra["wandb_run_id"] = tracker.run_id
     if resumed is not None:
@@ -327,12 +267,12 @@ def train(cfg: Config, *, resume: Optional[str] = None) -> dict[str, float]:
             tracker.log(step, last)
             preempted = stop.any_rank()
             if final or preempted or (ck.every_steps and step % ck.every_steps == 0):
-                save(run)
+                save_run(run)
             if preempted:
                 tracker.message(f"stop requested: checkpoint of step {step} written, exiting with {EXIT_PREEMPTED}")
                 if ctx.is_main:
                     (Path(cfg.output_dir) / PREEMPTED_MARKER).write_text(str(step))
-                raise Preempted()
+                raise SystemExit(EXIT_PREEMPTED)
         if ck.export_final:
             from drpo_trainer.export import export_live
 

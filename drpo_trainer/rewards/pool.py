@@ -3,12 +3,13 @@
 Design (why): math-verify bounds its own time with ``signal.alarm``, which only works in a main
 thread, and a verification stuck inside one C call (a power tower, a huge factorial) ignores
 signals altogether. So each sample runs in a worker process (:mod:`drpo_trainer.rewards.worker`),
-one sample in flight per worker, and this parent enforces a wall-clock deadline per sample:
+each worker handed a small chunk of samples at a time and reporting each result as it finishes,
+and this parent enforces a wall-clock deadline per sample:
 ``timeout_s`` inside the worker (a timer that interrupts Python code, leaving the worker alive),
 then ``timeout_s + KILL_GRACE_S`` here, after which the worker is killed and replaced. The sample
 scores 0 and is counted as a timeout; a worker that dies (segfault, memory) scores its sample 0
-as an error. Samples queued behind a hung one go to the other workers, so a hung sample delays
-the batch by at most its own deadline.
+as an error; the samples of its chunk not yet scored go back to the queue, and the other workers
+go on meanwhile, so a hung sample delays the batch by at most its own deadline.
 
 Workers are fresh interpreters started with ``subprocess`` (the equivalent of a 'spawn' start,
 but without re-importing the launching script), so a trainer process holding torch threads and a
@@ -39,6 +40,7 @@ logger = logging.getLogger(__name__)
 KILL_GRACE_S = 0.5  # parent-side margin over timeout_s before a worker is killed
 STARTUP_TIMEOUT_S = 120.0  # a worker that has not said 'ready' by then is broken (or the machine is)
 _MAX_START_FAILURES = 3
+_MAX_CHUNK = 16  # samples per message to a worker (amortises the pipe round trip)
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])  # the folder holding drpo_trainer/
 _LIVE_SCORERS: "weakref.WeakSet[RewardScorer]" = weakref.WeakSet()
 
@@ -67,7 +69,7 @@ class _Worker:
         self.to_worker.send(init)
         self.started_at = time.monotonic()
         self.ready = False
-        self.task: Optional[int] = None  # index of the sample in flight
+        self.tasks: collections.deque[int] = collections.deque()  # sample indices sent, in order
         self.deadline = float("inf")
 
     def kill(self) -> None:
@@ -186,68 +188,88 @@ class RewardScorer:
         return [o[0] for o in outcomes], _metrics(outcomes)
 
     def _run(self, completions: list[str], answers: list[str]) -> list[tuple[float, str, bool]]:
-        outcomes: list[Optional[tuple[float, str, bool]]] = [None] * len(completions)
-        queue = collections.deque(range(len(completions)))
-
-        while queue or any(w.task is not None for w in self._workers):
+        batch = _Batch(completions, answers)
+        while batch.queue or any(w.tasks for w in self._workers):
             for w in list(self._workers):
-                if w.ready and w.task is None and queue:
-                    index = queue.popleft()
-                    try:
-                        w.to_worker.send((index, completions[index], answers[index]))
-                    except OSError:  # died while idle: not the sample's fault, retry it elsewhere
-                        queue.appendleft(index)
-                        self._replace(w)
-                        continue
-                    w.task, w.deadline = index, time.monotonic() + self.timeout_s + KILL_GRACE_S
-            self._wait_and_collect(outcomes, completions)
-        return outcomes  # type: ignore[return-value]
+                if w.ready and not w.tasks and batch.queue:
+                    self._dispatch(w, batch)
+            self._wait_and_collect(batch)
+        return batch.outcomes  # type: ignore[return-value]
 
-    def _settle(self, outcomes: list, completions: list[str], index: int, status: str, detail: str) -> None:
+    def _dispatch(self, w: _Worker, batch: "_Batch") -> None:
+        """Hand an idle worker a chunk of the queue: fewer round trips, still one deadline per sample.
+
+        Chunks shrink as the queue empties so the workers finish together.
+        """
+        size = max(1, min(_MAX_CHUNK, len(batch.queue) // (4 * len(self._workers))))
+        chunk = [batch.queue.popleft() for _ in range(min(size, len(batch.queue)))]
+        try:
+            w.to_worker.send([(i, batch.completions[i], batch.answers[i]) for i in chunk])
+        except OSError:  # died while idle: not the samples' fault, retry them elsewhere
+            batch.queue.extendleft(reversed(chunk))
+            self._replace(w)
+            return
+        w.tasks.extend(chunk)
+        w.deadline = time.monotonic() + self.timeout_s + KILL_GRACE_S
+
+    def _settle(self, batch: "_Batch", index: int, status: str, detail: str) -> None:
         """Score a sample 0 without the worker's word (it was killed or died)."""
-        has_answer = extract_final_answer(completions[index], self.extraction) is not None
-        outcomes[index] = (0.0, status, has_answer)
-        _log_failure(status, index, detail, completions[index])
+        has_answer = extract_final_answer(batch.completions[index], self.extraction) is not None
+        batch.outcomes[index] = (0.0, status, has_answer)
+        _log_failure(status, index, detail, batch.completions[index])
 
-    def _wait_and_collect(self, outcomes: list, completions: list[str]) -> None:
+    def _give_back(self, w: _Worker, batch: "_Batch") -> None:
+        """Samples queued behind the failed one in the worker's chunk go back to the queue, unscored."""
+        batch.queue.extendleft(reversed(w.tasks))
+        w.tasks.clear()
+
+    def _wait_and_collect(self, batch: "_Batch") -> None:
         now = time.monotonic()
-        deadlines = [w.deadline for w in self._workers if w.task is not None]
+        deadlines = [w.deadline for w in self._workers if w.tasks]
         deadlines += [w.started_at + STARTUP_TIMEOUT_S for w in self._workers if not w.ready]
-        by_conn = {w.from_worker: w for w in self._workers if w.task is not None or not w.ready}
+        by_conn = {w.from_worker: w for w in self._workers if w.tasks or not w.ready}
         timeout = max(0.0, min(deadlines) - now) if deadlines else None
         for conn in wait(list(by_conn), timeout):
             w = by_conn[conn]
-            try:
-                message = conn.recv()
-            except (EOFError, OSError):
-                self._lost(w, outcomes, completions)
-                continue
-            if message[0] == "ready":
-                w.ready = True
-                self._start_failures = 0
-            elif message[0] == "init_error":
-                self.close()
-                raise RuntimeError(f"reward worker could not start reward {self.name!r}:\n{message[1]}")
-            else:
-                _, index, score, status, has_answer, detail = message
-                outcomes[index] = (float(score), status, bool(has_answer))
-                if status != "ok":
-                    _log_failure(status, index, detail, completions[index])
-                w.task, w.deadline = None, float("inf")
+            while w.from_worker is conn and conn.poll():  # drain every result already in the pipe
+                try:
+                    message = conn.recv()
+                except (EOFError, OSError):
+                    self._lost(w, batch)
+                    break
+                self._handle(w, message, batch)
         now = time.monotonic()
         for w in list(self._workers):
-            if w.task is not None and now >= w.deadline:
-                self._settle(outcomes, completions, w.task, "timeout", f"killed after {self.timeout_s + KILL_GRACE_S:.1f} s")
+            if w.tasks and now >= w.deadline:
+                self._settle(batch, w.tasks.popleft(), "timeout", f"killed after {self.timeout_s + KILL_GRACE_S:.1f} s")
+                self._give_back(w, batch)
                 self._replace(w)
             elif not w.ready and now >= w.started_at + STARTUP_TIMEOUT_S:
                 self.close()
                 raise RuntimeError(f"a reward worker did not start within {STARTUP_TIMEOUT_S:.0f} s")
 
-    def _lost(self, w: _Worker, outcomes: list, completions: list[str]) -> None:
+    def _handle(self, w: _Worker, message: tuple, batch: "_Batch") -> None:
+        if message[0] == "ready":
+            w.ready = True
+            self._start_failures = 0
+        elif message[0] == "init_error":
+            self.close()
+            raise RuntimeError(f"reward worker could not start reward {self.name!r}:\n{message[1]}")
+        else:
+            _, index, score, status, has_answer, detail = message
+            batch.outcomes[index] = (float(score), status, bool(has_answer))
+            if status != "ok":
+                _log_failure(status, index, detail, batch.completions[index])
+            w.tasks.popleft()
+            # The next sample of the chunk starts now and gets its own full deadline.
+            w.deadline = time.monotonic() + self.timeout_s + KILL_GRACE_S if w.tasks else float("inf")
+
+    def _lost(self, w: _Worker, batch: "_Batch") -> None:
         """A worker's pipe closed: it crashed (segfault, memory) or was killed from outside."""
         code = w.proc.wait()
-        if w.task is not None:
-            self._settle(outcomes, completions, w.task, "error", f"worker exited with code {code}")
+        if w.tasks:
+            self._settle(batch, w.tasks.popleft(), "error", f"worker exited with code {code}")
+            self._give_back(w, batch)
         elif not w.ready:
             self._start_failures += 1
             if self._start_failures >= _MAX_START_FAILURES:
@@ -257,6 +279,15 @@ class RewardScorer:
                     f"{self.memory_limit_mb} is too small for the reward's imports, raise reward.memory_limit_mb."
                 )
         self._replace(w)
+
+
+class _Batch:
+    """One score() call: the inputs, the queue of sample indices not yet handed out, the outcomes."""
+
+    def __init__(self, completions: list[str], answers: list[str]) -> None:
+        self.completions, self.answers = completions, answers
+        self.queue: collections.deque[int] = collections.deque(range(len(completions)))
+        self.outcomes: list[Optional[tuple[float, str, bool]]] = [None] * len(completions)
 
 
 def _log_failure(status: str, index: int, detail: str, completion: str) -> None:

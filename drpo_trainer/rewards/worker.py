@@ -6,7 +6,7 @@ and never re-imports the launching script). It imports only this package's light
 reward's own module and, for the math reward, math-verify; torch is never imported here.
 
 Protocol on the two pipes (pickled messages, ``multiprocessing.connection`` framing):
-  parent -> worker: an init dict, then ``(index, completion, answer)`` per sample, ``None`` to stop.
+  parent -> worker: an init dict, then lists of ``(index, completion, answer)``, ``None`` to stop.
   worker -> parent: ``("ready",)`` or ``("init_error", text)``, then
   ``("result", index, score, status, has_answer, detail)`` per sample.
 
@@ -114,14 +114,14 @@ def serve(conn_in: Any, conn_out: Any) -> None:
             return  # the parent closed the pipe or died
         if message is None:
             return
-        index, completion, answer = message
-        try:
-            score, status, detail = _score_one(fn, completion, answer, kwargs, timeout_s)
-        except SampleDeadline:  # the timer fired in the few bytecodes between catching and disarming
-            _disarm()
-            score, status, detail = 0.0, "timeout", f"exceeded {timeout_s} s"
-        has_answer = extract_final_answer(completion, extraction) is not None
-        conn_out.send(("result", index, score, status, has_answer, detail))
+        for index, completion, answer in message:
+            try:
+                score, status, detail = _score_one(fn, completion, answer, kwargs, timeout_s)
+            except SampleDeadline:  # the timer fired in the few bytecodes between catching and disarming
+                _disarm()
+                score, status, detail = 0.0, "timeout", f"exceeded {timeout_s} s"
+            has_answer = extract_final_answer(completion, extraction) is not None
+            conn_out.send(("result", index, score, status, has_answer, detail))
 
 
 def main(argv: list[str]) -> None:

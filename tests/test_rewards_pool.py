@@ -7,6 +7,7 @@ test folder is on sys.path, which the scorer hands to its workers).
 import os
 import signal
 import sys
+import time
 
 import pytest
 
@@ -180,3 +181,23 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def test_workers_stop_at_interpreter_exit(tmp_path):
+    import subprocess
+
+    script = (
+        "from drpo_trainer.rewards import RewardScorer\n"
+        "s = RewardScorer('math', num_workers=2)\n"
+        "assert s.score([r'\\boxed{2}'], ['2'])[0] == [1.0]\n"
+        "print(*s.worker_pids())\n"  # exits without close(): the atexit hook must stop the workers
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    pids = [int(p) for p in out.stdout.split()]
+    assert len(pids) == 2
+    deadline = time.monotonic() + 10  # workers are our grandchildren: wait for init to reap them
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(p) for p in pids)

@@ -168,7 +168,8 @@ def extract_final_answer(text: str, mode: str = "boxed") -> Optional[str]:
             answer = answer_line(text)
     else:
         raise ValueError(
-            f"unknown answer extraction mode {mode!r}. Fix: set reward.extraction to one of {', '.join(EXTRACTION_MODES)}"
+            f"unknown answer extraction mode {mode!r}. "
+            f"Fix: set reward.extraction to one of {', '.join(EXTRACTION_MODES)}"
         )
     if answer is None:
         return None

@@ -177,10 +177,14 @@ class RewardScorer:
     def score(self, completions: Sequence[str], answers: Sequence[str]) -> tuple[list[float], dict[str, float]]:
         """Rewards of `completions` against gold `answers` (same length) and the batch metrics."""
         if len(completions) != len(answers):
-            raise ValueError(f"{len(completions)} completions but {len(answers)} answers; pass one answer per completion")
+            raise ValueError(
+                f"{len(completions)} completions but {len(answers)} answers; pass one answer per completion"
+            )
         for i, (c, a) in enumerate(zip(completions, answers)):
             if not isinstance(c, str) or not isinstance(a, str):
-                raise TypeError(f"sample {i}: completion and answer must be str, got {type(c).__name__}, {type(a).__name__}")
+                raise TypeError(
+                    f"sample {i}: completion and answer must be str, got {type(c).__name__}, {type(a).__name__}"
+                )
         with self._lock:
             if self._closed:
                 raise RuntimeError("this RewardScorer is closed; build a new one with make_reward_scorer(cfg.reward)")
@@ -343,7 +347,11 @@ def score_math(
             if _shared is not None:
                 _shared.close()
             _shared = RewardScorer(
-                "math", extraction=extraction, num_workers=num_workers, timeout_s=timeout_s, memory_limit_mb=memory_limit_mb
+                "math",
+                extraction=extraction,
+                num_workers=num_workers,
+                timeout_s=timeout_s,
+                memory_limit_mb=memory_limit_mb,
             )
             _shared_key = key
         scorer = _shared

@@ -54,6 +54,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     from drpo_trainer.distributed import build_launch_command, free_port, launched_externally, resolve_nproc
 
     nproc = resolve_nproc(cfg.distributed.nproc_per_node)
+    world = int(os.environ["WORLD_SIZE"]) if "WORLD_SIZE" in os.environ else nproc * cfg.distributed.nnodes
+    try:
+        cfg.check_world(world)  # before any heavy import or process start
+    except ConfigError as err:
+        print(f"drpo-train: {err}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
     if launched_externally() is None and nproc > 1:
         cmd = build_launch_command(nproc, argv, master_port=free_port())
         return _run_children(cmd, cfg.output_dir)

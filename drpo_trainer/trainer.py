@@ -212,10 +212,12 @@ def build_run(cfg: Config, ctx: DistContext) -> Run:
 
     from drpo_trainer.rewards import make_reward_scorer
     from drpo_trainer.rollout import make_engine
-    from drpo_trainer.tiny_model import resolve_model_path
-
     cfg.check_world(ctx.world_size)
-    model_path = resolve_model_path(cfg.model.path)
+    model_path = cfg.model.path
+    if model_path.startswith("builtin:"):  # the embedded tiny model, built and cached on first use
+        from drpo_trainer.tiny_model import resolve_model_path
+
+        model_path = resolve_model_path(model_path)
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
     d = cfg.data
     load = dict(

@@ -1,0 +1,95 @@
+"""End to end through the `drpo-train` CLI: the launcher, ZeRO-3 over two gloo processes,
+metrics, checkpoints and the final export."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _write_rows(path: Path, rows: list[dict]) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def small_run_files(tmp_path_factory):
+    from drpo_trainer.tiny_model import build_random_model
+
+    d = tmp_path_factory.mktemp("e2e")
+    model = build_random_model(d / "model", hidden_size=64, num_layers=2, seed=3)
+    rows = [{"prompt": f"Compute {a} + {b}. Put the final answer in \\boxed{{}}.", "answer": str(a + b)} for a in range(9) for b in range(4)]
+    return {
+        "model": model,
+        "train": _write_rows(d / "train.jsonl", rows),
+        "eval": _write_rows(d / "eval.jsonl", rows[:6]),
+        "dir": d,
+    }
+
+
+def run_cli(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    return subprocess.run(
+        [sys.executable, "-m", "drpo_trainer.cli", *args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=timeout
+    )
+
+
+@pytest.mark.distributed
+def test_two_process_zero3_run(small_run_files):
+    f = small_run_files
+    out = f["dir"] / "run2"
+    res = run_cli(
+        [
+            f"output_dir={out}",
+            f"model.path={f['model']}",
+            f"data.train_files=[{f['train']}]",
+            f"eval.files={{tiny: {f['eval']}}}",
+            "eval.k=2",
+            "distributed.nproc_per_node=2",
+            "rollout.samples_per_prompt=4",
+            "rollout.max_new_tokens=10",
+            "trainer.prompts_per_step=4",
+            "trainer.minibatches_per_step=2",
+            "trainer.max_steps=2",
+            "tracking.progress_bar=false",
+        ]
+    )
+    assert res.returncode == 0, res.stderr[-4000:]
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    assert "eval/tiny/avg@2" in rows[0] and "eval/tiny/avg@2" in rows[2]
+    step = rows[1]
+    for key in ("reward/mean", "reward/accuracy", "policy/ratio_mean", "policy/entropy", "mismatch/k3_kl",
+                "response/length_mean", "time/generate", "perf/tokens_per_s", "optim/lr", "sync/bytes"):
+        assert key in step, key
+    # two ranks, 2 prompts x 4 samples each, 2 mini-batches: mu is the pre-update policy
+    assert step["policy/ratio_min"] <= 1.0 <= step["policy/ratio_max"]
+    ckpt = out / "checkpoints" / "step_000002"
+    assert sorted(p.name for p in (ckpt / "rng").iterdir()) == ["rank_00000.pt", "rank_00001.pt"]
+    assert json.loads((ckpt / "loop_state.json").read_text())["world_size"] == 2
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(out / "final")
+    assert sum(p.numel() for p in model.parameters()) > 0
+
+
+def test_bad_config_fails_fast_with_the_key(small_run_files):
+    res = run_cli([f"model.path={small_run_files['model']}", "trainer.prompts_per_step=3", "trainer.minibatches_per_step=2",
+                   "distributed.nproc_per_node=1", f"output_dir={small_run_files['dir'] / 'bad'}"])
+    assert res.returncode == 2
+    assert "trainer.prompts_per_step=3 must be divisible" in res.stderr
+
+
+def test_malformed_data_fails_with_file_and_row(small_run_files, tmp_path):
+    bad = _write_rows(tmp_path / "bad.jsonl", [{"prompt": "ok", "answer": "1"}, {"prompt": "no answer"}])
+    res = run_cli([f"model.path={small_run_files['model']}", f"data.train_files=[{bad}]", "distributed.nproc_per_node=1",
+                   f"output_dir={tmp_path / 'run'}", "eval.files={}"])
+    assert res.returncode == 2
+    assert f"{bad}, row 2: missing field 'answer'" in res.stderr

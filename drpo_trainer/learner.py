@@ -142,7 +142,9 @@ class Learner:
         return self.engine.module
 
     # -- log-probs of completion tokens -------------------------------------------------------
-    def _forward(self, samples: list[TrainSample], *, with_entropy: bool) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    def _forward(
+        self, samples: list[TrainSample], *, with_entropy: bool, temperature: Optional[float] = None
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Packed forward; returns each sample's completion log-probs (Tc,) (and entropies)."""
         from drpo_trainer.logprobs import token_logprobs
 
@@ -152,7 +154,7 @@ class Learner:
             packed.input_ids.to(self.device),
             packed.position_ids.to(self.device),
             packed.targets.to(self.device),
-            temperature=self.cfg.rollout.temperature,
+            temperature=temperature or self.cfg.rollout.temperature,
             chunk_tokens=self.cfg.trainer.logprob_chunk_tokens,
             with_entropy=with_entropy,
         )
@@ -180,6 +182,15 @@ class Learner:
                     acc.add({"policy/entropy": ent.float().mean()}, weight=ent.numel())
         self.engine.train()
         return acc.result(all_reduce=True)
+
+    @torch.no_grad()
+    def score(self, sequences: list[list[int]]) -> list[list[float]]:
+        """Log-probs of tokens 1..L-1 at temperature 1 (the parity probe; every rank calls it)."""
+        self.engine.eval()
+        probe = [TrainSample(input_ids=s, prompt_len=1, advantage=0.0, rollout_logprobs=torch.zeros(0)) for s in sequences]
+        lps, _ = self._forward(probe, with_entropy=False, temperature=1.0)
+        self.engine.train()
+        return [lp.float().cpu().tolist() for lp in lps]
 
     # -- one optimizer step on one mini-batch -------------------------------------------------
     def update(self, minibatch: list[TrainSample]) -> dict[str, float]:

@@ -180,9 +180,26 @@ def _rollout_metrics(completions, samples, rewards, reward_metrics, adv_metrics,
 
 
 def sync_engine(run: Run) -> dict[str, float]:
+    """Push the learner's weights into the engine; with rollout.parity_check, prove it worked."""
     from drpo_trainer.weight_sync import sync_weights
 
-    return sync_weights(run.learner.module, run.engine, run.cfg.rollout.sync_bucket_mb * 2**20)
+    metrics = sync_weights(run.learner.module, run.engine, run.cfg.rollout.sync_bucket_mb * 2**20)
+    if run.cfg.rollout.parity_check:
+        metrics.update(check_engine_parity(run))
+    return metrics
+
+
+PARITY_PROBE_PROMPTS = 8
+
+
+def check_engine_parity(run: Run) -> dict[str, float]:
+    """Score a fixed probe (the first training prompts) with engine and learner; abort on a gap."""
+    from drpo_trainer.parity import check_parity, parity_metrics
+
+    probe = [p.prompt_ids for p in run.train_set[:PARITY_PROBE_PROMPTS]]
+    metrics = parity_metrics(run.engine.score(probe), run.learner.score(probe))
+    check_parity(metrics, run.cfg.rollout.parity_max_abs_logprob_diff)
+    return metrics
 
 
 # ------------------------------------------------------------------------------------------------

@@ -152,3 +152,24 @@ def test_every_parameter_trains_and_sync_copies_exact_weights(model_dir, ctx, sa
     engine_params = dict(engine.model.named_parameters())
     for name, value in after.items():
         assert torch.equal(engine_params[name], value), name
+
+
+def test_parity_check_passes_after_sync_and_catches_stale_engine_weights(model_dir, ctx, samples):
+    from types import SimpleNamespace
+
+    from drpo_trainer.trainer import check_engine_parity
+
+    cfg = make_cfg(model_dir, "trainer.minibatches_per_step=1", "rollout.parity_max_abs_logprob_diff=1e-3")
+    learner = Learner(cfg, model_dir, total_optimizer_steps=1)
+    engine = HFEngine(model_dir)
+    probe = [SimpleNamespace(prompt_ids=s.input_ids) for s in samples[:4]]
+    run = SimpleNamespace(cfg=cfg, engine=engine, learner=learner, train_set=probe)
+    fresh_metrics = check_engine_parity(run)  # same weights: only float round-off between the two paths
+    assert fresh_metrics["parity/mean_abs_logprob_diff"] < 1e-5
+    batch = fresh(samples)
+    learner.recompute_logprobs(batch)
+    learner.update(batch)  # the learner moves, the engine does not
+    with pytest.raises(RuntimeError, match="parity"):
+        check_engine_parity(run)
+    sync_weights(learner.module, engine, 1 << 20)
+    assert check_engine_parity(run)["parity/mean_abs_logprob_diff"] < 1e-5

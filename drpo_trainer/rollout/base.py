@@ -43,6 +43,10 @@ class RolloutEngine(Protocol):
         """Copy updated learner weights (HF parameter names, full tensors) into the engine."""
         ...
 
+    def score(self, sequences: list[list[int]]) -> list[list[float]]:
+        """Log-probs of tokens 1..L-1 of each sequence at temperature 1 (the parity probe)."""
+        ...
+
     def sleep(self) -> None:
         """Release accelerator memory while the learner trains (no-op where meaningless)."""
         ...

@@ -50,6 +50,16 @@ class HFEngine:
                 raise KeyError(f"weight sync: the rollout model has no parameter '{name}'")
             params[name].copy_(tensor.to(params[name].device, params[name].dtype))
 
+    @torch.no_grad()
+    def score(self, sequences: list[list[int]]) -> list[list[float]]:
+        out = []
+        for seq in sequences:  # one at a time: a probe is small, and no padding enters the numbers
+            ids = torch.tensor([seq], device=self.device)
+            logits = self.model(input_ids=ids).logits[0, :-1].float()
+            lp = torch.log_softmax(logits, dim=-1).gather(-1, ids[0, 1:, None]).squeeze(-1)
+            out.append(lp.cpu().tolist())
+        return out
+
     def sleep(self) -> None:  # nothing to release on CPU
         pass
 

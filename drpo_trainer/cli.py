@@ -57,6 +57,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     world = int(os.environ["WORLD_SIZE"]) if "WORLD_SIZE" in os.environ else nproc * cfg.distributed.nnodes
     try:
         cfg.check_world(world)  # before any heavy import or process start
+        _check_registries(cfg)
     except ConfigError as err:
         print(f"drpo-train: {err}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
@@ -73,6 +74,21 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"drpo-train: {err}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
     return 0
+
+
+def _check_registries(cfg) -> None:
+    """Loss and reward names (and loss parameters) exist: fail now, not after model loading."""
+    from drpo_trainer.losses import validate_loss_params
+    from drpo_trainer.rewards import get_reward
+
+    try:
+        validate_loss_params(cfg.algorithm.loss, cfg.algorithm.loss_params)
+    except ValueError as err:
+        raise ConfigError(f"algorithm.loss / algorithm.loss_params: {err}") from None
+    try:
+        get_reward(cfg.reward.name)
+    except ValueError as err:
+        raise ConfigError(f"reward.name: {err}") from None
 
 
 def _run_children(cmd: list[str], output_dir: str) -> int:

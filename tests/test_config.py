@@ -108,3 +108,14 @@ def test_cli_does_not_import_heavy_modules_for_print_config():
 def test_resolve_nproc():
     assert resolve_nproc(3) == 3
     assert resolve_nproc("auto") >= 1
+
+
+def test_cli_rejects_unknown_loss_param_and_reward_before_heavy_work():
+    run = lambda *a: subprocess.run([sys.executable, "-m", "drpo_trainer.cli", *a], capture_output=True, text=True, cwd=ROOT)
+    bad_param = run("algorithm.loss=grpo", "algorithm.loss_params={delta: 0.2}")
+    assert bad_param.returncode == 2
+    assert "unknown parameter(s) delta for policy loss 'grpo'" in bad_param.stderr and "clip_low" in bad_param.stderr
+    bad_loss = run("algorithm.loss=ppo")
+    assert bad_loss.returncode == 2 and "unknown policy loss 'ppo'" in bad_loss.stderr and "drpo" in bad_loss.stderr
+    bad_reward = run("reward.name=nope")
+    assert bad_reward.returncode == 2 and "unknown reward 'nope'" in bad_reward.stderr

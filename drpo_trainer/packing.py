@@ -1,0 +1,184 @@
+"""Padding-free packing of sequences and token-budget micro-batch planning.
+
+Owns how a mini-batch of variable-length sequences becomes learner forward passes:
+
+- ``pack_sequences`` concatenates sequences into one (1, N) row with position ids that
+  restart at 0 for each sequence. Called with ``attention_mask=None`` and no cache,
+  transformers (>= 5) detects the packed sequences from the restarting position ids
+  (``masking_utils.find_packed_sequence_indices``) and builds a block-diagonal causal
+  mask for sdpa/eager, so no token attends across sequences; flash-attention kernels
+  derive the same boundaries from the position ids. No pad token is ever computed.
+- ``plan_micro_batches`` splits a mini-batch over data-parallel ranks and, on each
+  rank, into micro-batches of at most ``micro_batch_tokens_per_gpu`` tokens, with the
+  SAME number of micro-batches on every rank: under ZeRO-3 every forward/backward is a
+  sequence of collectives, and ranks taking different numbers of micro-steps hang.
+
+Imports only torch (and only for building tensors).
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+IGNORE_INDEX = -100  # same value as drpo_trainer.logprobs.IGNORE_INDEX and torch's cross_entropy
+
+
+@dataclass(frozen=True)
+class PackedBatch:
+    """Sequences packed into one row.
+
+    Attributes:
+        input_ids: (1, N) tokens of all sequences back to back.
+        position_ids: (1, N) position within its own sequence (0, 1, ..., L_i - 1 per sequence).
+        targets: (1, N) the next token of the same sequence, ``IGNORE_INDEX`` at each sequence's
+            last token and at positions before its ``prompt_length - 1``; position j's log-prob is
+            that of token j + 1.
+        cu_seqlens: (S + 1,) int32 cumulative lengths [0, L_0, L_0 + L_1, ...] (flash-attn layout).
+        seq_slices: per sequence, its slice of the packed row.
+        target_slices: per sequence, the slice of the row whose targets are live: the log-probs
+            of its scored tokens (its response when ``prompt_lengths`` was given), in order.
+    """
+
+    input_ids: Tensor
+    position_ids: Tensor
+    targets: Tensor
+    cu_seqlens: Tensor
+    seq_slices: list[slice]
+    target_slices: list[slice]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.input_ids.shape[1]
+
+    def split(self, values: Tensor) -> list[Tensor]:
+        """Per-sequence views of a (1, N) or (N,) tensor aligned with the packed row."""
+        flat = values.reshape(-1) if values.dim() == 2 else values
+        if flat.shape[0] != self.num_tokens:
+            raise ValueError(f"values have {flat.shape[0]} positions, the packed row has {self.num_tokens}.")
+        return [flat[s] for s in self.seq_slices]
+
+    def split_targets(self, values: Tensor) -> list[Tensor]:
+        """Per-sequence values at the live-target positions (e.g. each response's token log-probs)."""
+        flat = values.reshape(-1) if values.dim() == 2 else values
+        if flat.shape[0] != self.num_tokens:
+            raise ValueError(f"values have {flat.shape[0]} positions, the packed row has {self.num_tokens}.")
+        return [flat[s] for s in self.target_slices]
+
+
+def pack_sequences(seqs: list[list[int]], *, prompt_lengths: Optional[Sequence[int]] = None) -> PackedBatch:
+    """Pack token lists into one row (see ``PackedBatch``).
+
+    Args:
+        seqs: token ids per sequence, each non-empty (prompt + response for the learner).
+        prompt_lengths: optional prompt length per sequence; targets are then live only for
+            the response tokens. Without it every next token is a target.
+    """
+    if not seqs:
+        raise ValueError("pack_sequences needs at least one sequence; use dummy_packed_batch() for an empty micro-batch.")
+    if prompt_lengths is not None and len(prompt_lengths) != len(seqs):
+        raise ValueError(f"prompt_lengths has {len(prompt_lengths)} entries for {len(seqs)} sequences.")
+    input_ids: list[int] = []
+    position_ids: list[int] = []
+    targets: list[int] = []
+    seq_slices: list[slice] = []
+    target_slices: list[slice] = []
+    for i, seq in enumerate(seqs):
+        length = len(seq)
+        if length == 0:
+            raise ValueError(f"sequence {i} is empty; drop it before packing.")
+        start = len(input_ids)
+        first_target = 0 if prompt_lengths is None else max(min(int(prompt_lengths[i]), length) - 1, 0)
+        input_ids.extend(seq)
+        position_ids.extend(range(length))
+        # position j predicts token j + 1 of the same sequence; the last token predicts nothing
+        targets.extend([IGNORE_INDEX] * first_target + list(seq[first_target + 1 :]) + [IGNORE_INDEX])
+        seq_slices.append(slice(start, start + length))
+        target_slices.append(slice(start + first_target, start + length - 1))
+    cu_seqlens = torch.tensor([0] + [s.stop for s in seq_slices], dtype=torch.int32)
+    return PackedBatch(
+        input_ids=torch.tensor([input_ids], dtype=torch.long),
+        position_ids=torch.tensor([position_ids], dtype=torch.long),
+        targets=torch.tensor([targets], dtype=torch.long),
+        cu_seqlens=cu_seqlens,
+        seq_slices=seq_slices,
+        target_slices=target_slices,
+    )
+
+
+def dummy_packed_batch(pad_token_id: int = 0) -> PackedBatch:
+    """One token with no live target: the forward a rank runs for an empty (padding) micro-batch.
+
+    ``token_logprobs`` still runs the whole model on it (log-probs exactly 0.0), so the rank
+    makes the same ZeRO-3 collectives as its peers; the learner gives it zero loss weight.
+    """
+    batch = pack_sequences([[pad_token_id]])
+    return PackedBatch(batch.input_ids, batch.position_ids, batch.targets, batch.cu_seqlens, [slice(0, 0)], [slice(0, 0)])
+
+
+def plan_micro_batches(lengths: list[int], token_budget: int, world_size: int) -> list[list[list[int]]]:
+    """Assign sample indices to ranks and token-budget micro-batches.
+
+    Returns ``plan[rank][micro_step]`` = list of sample indices, such that:
+      - every index of ``lengths`` appears exactly once;
+      - each micro-batch's total length is <= ``token_budget``;
+      - ranks are balanced in tokens: longest-first greedy onto the least-loaded rank, so
+        max and min rank loads differ by at most the longest sample;
+      - every rank has the same number of micro-batches; ranks with fewer are padded with
+        EMPTY micro-batches (``[]``), for which the learner runs ``dummy_packed_batch()`` with
+        zero weight so that ZeRO-3 collectives match across ranks.
+    Within a rank, micro-batches are filled first-fit by decreasing length.
+
+    A sample longer than ``token_budget`` raises: one over-budget forward would break the
+    memory bound the budget exists for.
+    """
+    if token_budget <= 0:
+        raise ValueError(f"token_budget must be > 0, got {token_budget}; set trainer.micro_batch_tokens_per_gpu.")
+    if world_size <= 0:
+        raise ValueError(f"world_size must be >= 1, got {world_size}.")
+    if not lengths:
+        raise ValueError("plan_micro_batches got no samples; the mini-batch is empty.")
+    for i, length in enumerate(lengths):
+        if length <= 0:
+            raise ValueError(f"sample {i} has length {length}; every sample needs at least one token.")
+        if length > token_budget:
+            raise ValueError(
+                f"sample {i} has {length} tokens, more than micro_batch_tokens_per_gpu={token_budget}; "
+                f"raise trainer.micro_batch_tokens_per_gpu to at least {max(lengths)} "
+                "(prompt + response length) or lower data.max_prompt_tokens / rollout.max_new_tokens."
+            )
+    by_length = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+
+    # 1. Ranks: longest first onto the least-loaded rank (ties: lowest rank).
+    rank_samples: list[list[int]] = [[] for _ in range(world_size)]
+    loads = [(0, rank) for rank in range(world_size)]
+    for i in by_length:
+        load, rank = heapq.heappop(loads)
+        rank_samples[rank].append(i)
+        heapq.heappush(loads, (load + lengths[i], rank))
+
+    # 2. Micro-batches per rank: first-fit decreasing (samples already arrive longest first).
+    plan: list[list[list[int]]] = []
+    for samples in rank_samples:
+        bins: list[list[int]] = []
+        room: list[int] = []
+        for i in samples:
+            for b, free in enumerate(room):
+                if lengths[i] <= free:
+                    bins[b].append(i)
+                    room[b] -= lengths[i]
+                    break
+            else:
+                bins.append([i])
+                room.append(token_budget - lengths[i])
+        plan.append(bins)
+
+    # 3. Equal micro-step counts on every rank (at least one).
+    steps = max(1, max(len(bins) for bins in plan))
+    for bins in plan:
+        bins.extend([] for _ in range(steps - len(bins)))
+    return plan

@@ -1,0 +1,326 @@
+"""The embedded default model `builtin:tiny-math` and the synthetic arithmetic task it is trained on.
+
+Owns:
+- the synthetic problem family (`Compute 17 + 25. ...` -> `17 + 25 = 42. \\boxed{42}`), shared with
+  data/make_synthetic.py, which writes the bundled train/eval JSONL files from it;
+- a byte-level BPE tokenizer trained offline (`build_tokenizer`) and a tiny Qwen3 (`build_random_model`);
+- the warm start: a short supervised pass on synthetic solutions so the model solves part of the problems
+  (RL needs a mix of right and wrong samples to learn from), built once and cached (`resolve_model_path`).
+
+Build ahead of time: `python -m drpo_trainer.tiny_model [--out DIR] [--eval]`.
+
+Determinism: the build runs with fixed seeds and ONE torch thread, because CPU matmul reductions can
+differ with the thread count; with the same torch build the weights are then bit-identical. The cache
+folder is versioned (`tiny-math-v1`): change `BUILD_VERSION` whenever the recipe changes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+BUILTIN_NAME = "builtin:tiny-math"
+BUILD_VERSION = "tiny-math-v1"
+INFO_FILE = "tiny_math_build.json"
+
+BOS, EOS, PAD = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
+# Qwen-style chat markup; '\n' inside the Jinja string literals is Jinja's escape, not Python's.
+CHAT_TEMPLATE = (
+    r"{% for message in messages %}"
+    r"{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    r"{% endfor %}"
+    r"{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+# ----------------------------------------------------------------------------------------------
+# The synthetic task
+# ----------------------------------------------------------------------------------------------
+
+EVAL_SEED, EVAL_SIZE = 1, 256
+TRAIN_SEED, TRAIN_SIZE = 0, 2000
+PROMPT_RE = re.compile(r"^Compute (\d+) ([-+*]) (\d+)\. Put the final answer in \\boxed\{\}\.$")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """`a op b` with a non-negative integer result."""
+
+    a: int
+    op: str
+    b: int
+
+    @property
+    def answer(self) -> int:
+        return {"+": self.a + self.b, "-": self.a - self.b, "*": self.a * self.b}[self.op]
+
+    @property
+    def prompt(self) -> str:
+        return f"Compute {self.a} {self.op} {self.b}. Put the final answer in \\boxed{{}}."
+
+    @property
+    def solution(self) -> str:
+        return f"{self.a} {self.op} {self.b} = {self.answer}. \\boxed{{{self.answer}}}"
+
+    @classmethod
+    def from_prompt(cls, prompt: str) -> "Problem":
+        m = PROMPT_RE.match(prompt)
+        if m is None:
+            raise ValueError(f"not a synthetic arithmetic prompt: {prompt!r}")
+        return cls(int(m.group(1)), m.group(2), int(m.group(3)))
+
+
+ADD_MAX, MUL_MAX = 99, 19  # operand ranges: a + b, a - b with a, b <= ADD_MAX; a * b with 2 <= a <= 9 <= b <= MUL_MAX
+
+
+def sample_problem(rng: random.Random) -> Problem:
+    """Sums, non-negative differences and small products: hard enough that a short supervised
+    pass leaves many answers wrong, easy enough that many are right."""
+    op = rng.choice("+-*")
+    if op == "+":
+        return Problem(rng.randint(0, ADD_MAX), op, rng.randint(0, ADD_MAX))
+    if op == "-":
+        a = rng.randint(0, ADD_MAX)
+        return Problem(a, op, rng.randint(0, a))  # no negative results
+    return Problem(rng.randint(2, 9), op, rng.randint(2, MUL_MAX))
+
+
+def sample_problems(n: int, seed: int, exclude: Iterable[Problem] = ()) -> list[Problem]:
+    """`n` distinct problems drawn in a fixed order from `seed`, none of them in `exclude`."""
+    rng, seen, out = random.Random(seed), set(exclude), []
+    while len(out) < n:
+        p = sample_problem(rng)
+        if p not in seen:
+            seen.add(p)
+            out.append(p)
+    return out
+
+
+def eval_problems() -> list[Problem]:
+    return sample_problems(EVAL_SIZE, EVAL_SEED)
+
+
+def train_problems() -> list[Problem]:
+    return sample_problems(TRAIN_SIZE, TRAIN_SEED, exclude=eval_problems())
+
+
+def problem_row(p: Problem) -> dict[str, str]:
+    """One line of the bundled JSONL files (the data schema: `prompt`, `answer`)."""
+    return {"prompt": p.prompt, "answer": str(p.answer)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizer and model
+# ----------------------------------------------------------------------------------------------
+
+
+def build_tokenizer(texts: Iterable[str], vocab_size: int = 512):
+    """Byte-level BPE trained on `texts`; digits are split one per token so that numbers share
+    digit embeddings (arithmetic is learnable) and any byte string still encodes."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[PAD, BOS, EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token=EOS, pad_token=PAD, bos_token=None, padding_side="left"
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def _tokenizer_texts() -> list[str]:
+    """Corpus for the BPE merges: task prompts and solutions plus a line of generic math markup."""
+    problems = sample_problems(3000, seed=123)
+    extra = [r"\boxed{} \frac{1}{2} \sqrt{x} x^2 + y = z. Answer: 0123456789 ( ) [ ] , ; : ! ?"]
+    return [p.prompt for p in problems] + [p.solution for p in problems] + extra
+
+
+def _qwen3_config(tokenizer, hidden_size: int, num_layers: int, num_heads: int):
+    from transformers import Qwen3Config
+
+    head_dim = hidden_size // num_heads
+    return Qwen3Config(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=4 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=max(1, num_heads // 2),
+        head_dim=head_dim,
+        max_position_embeddings=1024,
+        rope_theta=10000.0,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.convert_tokens_to_ids(BOS),
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def _new_model(tokenizer, hidden_size: int, num_layers: int, num_heads: int, seed: int):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(_qwen3_config(tokenizer, hidden_size, num_layers, num_heads))
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model.float()
+
+
+def build_random_model(
+    out_dir: str | os.PathLike,
+    *,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    vocab_size: int = 512,
+    seed: int = 0,
+) -> str:
+    """A randomly initialised tiny Qwen3 and its tokenizer, saved with save_pretrained (seconds)."""
+    tokenizer = build_tokenizer(_tokenizer_texts(), vocab_size)
+    model = _new_model(tokenizer, hidden_size, num_layers, num_heads, seed)
+    out_dir = str(out_dir)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+# ----------------------------------------------------------------------------------------------
+# Warm start: supervised pass on synthetic solutions
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WarmStartRecipe:
+    """Everything that determines the built weights (with the torch build); saved in the build info."""
+
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    vocab_size: int = 512
+    steps: int = 300
+    batch_size: int = 64
+    lr: float = 3e-3
+    warmup_steps: int = 20
+    seed: int = 0
+    data_seed: int = 2
+
+
+def encode_example(tokenizer, prompt: str, completion: Optional[str] = None) -> tuple[list[int], list[int]]:
+    """(prompt ids through the chat template, completion ids + EOS), tokenized separately as in RL."""
+    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+    prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if completion is None:
+        return prompt_ids, []
+    return prompt_ids, tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+
+
+def _sft_batch(tokenizer, problems: list[Problem]):
+    """Right-padded (B, T) input ids, attention mask and labels (-100 outside the completion)."""
+    import torch
+
+    pairs = [encode_example(tokenizer, p.prompt, p.solution) for p in problems]
+    width = max(len(a) + len(b) for a, b in pairs)
+    ids = torch.full((len(pairs), width), tokenizer.pad_token_id, dtype=torch.long)
+    labels = torch.full((len(pairs), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(pairs), width), dtype=torch.long)
+    for i, (p, c) in enumerate(pairs):
+        n = len(p) + len(c)
+        ids[i, :n] = torch.tensor(p + c)
+        labels[i, len(p) : n] = torch.tensor(c)
+        mask[i, :n] = 1
+    return ids, mask, labels
+
+
+def _sft_stream(recipe: WarmStartRecipe) -> Iterable[list[Problem]]:
+    """Batches of training problems; eval problems are held out so eval accuracy is not memorised."""
+    held_out, rng = set(eval_problems()), random.Random(recipe.data_seed)
+    for _ in range(recipe.steps):
+        batch: list[Problem] = []
+        while len(batch) < recipe.batch_size:
+            p = sample_problem(rng)
+            if p not in held_out:
+                batch.append(p)
+        yield batch
+
+
+def warm_start(model, tokenizer, recipe: WarmStartRecipe, progress: bool = True) -> float:
+    """Supervised next-token training on completions only; returns the last batch loss."""
+    import math
+
+    import torch
+    from tqdm.auto import tqdm
+
+    torch.manual_seed(recipe.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, betas=(0.9, 0.98), weight_decay=0.0)
+
+    def lr_factor(step: int) -> float:  # linear warm-up, cosine decay to 10%
+        if step < recipe.warmup_steps:
+            return (step + 1) / recipe.warmup_steps
+        t = (step - recipe.warmup_steps) / max(1, recipe.steps - recipe.warmup_steps)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
+    model.train()
+    loss_value = float("nan")
+    bar = tqdm(_sft_stream(recipe), total=recipe.steps, desc="tiny-math warm start", disable=not progress)
+    for step, problems in enumerate(bar):
+        ids, mask, labels = _sft_batch(tokenizer, problems)
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        loss_value = loss.item()
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{loss_value:.3f}")
+    model.eval()
+    return loss_value
+
+
+def last_boxed(text: str) -> Optional[str]:
+    """Content of the last \\boxed{...} (no nested braces: the synthetic answers are integers)."""
+    found = re.findall(r"\\boxed\{([^{}]*)\}", text)
+    return found[-1].strip() if found else None
+
+
+def sample_accuracy(model, tokenizer, problems: list[Problem], *, temperature: float, seed: int = 0,
+                    max_new_tokens: int = 32, batch_size: int = 64) -> tuple[float, float]:
+    """(fraction answered correctly, fraction with a \\boxed{}) over `problems`, one sample each;
+    temperature 0 means greedy. Sampling is unrestricted (top_k=0, top_p=1)."""
+    import torch
+
+    correct = boxed = 0
+    torch.manual_seed(seed)
+    for start in range(0, len(problems), batch_size):
+        chunk = problems[start : start + batch_size]
+        texts = [tokenizer.apply_chat_template([{"role": "user", "content": p.prompt}], tokenize=False,
+                                               add_generation_prompt=True) for p in chunk]
+        enc = tokenizer(texts, add_special_tokens=False, return_tensors="pt", padding=True)
+        kw = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else dict(do_sample=False)
+        with torch.no_grad():
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, **kw)
+        for p, row in zip(chunk, out[:, enc["input_ids"].shape[1] :]):
+            got = last_boxed(tokenizer.decode(row, skip_special_tokens=True))
+            boxed += got is not None
+            correct += got == str(p.answer)
+    return correct / len(problems), boxed / len(problems)

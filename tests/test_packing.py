@@ -1,0 +1,140 @@
+"""Packing layout, attention isolation of packed sequences, and micro-batch planning."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from drpo_trainer.logprobs import IGNORE_INDEX, naive_token_logprobs, token_logprobs
+from drpo_trainer.packing import dummy_packed_batch, pack_sequences, plan_micro_batches
+
+
+# -- layout --------------------------------------------------------------------------------------
+def test_pack_layout_by_hand():
+    batch = pack_sequences([[11, 12, 13], [21], [31, 32]], prompt_lengths=[2, 1, 1])
+    assert batch.input_ids.tolist() == [[11, 12, 13, 21, 31, 32]]
+    assert batch.position_ids.tolist() == [[0, 1, 2, 0, 0, 1]]
+    # seq 0, prompt 2: position 0 ignored (predicts prompt token 12), 1 -> 13, 2 is its last token;
+    # seq 1 has no next token; seq 2, prompt 1: position 0 -> 32, 1 is last
+    assert batch.targets.tolist() == [[IGNORE_INDEX, 13, IGNORE_INDEX, IGNORE_INDEX, 32, IGNORE_INDEX]]
+    assert batch.cu_seqlens.tolist() == [0, 3, 4, 6] and batch.cu_seqlens.dtype == torch.int32
+    assert batch.seq_slices == [slice(0, 3), slice(3, 4), slice(4, 6)]
+    assert batch.target_slices == [slice(1, 2), slice(3, 3), slice(4, 5)]
+    values = torch.arange(6.0).unsqueeze(0)
+    assert [v.tolist() for v in batch.split(values)] == [[0.0, 1.0, 2.0], [3.0], [4.0, 5.0]]
+    assert [v.tolist() for v in batch.split_targets(values)] == [[1.0], [], [4.0]]
+
+
+def test_pack_without_prompt_lengths_targets_every_next_token():
+    batch = pack_sequences([[1, 2, 3], [4, 5]])
+    assert batch.targets.tolist() == [[2, 3, IGNORE_INDEX, 5, IGNORE_INDEX]]
+    assert batch.target_slices == [slice(0, 2), slice(3, 4)]
+
+
+def test_pack_rejects_empty_input():
+    with pytest.raises(ValueError, match="sequence 1 is empty"):
+        pack_sequences([[1], []])
+    with pytest.raises(ValueError, match="dummy_packed_batch"):
+        pack_sequences([])
+    with pytest.raises(ValueError, match="prompt_lengths has 1 entries for 2"):
+        pack_sequences([[1], [2]], prompt_lengths=[1])
+
+
+def test_dummy_batch_has_no_live_target():
+    batch = dummy_packed_batch(pad_token_id=7)
+    assert batch.input_ids.tolist() == [[7]] and batch.targets.tolist() == [[IGNORE_INDEX]]
+
+
+# -- attention isolation: packed log-probs == each sequence alone -------------------------------
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_logprobs_equal_unpacked(attn):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.Qwen3Config(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=256,
+    )
+    config._attn_implementation = attn
+    model = transformers.Qwen3ForCausalLM(config).float().eval()
+    gen = torch.Generator().manual_seed(3)
+    seqs = [torch.randint(0, 256, (n,), generator=gen).tolist() for n in (9, 1, 17, 4)]
+    packed = pack_sequences(seqs, prompt_lengths=[3, 1, 5, 1])
+    with torch.no_grad():
+        lp_packed, ent_packed = token_logprobs(
+            model, packed.input_ids, packed.position_ids, packed.targets, chunk_tokens=8, with_entropy=True
+        )
+        for i, seq in enumerate(seqs):
+            alone = pack_sequences([seq], prompt_lengths=[[3, 1, 5, 1][i]])
+            lp_alone, ent_alone = naive_token_logprobs(
+                model, alone.input_ids, alone.position_ids, alone.targets, with_entropy=True
+            )
+            torch.testing.assert_close(packed.split(lp_packed)[i], lp_alone[0], rtol=0, atol=1e-5)
+            torch.testing.assert_close(packed.split(ent_packed)[i], ent_alone[0], rtol=0, atol=1e-5)
+
+        # Control: the same row with positions 0..N-1 lets later sequences attend to earlier ones,
+        # so the isolation above is really due to the restarting position ids.
+        leaky_positions = torch.arange(packed.num_tokens).unsqueeze(0)
+        lp_leaky, _ = token_logprobs(model, packed.input_ids, leaky_positions, packed.targets)
+    third = packed.target_slices[2]
+    assert (lp_leaky[0, third] - lp_packed[0, third]).abs().max() > 1e-3
+
+
+# -- micro-batch planning ------------------------------------------------------------------------
+def check_plan(plan, lengths, budget, world_size):
+    assert len(plan) == world_size
+    assert len({len(micro_batches) for micro_batches in plan}) == 1  # equal micro-step counts
+    flat = [i for micro_batches in plan for mb in micro_batches for i in mb]
+    assert sorted(flat) == list(range(len(lengths)))  # every index exactly once
+    for micro_batches in plan:
+        for mb in micro_batches:
+            assert sum(lengths[i] for i in mb) <= budget
+    loads = [sum(lengths[i] for mb in micro_batches for i in mb) for micro_batches in plan]
+    # longest-first greedy: the most loaded rank got its last sample while least loaded
+    assert max(loads) - min(loads) <= max(lengths)
+    return loads
+
+
+def test_plan_by_hand():
+    # lengths 5,4,3,3,1 on 2 ranks, budget 6. Longest first onto the least-loaded rank:
+    # 5 -> r0 (5), 4 -> r1 (4), 3 -> r1 (7), 3 -> r0 (8), 1 -> r1 (8).
+    # r0 {0:5, 3:3}: 5 then 3 do not fit together (8 > 6) -> [[0], [3]]
+    # r1 {1:4, 2:3, 4:1}: 4, then 3 opens a bin, 1 fits beside 4 -> [[1, 4], [2]]
+    plan = plan_micro_batches([5, 4, 3, 3, 1], token_budget=6, world_size=2)
+    assert plan == [[[0], [3]], [[1, 4], [2]]]
+
+
+def test_plan_pads_ranks_with_empty_micro_batches():
+    # 3 samples on 4 ranks: 6 -> r0, 1 -> r1, 1 -> r2 (each then least loaded); rank 3 has no
+    # sample and gets one empty micro-batch so that all ranks take one micro-step
+    plan = plan_micro_batches([6, 1, 1], token_budget=6, world_size=4)
+    assert plan == [[[0]], [[1]], [[2]], [[]]]
+    # budget 6 on one rank: [6] fills a micro-batch, [5, 1] the next
+    assert plan_micro_batches([6, 5, 1], token_budget=6, world_size=1) == [[[0], [1, 2]]]
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_plan_properties_on_random_lengths(seed):
+    rng = random.Random(seed)
+    world_size = rng.choice([1, 2, 3, 8])
+    budget = rng.choice([64, 256, 1000])
+    lengths = [min(budget, max(1, int(rng.lognormvariate(3.5, 1.0)))) for _ in range(rng.randint(1, 120))]
+    plan = plan_micro_batches(lengths, budget, world_size)
+    check_plan(plan, lengths, budget, world_size)
+    # first-fit: any two micro-batches of a rank hold > budget tokens together, so the count is
+    # at most 2 * load / budget + 1; it can never beat ceil(max rank load / budget)
+    loads = [sum(lengths[i] for mb in mbs for i in mb) for mbs in plan]
+    lower_bound = max(1, -(-max(loads) // budget))
+    assert lower_bound <= len(plan[0]) <= 2 * lower_bound + 1
+
+
+def test_plan_errors_name_the_fix():
+    with pytest.raises(ValueError, match=r"sample 1 has 9 tokens.*micro_batch_tokens_per_gpu=8.*at least 9"):
+        plan_micro_batches([3, 9], token_budget=8, world_size=1)
+    with pytest.raises(ValueError, match="token_budget"):
+        plan_micro_batches([3], token_budget=0, world_size=1)
+    with pytest.raises(ValueError, match="world_size"):
+        plan_micro_batches([3], token_budget=8, world_size=0)
+    with pytest.raises(ValueError, match="sample 0 has length 0"):
+        plan_micro_batches([0], token_budget=8, world_size=1)

@@ -35,3 +35,297 @@ def test_slurm_env_translation():
     assert out == {"RANK": "5", "WORLD_SIZE": "16", "LOCAL_RANK": "1", "MASTER_PORT": "29500", "MASTER_ADDR": "gpu07"}
     assert _first_slurm_host("node1,node2") == "node1"
     assert _first_slurm_host("a[3,5-9]") == "a3"
+
+
+# ---------------------------------------------------------------------------------------------
+# Multi-node command lines, checked against the launchers' own argument parsers.
+
+import os
+import re
+import signal
+import subprocess
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from drpo_trainer.distributed import (
+    STOP_GRACE_S,
+    build_deepspeed_command,
+    build_multinode_command,
+    build_srun_command,
+    free_port,
+    planned_world_size,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _torchrun_args(cmd):
+    from torch.distributed.run import get_args_parser
+
+    return get_args_parser().parse_args(cmd)
+
+
+def test_local_launch_command_gives_workers_time_to_checkpoint_and_forwards_sigusr1():
+    cmd = build_launch_command(4, ["--config", "c.yaml"], master_port=29511, python="py")
+    args = _torchrun_args(cmd[3:])
+    assert args.shutdown_timeout == STOP_GRACE_S == 1800  # torchrun's default would SIGKILL after 30 s
+    assert "SIGUSR1" in args.signals_to_handle.split(",") and "SIGTERM" in args.signals_to_handle.split(",")
+    assert (args.nproc_per_node, args.nnodes, args.master_port, args.module) == ("4", "1", 29511, True)
+    assert (args.training_script, args.training_script_args) == ("drpo_trainer.cli", ["--config", "c.yaml"])
+
+
+def test_multinode_command_is_valid_torchrun_with_c10d_rendezvous():
+    cmd = build_multinode_command(["--config", "x.yaml", "trainer.max_steps=5"], nnodes=2, rdzv_endpoint="node-001:29500")
+    assert cmd == [
+        "torchrun",
+        "--nnodes=2",
+        "--nproc-per-node=gpu",  # distributed.nproc_per_node=auto -> one process per visible GPU
+        "--rdzv-backend=c10d",
+        "--rdzv-endpoint=node-001:29500",
+        "--rdzv-id=drpo",
+        "--max-restarts=0",
+        "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
+        "--shutdown-timeout=1800",
+        "--no-python",
+        "drpo-train",
+        "--config",
+        "x.yaml",
+        "trainer.max_steps=5",
+    ]
+    args = _torchrun_args(cmd[1:])
+    assert (args.nnodes, args.nproc_per_node, args.rdzv_backend, args.rdzv_endpoint) == ("2", "gpu", "c10d", "node-001:29500")
+    assert args.no_python and args.max_restarts == 0 and args.shutdown_timeout == 1800
+    assert args.training_script == "drpo-train" and args.training_script_args == ["--config", "x.yaml", "trainer.max_steps=5"]
+    # the argv reaches drpo-train's own parser unchanged
+    from drpo_trainer.cli import _parser
+
+    parsed = _parser().parse_args(args.training_script_args)
+    assert parsed.config == "x.yaml" and parsed.overrides == ["trainer.max_steps=5"]
+    assert "--nproc-per-node=4" in build_multinode_command([], nnodes=3, rdzv_endpoint="10.0.0.1:1234", nproc_per_node=4)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"nnodes": 2, "rdzv_endpoint": "node-001"}, "HOST:PORT"),
+        ({"nnodes": 2, "rdzv_endpoint": "node-001:99999"}, "HOST:PORT"),
+        ({"nnodes": 0, "rdzv_endpoint": "node-001:29500"}, "nnodes=0"),
+        ({"nnodes": 2, "rdzv_endpoint": "n:29500", "nproc_per_node": 0}, "nproc_per_node=0"),
+    ],
+)
+def test_multinode_command_rejects_bad_values_by_name(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        build_multinode_command([], **kwargs)
+
+
+def test_planned_world_size():
+    assert planned_world_size("auto", 4) == 32  # 8 GPUs per node unless told otherwise
+    assert planned_world_size("auto", 2, gpus_per_node=4) == 8
+    assert planned_world_size(2, 3) == 6
+    with pytest.raises(ValueError, match="nnodes=0"):
+        planned_world_size("auto", 0)
+
+
+def test_multinode_script_runs_exactly_the_builder_command():
+    env = {**os.environ, "RDZV_HOST": "node-001", "NNODES": "2", "DRY_RUN": "1"}
+    user = ["--config", "configs/qwen3_30b_a3b_base_drpo.yaml", "trainer.max_steps=3"]
+    out = subprocess.run(["bash", str(ROOT / "launch/torchrun_multinode.sh"), *user], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    want = build_multinode_command(["--resume", "auto", *user], nnodes=2, rdzv_endpoint="node-001:29500")
+    assert out.stdout.splitlines() == want
+
+
+def test_multinode_script_names_the_missing_variable():
+    env = {k: v for k, v in os.environ.items() if k not in ("RDZV_HOST", "NNODES")}
+    out = subprocess.run(["bash", str(ROOT / "launch/torchrun_multinode.sh"), "--config", "x.yaml"], env=env, capture_output=True, text=True)
+    assert out.returncode != 0 and "RDZV_HOST" in out.stderr
+
+
+_WORKER = textwrap.dedent(
+    """
+    import os, signal, sys, time
+    from pathlib import Path
+    from drpo_trainer.distributed import launched_externally
+    out = Path(sys.argv[1]); rank = os.environ["RANK"]; stop = []
+    signal.signal(signal.SIGUSR1, lambda *_: stop.append(1))
+    (out / f"ready{rank}").write_text("")
+    while not stop:
+        time.sleep(0.05)
+    time.sleep(3)  # "finishing the step": longer than the 1 s default shutdown timeout set below
+    (out / f"stopped{rank}").write_text(f"{launched_externally()} {os.environ['WORLD_SIZE']} {os.environ['LOCAL_RANK']}")
+    sys.exit(75)
+    """
+)
+
+
+@pytest.mark.distributed
+def test_torchrun_forwards_sigusr1_and_waits_for_the_checkpoint(tmp_path):
+    """A real torchrun from the builder's flags: SIGUSR1 reaches every worker, and they get the
+    grace to finish (TORCH_ELASTIC_SHUTDOWN_TIMEOUT=1 would kill them without our flag)."""
+    cmd = build_multinode_command(
+        ["-c", _WORKER, str(tmp_path)],
+        nnodes=1,
+        nproc_per_node=2,
+        rdzv_endpoint=f"127.0.0.1:{free_port()}",
+        shutdown_timeout_s=60,
+        torchrun=(sys.executable, "-m", "torch.distributed.run"),
+        program=sys.executable,
+    )
+    env = {**os.environ, "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not all((tmp_path / f"ready{r}").exists() for r in (0, 1)):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() is not None else "timeout"
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGUSR1)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert (tmp_path / "stopped0").read_text() == "torchrun 2 0"
+    assert (tmp_path / "stopped1").read_text() == "torchrun 2 1"
+    assert proc.returncode != 0  # torchrun reports the signal, not 75: scripts read output_dir/PREEMPTED
+
+
+# ---------------------------------------------------------------------------------------------
+# DeepSpeed launcher
+
+
+def test_deepspeed_command_parses_and_passes_no_local_rank():
+    from deepspeed.launcher.runner import parse_args
+
+    cmd = build_deepspeed_command(["--config", "x.yaml"], hostfile="launch/hostfile", master_addr="node-001", num_gpus=8)
+    assert cmd[0] == "deepspeed"
+    args = parse_args(cmd[1:])
+    assert (args.hostfile, args.master_addr, args.master_port, args.num_gpus) == ("launch/hostfile", "node-001", 29500, 8)
+    # without --no_local_rank the launcher appends --local_rank=N, which drpo-train rejects
+    assert args.no_local_rank and args.module and args.user_script == "drpo_trainer.cli"
+    assert args.user_args == ["--config", "x.yaml"]
+
+
+def test_hostfile_example_parses_and_its_command_matches_the_builder():
+    from deepspeed.launcher.runner import fetch_hostfile
+
+    path = ROOT / "launch/hostfile.example"
+    assert dict(fetch_hostfile(str(path))) == {"node-001": 8, "node-002": 8}
+    text = path.read_text()
+    m = re.search(r"#\s+(deepspeed .*?\\\n#\s+.*?)\n", text)
+    shown = m.group(1).replace("\\\n#", " ").split()
+    want = build_deepspeed_command(
+        ["--config", "configs/qwen3_30b_a3b_base_drpo.yaml", "--resume", "auto"], hostfile="launch/hostfile", master_addr="node-001"
+    )
+    assert shown == want
+    assert (ROOT / "configs/qwen3_30b_a3b_base_drpo.yaml").is_file()
+
+
+# ---------------------------------------------------------------------------------------------
+# SLURM: the sbatch script, run against stand-ins for srun and scontrol.
+
+
+def test_srun_command():
+    assert build_srun_command(["--config", "x.yaml"], nnodes=2) == [
+        "srun", "--nodes=2", "--ntasks-per-node=8", "--ntasks=16", "--kill-on-bad-exit=1", "drpo-train", "--config", "x.yaml",
+    ]  # fmt: skip
+    with pytest.raises(ValueError, match="gpus_per_node=0"):
+        build_srun_command([], nnodes=1, gpus_per_node=0)
+
+
+_FAKE_SRUN = """#!/bin/bash
+printf '%s\\n' "$@" > "$STUB_DIR/srun_args"
+echo "$MASTER_ADDR:$MASTER_PORT" > "$STUB_DIR/master"
+trap 'echo USR1 > "$STUB_DIR/signal"; exit 75' USR1
+trap 'echo TERM > "$STUB_DIR/signal"; exit 75' TERM
+if [ -n "${STUB_EXIT:-}" ]; then exit "$STUB_EXIT"; fi
+touch "$STUB_DIR/ready"
+while :; do sleep 0.05; done
+"""
+_FAKE_SCONTROL = """#!/bin/bash
+echo "$*" >> "$STUB_DIR/scontrol.log"
+if [ "$1 $2" = "show hostnames" ]; then echo gpu07; echo gpu08; fi
+"""
+
+
+def _run_sbatch(tmp_path, send=None, **extra_env):
+    for name, body in (("srun", _FAKE_SRUN), ("scontrol", _FAKE_SCONTROL)):
+        (tmp_path / name).write_text(body)
+        (tmp_path / name).chmod(0o755)
+    env = {
+        **os.environ,
+        "PATH": f"{tmp_path}:{os.environ['PATH']}",
+        "STUB_DIR": str(tmp_path),
+        "SLURM_JOB_ID": "4242",
+        "SLURM_JOB_NUM_NODES": "2",
+        "SLURM_NTASKS_PER_NODE": "8",
+        "SLURM_JOB_NODELIST": "gpu[07-08]",
+        **extra_env,
+    }
+    env.pop("MASTER_PORT", None)
+    proc = subprocess.Popen(
+        ["bash", str(ROOT / "launch/slurm_train.sbatch"), "--config", "c.yaml", "trainer.max_steps=9"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    if send is not None:
+        deadline = time.monotonic() + 20
+        while not (tmp_path / "ready").exists():
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.05)
+        proc.send_signal(send)
+    out, _ = proc.communicate(timeout=30)
+    calls = (tmp_path / "scontrol.log").read_text().splitlines() if (tmp_path / "scontrol.log").exists() else []
+    return proc.returncode, out, calls
+
+
+def test_sbatch_forwards_sigusr1_and_requeues_after_the_checkpoint(tmp_path):
+    rc, out, calls = _run_sbatch(tmp_path, send=signal.SIGUSR1)
+    assert rc == 75, out
+    assert (tmp_path / "signal").read_text().strip() == "USR1"  # reached the job step
+    assert calls == ["show hostnames gpu[07-08]", "requeue 4242"]
+    srun_args = (tmp_path / "srun_args").read_text().splitlines()
+    assert ["srun", *srun_args] == build_srun_command(["--resume", "auto", "--config", "c.yaml", "trainer.max_steps=9"], nnodes=2)
+    # rank 0's host from scontrol; port 20000 + 4242 % 20000 = 24242
+    assert (tmp_path / "master").read_text().strip() == "gpu07:24242"
+
+
+def test_sbatch_sigterm_checkpoints_but_does_not_requeue(tmp_path):
+    rc, out, calls = _run_sbatch(tmp_path, send=signal.SIGTERM)
+    assert rc == 75 and (tmp_path / "signal").read_text().strip() == "TERM"
+    assert calls == ["show hostnames gpu[07-08]"], out  # scancel means stop; SLURM requeues preemptions itself
+
+
+@pytest.mark.parametrize("stub_exit", ["0", "1", "75"])
+def test_sbatch_requeues_only_on_its_own_warning_signal(tmp_path, stub_exit):
+    rc, out, calls = _run_sbatch(tmp_path, STUB_EXIT=stub_exit)
+    assert rc == int(stub_exit), out
+    assert calls == ["show hostnames gpu[07-08]"]
+
+
+def test_sbatch_stops_requeueing_after_max_requeues(tmp_path):
+    rc, out, calls = _run_sbatch(tmp_path, send=signal.SIGUSR1, SLURM_RESTART_COUNT="3", MAX_REQUEUES="3")
+    assert rc == 75 and calls == ["show hostnames gpu[07-08]"] and "MAX_REQUEUES=3" in out
+
+
+def test_sbatch_script_asks_for_the_warning_signal_and_requeue():
+    text = (ROOT / "launch/slurm_train.sbatch").read_text()
+    assert re.search(r"^#SBATCH --signal=B:USR1@\d+$", text, re.M) and re.search(r"^#SBATCH --requeue$", text, re.M)
+    assert "--gpus-per-task" not in text  # LOCAL_RANK indexes all of the node's GPUs
+
+
+# ---------------------------------------------------------------------------------------------
+# Docker image
+
+
+def test_dockerfile_pins_a_tested_vllm_and_runs_any_command():
+    from drpo_trainer.rollout.vllm_engine import check_vllm_version
+
+    text = (ROOT / "Dockerfile").read_text()
+    version = re.search(r"^ARG VLLM_VERSION=(\S+)$", text, re.M).group(1)
+    check_vllm_version(version)  # raises outside the engine's tested range
+    assert re.search(r"^FROM vllm/vllm-openai:v\$\{VLLM_VERSION\}$", text, re.M)
+    assert re.search(r"^ENTRYPOINT \[\]$", text, re.M)  # the base image would start the vLLM server
+    import deepspeed
+
+    assert f'"deepspeed=={deepspeed.__version__}"' in text  # the version tested on CPU here

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import secrets
+import string
 import sys
 from pathlib import Path
 from typing import Optional
@@ -80,7 +82,8 @@ class Tracker:
         import wandb
 
         if self.run_id is None:
-            self.run_id = wandb.util.generate_id()
+            # wandb.util.generate_id is gone in recent wandb; `secrets` leaves the seeded RNGs untouched
+            self.run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
         self.run = wandb.init(
             project=w.project,
             entity=w.entity,

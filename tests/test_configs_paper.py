@@ -1,0 +1,150 @@
+"""Every shipped config parses, fits its planned world, and the paper recipes hold the paper's settings.
+
+The expected values below are typed from the paper settings (docs/algorithms.md, "Paper
+settings"), not read from the YAML files.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from drpo_trainer.config import ConfigError, load_config
+from drpo_trainer.distributed import planned_world_size
+from drpo_trainer.losses import validate_loss_params
+
+ROOT = Path(__file__).resolve().parents[1]
+ALL_CONFIGS = sorted(p.name for p in (ROOT / "configs").glob("*.yaml"))
+
+# name -> (model, prompts/step, samples/prompt, prompts per mini-batch, loss, loss params, rollout quantization)
+PAPER = {
+    "qwen3_4b_base_drpo.yaml": ("Qwen/Qwen3-4B-Base", 64, 8, 32, "drpo", {"delta": 12.5}, None),
+    "qwen3_4b_base_dppo.yaml": ("Qwen/Qwen3-4B-Base", 64, 8, 32, "dppo_tv", {"delta": 0.15}, None),
+    "qwen3_4b_base_grpo.yaml": ("Qwen/Qwen3-4B-Base", 64, 8, 32, "grpo", {"clip_low": 0.2, "clip_high": 0.28}, None),
+    "qwen3_30b_a3b_base_drpo.yaml": ("Qwen/Qwen3-30B-A3B-Base", 256, 16, 32, "drpo", {"delta": 12.5}, None),
+    "qwen3_30b_a3b_base_drpo_fp8_rollout.yaml": ("Qwen/Qwen3-30B-A3B-Base", 256, 16, 32, "drpo", {"delta": 12.5}, "fp8"),
+    "r1_distill_qwen_1p5b_drpo.yaml": ("deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", 64, 8, 16, "drpo", {"delta": 12.5}, None),
+}
+
+
+def _load(name, overrides=None):
+    return load_config(ROOT / "configs" / name, overrides)
+
+
+def test_every_paper_recipe_is_shipped():
+    assert set(PAPER) <= set(ALL_CONFIGS), sorted(set(PAPER) - set(ALL_CONFIGS))
+
+
+@pytest.mark.parametrize("name", ALL_CONFIGS)
+def test_config_parses_and_batch_sizes_divide_its_world(name):
+    cfg = _load(name)
+    d = cfg.distributed
+    gpus_per_node = 8 if d.nproc_per_node == "auto" else int(d.nproc_per_node)
+    world = planned_world_size(d.nproc_per_node, d.nnodes, gpus_per_node)
+    cfg.check_world(world)
+    validate_loss_params(cfg.algorithm.loss, cfg.algorithm.loss_params)
+    # one full-length sample must fit one micro-batch (the packer refuses longer samples)
+    longest = cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens
+    assert cfg.trainer.micro_batch_tokens_per_gpu >= longest
+    if cfg.rollout.max_model_len is not None:
+        assert cfg.rollout.max_model_len >= longest
+    # a tensor-parallel engine lives inside one node
+    tp = cfg.rollout.tensor_parallel_size
+    assert gpus_per_node % tp == 0 and world % tp == 0
+
+
+@pytest.mark.parametrize("name", ALL_CONFIGS)
+def test_deepspeed_config_file_agrees_with_the_yaml(name):
+    cfg = _load(name)
+    if cfg.distributed.deepspeed_config is None:
+        pytest.skip("no DeepSpeed JSON")
+    path = ROOT / cfg.distributed.deepspeed_config
+    zero = json.loads(path.read_text())["zero_optimization"]
+    assert zero["stage"] == cfg.distributed.zero_stage  # the JSON would silently win otherwise
+    # ZeRO-Offload needs DeepSpeed's CPU Adam, which the learner builds only when the YAML says so
+    assert ("offload_optimizer" in zero) == cfg.distributed.offload_optimizer
+
+
+@pytest.mark.parametrize("json_name, offload", [("zero3.json", False), ("zero3_offload.json", True)])
+def test_deepspeed_jsons_merge_into_a_valid_deepspeed_config(json_name, offload):
+    """Our keys <- the JSON's keys, then DeepSpeed's own (extra-forbidding) config parser."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    from drpo_trainer.learner import deepspeed_config
+
+    cfg = _load(
+        "qwen3_4b_base_drpo.yaml",
+        [f"distributed.deepspeed_config={ROOT / 'configs/deepspeed' / json_name}", f"distributed.offload_optimizer={offload}"],
+    )
+    merged = deepspeed_config(cfg)
+    ds = DeepSpeedConfig(merged)
+    assert ds.zero_optimization_stage == 3
+    assert ds.zero_config.overlap_comm is True and ds.zero_config.reduce_bucket_size == 50_000_000
+    assert ds.gradient_clipping == 1.0 and merged["bf16"] == {"enabled": True}
+    assert merged["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is False  # ours, kept
+    if offload:
+        assert ds.zero_config.offload_optimizer.device == "cpu" and ds.zero_config.offload_optimizer.pin_memory
+    else:
+        assert ds.zero_config.offload_optimizer is None
+
+
+@pytest.mark.parametrize("name", sorted(PAPER))
+def test_paper_recipe_settings(name):
+    model, prompts, samples, minibatch_prompts, loss, params, quant = PAPER[name]
+    cfg = _load(name)
+    assert cfg.model.path == model and cfg.model.dtype == "bfloat16" and cfg.model.gradient_checkpointing
+    t, r, a, o = cfg.trainer, cfg.rollout, cfg.algorithm, cfg.optim
+    assert (t.prompts_per_step, r.samples_per_prompt) == (prompts, samples)
+    assert t.prompts_per_step // t.minibatches_per_step == minibatch_prompts
+    assert (a.loss, a.loss_params) == (loss, params)
+    assert r.quantization == quant and r.backend == "vllm"
+    # shared by every recipe of the paper
+    assert (o.lr, tuple(o.betas), o.weight_decay, o.grad_clip, o.schedule, o.warmup_steps) == (
+        1e-6, (0.9, 0.999), 0.01, 1.0, "constant", 0
+    )  # fmt: skip
+    assert (r.temperature, r.top_p, r.top_k) == (1.0, 1.0, 0)
+    assert (cfg.data.max_prompt_tokens, r.max_new_tokens, cfg.horizon) == (2048, 8192, 8192)
+    assert (a.loss_agg_mode, a.normalize_by_std, a.mismatch_correction) == ("seq-mean-token-sum-norm", False, None)
+    assert cfg.reward.name == "math" and cfg.reward.extraction == "boxed"
+    assert cfg.data.train_files == ["data/dapo_math_17k.jsonl"]
+    assert cfg.eval.files == {"aime24": "data/aime24.jsonl", "aime25": "data/aime25.jsonl"} and cfg.eval.k == 16
+    assert cfg.tracking.wandb.mode == "online"
+    assert Path(cfg.output_dir).name == Path(name).stem  # runs never overwrite each other
+
+
+def _algorithm_free(name):
+    dump = _load(name).model_dump()
+    dump.pop("output_dir")
+    dump["tracking"]["wandb"].pop("tags")
+    return dump
+
+
+@pytest.mark.parametrize("baseline", ["qwen3_4b_base_dppo.yaml", "qwen3_4b_base_grpo.yaml"])
+def test_baselines_differ_from_drpo_only_in_the_policy_loss(baseline):
+    ours, theirs = _algorithm_free("qwen3_4b_base_drpo.yaml"), _algorithm_free(baseline)
+    for d in (ours, theirs):
+        d["algorithm"].pop("loss"), d["algorithm"].pop("loss_params")
+    assert ours == theirs
+
+
+def test_fp8_rollout_differs_from_bf16_only_in_rollout_precision():
+    bf16, fp8 = _algorithm_free("qwen3_30b_a3b_base_drpo.yaml"), _algorithm_free("qwen3_30b_a3b_base_drpo_fp8_rollout.yaml")
+    assert (bf16["rollout"].pop("quantization"), fp8["rollout"].pop("quantization")) == (None, "fp8")
+    assert bf16 == fp8
+
+
+def test_30b_recipe_needs_a_matching_node_count():
+    # 256 prompts over 3 nodes x 8 GPUs x 8 mini-batches: 256 % 192 = 64, not whole groups per rank
+    cfg = _load("qwen3_30b_a3b_base_drpo.yaml")
+    with pytest.raises(ConfigError, match="prompts_per_step=256"):
+        cfg.check_world(planned_world_size("auto", 3))
+    cfg.check_world(planned_world_size("auto", 2))  # 256 % 128 == 0: two nodes also divide (with offload)
+
+
+def test_data_files_are_the_converter_outputs():
+    converter = ROOT / "data/convert_hub_datasets.py"
+    if not converter.is_file():
+        pytest.skip("data/convert_hub_datasets.py not present")
+    source = converter.read_text()
+    for stem in ("dapo_math_17k", "aime24", "aime25"):
+        assert stem in source, f"data/{stem}.jsonl is not written by {converter.name}"

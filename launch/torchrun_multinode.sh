@@ -52,6 +52,9 @@ fi
 
 # Resolve output_dir first: a bad config fails here in a second, on every node, before any rendezvous.
 output_dir="$(drpo-train "$@" --print-config | sed -n 's/^output_dir: *//p')" || exit 2
+# A marker left by an earlier stop must not make this run look stopped if it fails before its
+# own start-up clears it (every node does this before the rendezvous completes).
+rm -f "$output_dir/PREEMPTED"
 
 "${cmd[@]}" &
 child=$!

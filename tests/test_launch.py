@@ -144,6 +144,38 @@ def test_multinode_script_names_the_missing_variable():
     assert out.returncode != 0 and "RDZV_HOST" in out.stderr
 
 
+_FAKE_TORCHRUN = """#!/bin/bash
+printf '%s\\n' "$@" > "$STUB_DIR/torchrun_args"
+if [ "$STUB_PREEMPT" = 1 ]; then echo 7 > "$STUB_OUT/PREEMPTED"; fi
+exit "$STUB_EXIT"
+"""
+
+
+@pytest.mark.parametrize(
+    "stale_marker, preempt, stub_exit, want_rc",
+    [(False, True, 1, 75), (True, False, 1, 1), (True, False, 0, 0)],
+)
+def test_multinode_script_exit_code_follows_the_preempted_marker(tmp_path, stale_marker, preempt, stub_exit, want_rc):
+    """torchrun's exit code after a stop is its own; the script reports 75 exactly when this run
+    wrote output_dir/PREEMPTED (a marker left by an earlier run is cleared first)."""
+    out_dir = tmp_path / "run"
+    out_dir.mkdir()
+    if stale_marker:
+        (out_dir / "PREEMPTED").write_text("3")
+    (tmp_path / "torchrun").write_text(_FAKE_TORCHRUN)
+    (tmp_path / "torchrun").chmod(0o755)
+    env = {
+        **os.environ,
+        "PATH": f"{tmp_path}:{Path(sys.executable).parent}:{os.environ['PATH']}",  # drpo-train for --print-config
+        "RDZV_HOST": "node-001", "NNODES": "1", "STUB_DIR": str(tmp_path), "STUB_OUT": str(out_dir),
+        "STUB_PREEMPT": "1" if preempt else "0", "STUB_EXIT": str(stub_exit),
+    }  # fmt: skip
+    user = ["--config", str(ROOT / "configs/tiny_cpu.yaml"), f"output_dir={out_dir}"]
+    res = subprocess.run(["bash", str(ROOT / "launch/torchrun_multinode.sh"), *user], env=env, capture_output=True, text=True)
+    assert res.returncode == want_rc, res.stderr
+    assert (tmp_path / "torchrun_args").read_text().splitlines()[-5:] == ["--resume", "auto", *user]
+
+
 _WORKER = textwrap.dedent(
     """
     import os, signal, sys, time

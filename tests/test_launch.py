@@ -1,11 +1,26 @@
-"""Launcher: detection of external launchers and the local multi-process command."""
+"""Launchers: detection, the local and multi-node command lines, the launch/ scripts and the Dockerfile."""
 
+import os
+import re
+import signal
+import subprocess
 import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
 
 from drpo_trainer.distributed import (
+    STOP_GRACE_S,
     _first_slurm_host,
+    build_deepspeed_command,
     build_launch_command,
+    build_multinode_command,
+    build_srun_command,
+    free_port,
     launched_externally,
+    planned_world_size,
     slurm_to_torch_env,
 )
 
@@ -39,25 +54,6 @@ def test_slurm_env_translation():
 
 # ---------------------------------------------------------------------------------------------
 # Multi-node command lines, checked against the launchers' own argument parsers.
-
-import os
-import re
-import signal
-import subprocess
-import textwrap
-import time
-from pathlib import Path
-
-import pytest
-
-from drpo_trainer.distributed import (
-    STOP_GRACE_S,
-    build_deepspeed_command,
-    build_multinode_command,
-    build_srun_command,
-    free_port,
-    planned_world_size,
-)
 
 ROOT = Path(__file__).resolve().parents[1]
 

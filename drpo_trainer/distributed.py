@@ -12,6 +12,7 @@ shows, so that the scripts, the docs and the tests agree on one spelling.
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import sys
@@ -87,6 +88,14 @@ STOP_GRACE_S = 1800
 TORCHRUN_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
 
 
+@functools.lru_cache(maxsize=1)
+def torchrun_options() -> frozenset[str]:
+    """Option strings the installed torch.distributed.run accepts."""
+    from torch.distributed.run import get_args_parser
+
+    return frozenset(opt for action in get_args_parser()._actions for opt in action.option_strings)
+
+
 def build_launch_command(
     nproc: int,
     argv: list[str],
@@ -96,6 +105,12 @@ def build_launch_command(
     shutdown_timeout_s: int = STOP_GRACE_S,
 ) -> list[str]:
     """The command that re-runs this CLI as `nproc` local processes."""
+    # Older torch (the package allows >= 2.6) lacks these flags; their runs keep torchrun's defaults.
+    stop_flags = [
+        flag
+        for flag in (f"--signals-to-handle={TORCHRUN_SIGNALS}", f"--shutdown-timeout={shutdown_timeout_s}")
+        if flag.split("=")[0] in torchrun_options()
+    ]
     return [
         python,
         "-m",
@@ -104,8 +119,7 @@ def build_launch_command(
         "--nnodes=1",
         "--master_addr=127.0.0.1",
         f"--master_port={master_port}",
-        f"--signals-to-handle={TORCHRUN_SIGNALS}",
-        f"--shutdown-timeout={shutdown_timeout_s}",
+        *stop_flags,
         "-m",
         "drpo_trainer.cli",
         *argv,

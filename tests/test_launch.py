@@ -357,3 +357,12 @@ def test_dockerfile_pins_a_tested_vllm_and_runs_any_command():
     import deepspeed
 
     assert f'"deepspeed=={deepspeed.__version__}"' in text  # the version tested on CPU here
+
+
+def test_local_launch_command_leaves_out_flags_an_older_torchrun_lacks(monkeypatch):
+    import drpo_trainer.distributed as dist
+
+    monkeypatch.setattr(dist, "torchrun_options", lambda: frozenset({"--nproc_per_node", "--nnodes"}))
+    cmd = dist.build_launch_command(2, ["--config", "c.yaml"], master_port=1, python="py")
+    assert not any(a.startswith(("--signals-to-handle", "--shutdown-timeout")) for a in cmd)
+    assert cmd[-3:] == ["drpo_trainer.cli", "--config", "c.yaml"]

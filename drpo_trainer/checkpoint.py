@@ -13,8 +13,9 @@ Layout of `<output_dir>/checkpoints/`:
 
 A checkpoint is written under `.tmp-step_N`, hashed (files split over ranks), then renamed
 into place in one `os.rename`; the `latest` pointer moves after that, and old ones are
-pruned last. Resume walks `latest` then every `step_*` newest first and takes the first
-whose manifest matches the files, warning about each one it skips.
+pruned last. A crash at any point leaves either a `.tmp-step_N` (ignored, removed by the
+next save) or a complete `step_N`. Resume walks every `step_*` newest first and takes the
+first whose manifest matches the files, warning about each one it skips.
 """
 
 from __future__ import annotations
@@ -99,7 +100,8 @@ def save_checkpoint(engine, output_dir: str, step: int, loop_state: dict, *, con
     tmp, final = root / f".tmp-{name}", root / name
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)  # debris of a crash during an earlier write
+        for debris in root.glob(".tmp-step_*"):  # of a crash during an earlier write
+            shutil.rmtree(debris, ignore_errors=True)
         (tmp / "rng").mkdir(parents=True)
     _barrier()
     engine.save_checkpoint(str(tmp / "ds"), tag=STATE_TAG, save_latest=False)
@@ -116,6 +118,7 @@ def save_checkpoint(engine, output_dir: str, step: int, loop_state: dict, *, con
             json.dump({"files": manifest}, f, indent=1)
             f.flush()
             os.fsync(f.fileno())
+        _drop_newer(root, step)
         if final.exists():  # the same step written again (a resumed run re-reaching it)
             shutil.rmtree(final)
         os.rename(tmp, final)
@@ -130,7 +133,22 @@ def save_checkpoint(engine, output_dir: str, step: int, loop_state: dict, *, con
 
 
 def _step_dirs(root: Path) -> list[Path]:
-    return sorted((p for p in root.glob("step_*") if p.is_dir()), key=lambda p: p.name, reverse=True)
+    """Published checkpoints, newest first (`.tmp-step_*` debris of an unfinished write excluded)."""
+    return sorted(
+        (p for p in root.glob("step_*") if p.is_dir() and p.name[5:].isdigit()), key=_step_of, reverse=True
+    )
+
+
+def _step_of(path: Path) -> int:
+    return int(path.name.split("_", 1)[1])
+
+
+def _drop_newer(root: Path, step: int) -> None:
+    """Checkpoints past `step` belong to a future this run abandoned (it resumed from an older
+    one); left in place they would outrank the new ones and be resumed from."""
+    for newer in [p for p in _step_dirs(root) if _step_of(p) > step]:
+        warnings.warn(f"removing {newer}: this run continues from an older checkpoint (step {step})", stacklevel=3)
+        shutil.rmtree(newer, ignore_errors=True)
 
 
 def _prune(root: Path, keep_last: int) -> None:
@@ -159,17 +177,16 @@ def verify_checkpoint(path: Path, *, hashes: bool = True) -> Optional[str]:
 
 
 def find_checkpoint(output_dir: str) -> Optional[Path]:
-    """The newest valid checkpoint (latest pointer first), warning about each one skipped."""
+    """The newest valid checkpoint, warning about each newer one skipped.
+
+    Ranked by step, not by the `latest` pointer: a crash between the publishing rename and the
+    pointer move leaves a complete checkpoint newer than the pointer, and it is the one to use
+    (newer checkpoints of an abandoned future are removed by the next save, see `_drop_newer`)."""
     root = checkpoints_dir(output_dir)
     if not root.is_dir():
         return None
-    candidates = _step_dirs(root)
-    pointer = root / "latest"
-    if pointer.is_file():
-        named = root / pointer.read_text().strip()
-        candidates = [named] + [c for c in candidates if c != named]
-    for cand in candidates:
-        problem = verify_checkpoint(cand) if cand.is_dir() else "missing directory"
+    for cand in _step_dirs(root):
+        problem = verify_checkpoint(cand)
         if problem is None:
             return cand
         warnings.warn(f"skipping checkpoint {cand}: {problem}; falling back to an older one", stacklevel=2)
@@ -242,7 +259,8 @@ def save_run(run) -> None:
         run.learner.module.config.save_pretrained(path)
         run.tokenizer.save_pretrained(path)
 
-    loop_state = {"sampler": {"epoch": run.sampler.state.epoch, "index": run.sampler.state.index}, **run.extra}
+    sampler = {"epoch": run.sampler.state.epoch, "index": run.sampler.state.index, "seed": run.sampler.seed}
+    loop_state = {"sampler": sampler, **run.extra}
     save_checkpoint(
         run.learner.engine, run.cfg.output_dir, run.step, loop_state,
         config_yaml=dump_config(run.cfg), hf_save=hf_save, keep_last=run.cfg.checkpoint.keep_last,
@@ -261,6 +279,8 @@ def restore_run(run, resume: Optional[str]) -> Optional[Path]:
         return None
     state = load_checkpoint(run.learner.engine, Path(path))
     run.step = state["step"]
-    run.sampler.state = SamplerState(**state["sampler"])
+    pos = dict(state["sampler"])
+    run.sampler.seed = pos.pop("seed", run.sampler.seed)  # the permutation the saved position indexes
+    run.sampler.state = SamplerState(**pos)
     run.extra.update({k: v for k, v in state.items() if k not in ("step", "sampler", "world_size")})
     return Path(path)

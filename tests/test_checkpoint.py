@@ -1,0 +1,175 @@
+"""Checkpoint mechanics in one process, with a stand-in for the DeepSpeed engine: atomic
+publish, manifest, pruning, fallback past truncated / corrupt / unfinished checkpoints with a
+warning, explicit paths, RNG states, and the stop flag."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from drpo_trainer.checkpoint import (
+    MANIFEST,
+    StopFlag,
+    find_checkpoint,
+    load_checkpoint,
+    resolve_resume,
+    save_checkpoint,
+    verify_checkpoint,
+)
+
+
+class FakeEngine:
+    """Writes and reads one shard file the way DeepSpeed's engine does (dir/tag/file)."""
+
+    def __init__(self, value: float = 0.0) -> None:
+        self.value = value
+
+    def save_checkpoint(self, save_dir, tag, save_latest=True):
+        os.makedirs(os.path.join(save_dir, tag), exist_ok=True)
+        torch.save({"w": torch.full((1000,), self.value)}, os.path.join(save_dir, tag, "shard.pt"))
+
+    def load_checkpoint(self, load_dir, tag):
+        path = os.path.join(load_dir, tag, "shard.pt")
+        self.value = float(torch.load(path)["w"][0])
+        return path, {}
+
+
+def _save(out, step, value=None, keep_last=3):
+    return save_checkpoint(
+        FakeEngine(float(step if value is None else value)), str(out), step, {"sampler": {"epoch": 0, "index": step}},
+        config_yaml="trainer: {}\n", keep_last=keep_last,
+    )
+
+
+def _steps(out):
+    return sorted(p.name for p in (out / "checkpoints").glob("*step_*"))
+
+
+def test_save_publishes_with_a_manifest_of_every_file(tmp_path):
+    path = _save(tmp_path, 1)
+    assert path == tmp_path / "checkpoints" / "step_000001"
+    assert (tmp_path / "checkpoints" / "latest").read_text() == "step_000001"
+    files = json.loads((path / MANIFEST).read_text())["files"]
+    assert sorted(files) == ["config.yaml", "ds/state/shard.pt", "loop_state.json", "rng/rank_00000.pt"]
+    size, _ = files["ds/state/shard.pt"]
+    assert size == (path / "ds/state/shard.pt").stat().st_size
+    assert json.loads((path / "loop_state.json").read_text()) == {"sampler": {"epoch": 0, "index": 1}, "step": 1, "world_size": 1}
+    assert verify_checkpoint(path) is None
+    assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
+
+
+def test_keeps_the_newest_k_and_moves_the_pointer(tmp_path):
+    for step in (2, 4, 6, 8):
+        _save(tmp_path, step, keep_last=2)
+    assert _steps(tmp_path) == ["step_000006", "step_000008"]
+    assert (tmp_path / "checkpoints" / "latest").read_text() == "step_000008"
+
+
+def test_step_10_ranks_above_step_9(tmp_path):
+    for step in (9, 10):
+        _save(tmp_path, step)
+    assert find_checkpoint(str(tmp_path)).name == "step_000010"
+
+
+@pytest.mark.parametrize(
+    "damage, problem",
+    [
+        (lambda p: (p / "ds/state/shard.pt").write_bytes((p / "ds/state/shard.pt").read_bytes()[:-10]), "bytes, the manifest says"),
+        (lambda p: _flip_last_byte(p / "ds/state/shard.pt"), "does not match its sha256"),
+        (lambda p: (p / MANIFEST).unlink(), "no MANIFEST.json"),
+        (lambda p: (p / "rng/rank_00000.pt").unlink(), "missing file rng/rank_00000.pt"),
+        (lambda p: (p / MANIFEST).write_text('{"files": {'), "unreadable manifest"),
+    ],
+    ids=["truncated", "corrupt", "no-manifest", "missing-file", "cut-manifest"],
+)
+def test_resume_falls_back_past_a_damaged_checkpoint_with_a_warning(tmp_path, damage, problem):
+    _save(tmp_path, 1)
+    newest = _save(tmp_path, 2)
+    damage(newest)
+    with pytest.warns(UserWarning, match=f"skipping checkpoint .*step_000002: .*{problem}"):
+        found = find_checkpoint(str(tmp_path))
+    assert found == tmp_path / "checkpoints" / "step_000001"
+    engine = FakeEngine()
+    state = load_checkpoint(engine, found)
+    assert engine.value == 1.0 and state["step"] == 1 and state["sampler"]["index"] == 1
+
+
+def _flip_last_byte(path):
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_unfinished_write_is_ignored_and_cleared_by_the_next_save(tmp_path):
+    _save(tmp_path, 1)
+    debris = tmp_path / "checkpoints" / ".tmp-step_000002"
+    (debris / "ds/state").mkdir(parents=True)
+    (debris / "ds/state/shard.pt").write_bytes(b"half")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # debris is not a candidate: no warning either
+        assert find_checkpoint(str(tmp_path)).name == "step_000001"
+    _save(tmp_path, 2)
+    assert _steps(tmp_path) == ["step_000001", "step_000002"]
+
+
+def test_a_crash_before_the_pointer_moved_still_resumes_from_the_newest(tmp_path):
+    _save(tmp_path, 1)
+    _save(tmp_path, 2)
+    (tmp_path / "checkpoints" / "latest").write_text("step_000001")  # renamed, pointer not yet moved
+    assert find_checkpoint(str(tmp_path)).name == "step_000002"
+
+
+def test_continuing_from_an_older_checkpoint_drops_the_abandoned_newer_ones(tmp_path):
+    for step in (1, 2, 3):
+        _save(tmp_path, step)
+    with pytest.warns(UserWarning, match="removing .*step_000003"):
+        _save(tmp_path, 2, value=20.0)  # a run resumed from step 1 reaches step 2 again
+    assert _steps(tmp_path) == ["step_000001", "step_000002"]
+    engine = FakeEngine()
+    load_checkpoint(engine, find_checkpoint(str(tmp_path)))
+    assert engine.value == 20.0
+
+
+def test_no_checkpoint_means_a_fresh_start(tmp_path):
+    assert find_checkpoint(str(tmp_path)) is None
+    assert resolve_resume("auto", str(tmp_path)) is None
+    assert resolve_resume(None, str(tmp_path)) is None
+
+
+def test_explicit_resume_path_must_be_complete(tmp_path):
+    path = _save(tmp_path, 1)
+    assert resolve_resume(str(path), "elsewhere") == path
+    (path / "config.yaml").write_text("changed")
+    with pytest.raises(FileNotFoundError, match="config.yaml .*Fix: pass --resume auto"):
+        resolve_resume(str(path), "elsewhere")
+    with pytest.raises(FileNotFoundError, match="no such directory"):
+        resolve_resume(str(tmp_path / "nope"), "elsewhere")
+
+
+def test_rng_states_are_restored(tmp_path):
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    path = _save(tmp_path, 1)
+    want = (random.random(), np.random.rand(), torch.rand(1).item())
+    random.seed(9), np.random.seed(9), torch.manual_seed(9)
+    load_checkpoint(FakeEngine(), path)
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == want
+
+
+def test_stop_flag_is_set_by_sigterm_and_sigusr1():
+    old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        for sig in old:
+            flag = StopFlag()
+            assert not flag.requested and not flag.any_rank()
+            os.kill(os.getpid(), sig)  # handled synchronously in the main thread
+            assert flag.requested and flag.any_rank()
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)

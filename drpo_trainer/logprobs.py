@@ -2,10 +2,13 @@
 
 Owns the learner's only path from tokens to ``log pi(token)``: the decoder runs once
 on the packed row, then the output head is applied ``chunk_tokens`` positions at a
-time under ``torch.utils.checkpoint``, so the (N, V) fp32 logits never exist whole,
-in forward or backward (at a 151,936 vocabulary, 8,192 tokens of fp32 logits are
-5 GB). Only positions whose target is not ``IGNORE_INDEX`` reach the head at all,
-so prompt tokens cost no head compute.
+time by a custom autograd function (``_ChunkedHeadLogprobs``) that keeps only (N,)
+statistics in forward and recomputes one chunk's logits at a time in backward, so the
+(N, V) fp32 logits never exist whole, in forward or backward (at a 151,936 vocabulary,
+8,192 tokens of fp32 logits are 5 GB); at most about two (chunk_tokens, V) fp32 buffers
+are live. Only positions whose target is not ``IGNORE_INDEX`` reach the head at all,
+so prompt tokens cost no head compute. Works with the decoder's gradient checkpointing
+(the decoder is run as usual) and with tied input/output embeddings.
 
 Conventions
 -----------
@@ -29,7 +32,9 @@ bookkeeping) with its ``forward`` temporarily replaced, and inside it calls the 
 module once with *its* ``forward`` temporarily replaced by the chunked computation.
 DeepSpeed's hooks thus gather the head weight once per call (also tied embeddings)
 and re-gather it before the head's backward, where each chunk is recomputed with the
-gathered weight. The module call sequence is identical on every rank whatever N is.
+gathered weight; the head's parameter gradients are accumulated once per backward. The
+module call sequence is identical on every rank whatever N is, and a rank with nothing
+to score still runs the head on one row with weight 0 (see ``dummy_packed_batch``).
 """
 
 from __future__ import annotations
@@ -39,7 +44,6 @@ from typing import Callable, Iterator, Optional
 
 import torch
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
 
@@ -74,51 +78,95 @@ def _check_head_is_plain(core: nn.Module) -> None:
         if value not in (None, 1, 1.0):
             raise NotImplementedError(
                 f"model config has {name}={value}: its logits are not lm_head(hidden), which the chunked "
-                "log-prob path assumes; add that transform to drpo_trainer.logprobs._head_chunk."
+                "log-prob path assumes; add that transform to drpo_trainer.logprobs._ChunkedHeadLogprobs."
             )
 
 
-def _head_chunk(
+def _chunk_stats(
     head_forward: Callable[[Tensor], Tensor], hidden: Tensor, targets: Tensor, temperature: float, with_entropy: bool
-) -> tuple[Tensor, Tensor]:
-    """Log-prob of ``targets`` and entropy for one chunk: (C, H) hidden -> two (C,) tensors."""
-    logits = head_forward(hidden).float()  # (C, V); the only V-sized tensors live here
+) -> tuple[Tensor, Tensor, Tensor]:
+    """No-grad log-prob, entropy and log-normalizer of one chunk: (C, H) -> three (C,) tensors."""
+    z = head_forward(hidden).float()  # (C, V) tempered logits; every step below is in place
     if temperature != 1.0:
-        logits = logits / temperature
-    log_normalizer = torch.logsumexp(logits, dim=-1)  # (C,)
-    logprobs = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - log_normalizer
+        z.div_(temperature)
+    target_logits = z.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    row_max = z.amax(dim=-1, keepdim=True)
+    sum_exp = z.sub_(row_max).exp_().sum(-1)  # z now holds unnormalised probabilities
+    log_normalizer = row_max.squeeze(-1) + sum_exp.log()
+    logprobs = target_logits - log_normalizer
     if not with_entropy:
-        return logprobs, torch.zeros_like(logprobs)
-    # H = logZ - sum_v p_v * z_v, with p = softmax(z): avoids a second (C, V) log-softmax tensor
-    entropy = log_normalizer - (torch.softmax(logits, dim=-1) * logits).sum(-1)
-    return logprobs, entropy
+        return logprobs, torch.zeros_like(logprobs), log_normalizer
+    z.div_(sum_exp.unsqueeze(-1))  # p
+    entropy = -torch.special.xlogy(z, z).sum(-1)  # H = -sum p log p (0 log 0 = 0)
+    return logprobs, entropy, log_normalizer
 
 
-def _chunked_head(
-    head_forward: Callable[[Tensor], Tensor],
-    hidden: Tensor,
-    targets: Tensor,
-    *,
-    temperature: float,
-    chunk_tokens: int,
-    with_entropy: bool,
-) -> tuple[Tensor, Tensor]:
-    """Apply the head ``chunk_tokens`` rows at a time: (M, H) hidden -> (M,) log-probs, (M,) entropy.
+class _ChunkedHeadLogprobs(torch.autograd.Function):
+    """(M, H) hidden rows -> (M,) log-probs and entropies, the head applied chunk by chunk.
 
-    With grad enabled each chunk runs under non-reentrant checkpointing: forward keeps
-    no (C, V) tensor, backward recomputes one chunk's logits at a time.
+    Forward keeps only (M,) statistics. Backward recomputes one chunk's logits at a time
+    and writes dL/dlogits in place into that buffer (at most two (C, V) fp32 tensors live),
+    then pulls it through the head with ``torch.autograd.grad``; head-parameter gradients
+    are summed over chunks and returned once, so each parameter gets ONE accumulation per
+    backward (ZeRO-3 reduces a gradient when it is accumulated).
     """
-    recompute = torch.is_grad_enabled()
-    logprob_parts, entropy_parts = [], []
-    for start in range(0, hidden.shape[0], chunk_tokens):
-        args = (head_forward, hidden[start : start + chunk_tokens], targets[start : start + chunk_tokens])
-        if recompute:
-            lp, ent = checkpoint(_head_chunk, *args, temperature, with_entropy, use_reentrant=False)
-        else:
-            lp, ent = _head_chunk(*args, temperature, with_entropy)
-        logprob_parts.append(lp)
-        entropy_parts.append(ent)
-    return torch.cat(logprob_parts), torch.cat(entropy_parts)
+
+    @staticmethod
+    def forward(ctx, head_forward, hidden, targets, temperature, chunk_tokens, with_entropy, *params):
+        parts = [
+            _chunk_stats(head_forward, hidden[s : s + chunk_tokens], targets[s : s + chunk_tokens], temperature, with_entropy)
+            for s in range(0, hidden.shape[0], chunk_tokens)
+        ]
+        logprobs, entropy, log_normalizer = (torch.cat(p) for p in zip(*parts))
+        ctx.save_for_backward(hidden, targets, log_normalizer, entropy)
+        # Parameters are kept as plain references: ZeRO-3 swaps their storage between forward
+        # and backward (partitioned, then re-gathered before this backward runs).
+        ctx.params, ctx.head_forward = params, head_forward
+        ctx.temperature, ctx.chunk_tokens, ctx.with_entropy = temperature, chunk_tokens, with_entropy
+        return logprobs, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logprobs, grad_entropy):
+        hidden, targets, log_normalizer, entropy = ctx.saved_tensors
+        params = ctx.params
+        wanted = [ctx.needs_input_grad[1]] + [p.requires_grad for p in params]
+        grad_hidden = torch.zeros_like(hidden) if wanted[0] else None
+        grad_params: list[Optional[Tensor]] = [None] * len(params)
+        use_entropy = ctx.with_entropy and grad_entropy is not None
+        if grad_logprobs is None:
+            grad_logprobs = torch.zeros_like(log_normalizer)
+        for s in range(0, hidden.shape[0], ctx.chunk_tokens):
+            e = s + ctx.chunk_tokens
+            with torch.enable_grad():
+                h = hidden[s:e].detach().requires_grad_(wanted[0])
+                logits = ctx.head_forward(h)  # (C, V)
+            g_lp = grad_logprobs[s:e].unsqueeze(-1)
+            with torch.no_grad():
+                z = logits.detach().float()  # becomes dL/dlogits in place
+                if ctx.temperature != 1.0:
+                    z.div_(ctx.temperature)
+                z.sub_(log_normalizer[s:e].unsqueeze(-1))  # log p
+                if use_entropy:
+                    # dlogp_t/dz = onehot_t - p;  dH/dz = -p * (log p + H)
+                    p = z.exp()
+                    g_h = grad_entropy[s:e].unsqueeze(-1)
+                    z.add_(entropy[s:e].unsqueeze(-1)).mul_(g_h).add_(g_lp).mul_(p).neg_()
+                    del p
+                else:
+                    z.exp_().mul_(-g_lp)
+                z.scatter_add_(-1, targets[s:e].unsqueeze(-1), g_lp)
+                if ctx.temperature != 1.0:
+                    z.div_(ctx.temperature)
+            inputs = [t for t, w in zip([h, *params], wanted) if w]
+            grads = iter(torch.autograd.grad(logits, inputs, grad_outputs=z.to(logits.dtype)))
+            del z, logits
+            if wanted[0]:
+                grad_hidden[s:e] = next(grads)
+            for i, w in enumerate(wanted[1:]):
+                if w:
+                    g = next(grads)
+                    grad_params[i] = g if grad_params[i] is None else grad_params[i].add_(g)
+        return (None, grad_hidden, None, None, None, None, *grad_params)
 
 
 @contextlib.contextmanager
@@ -149,7 +197,7 @@ def token_logprobs(
             packed sequence, which is how transformers isolates their attention.
         targets: (1, N) next token per position, ``IGNORE_INDEX`` where not needed.
         temperature: the sampling temperature (> 0).
-        chunk_tokens: head rows per chunk; peak head memory ~ chunk_tokens x V x 4 bytes x few.
+        chunk_tokens: head rows per chunk; peak head memory ~ 2 x chunk_tokens x V x 4 bytes.
         with_entropy: also return the entropy of the tempered distribution.
 
     Returns:
@@ -166,9 +214,8 @@ def token_logprobs(
     n_tokens = input_ids.shape[1]
 
     def chunked_head_forward(hidden_rows: Tensor, row_targets: Tensor) -> tuple[Tensor, Tensor]:
-        return _chunked_head(
-            head_forward, hidden_rows, row_targets, temperature=temperature, chunk_tokens=chunk_tokens,
-            with_entropy=with_entropy,
+        return _ChunkedHeadLogprobs.apply(
+            head_forward, hidden_rows, row_targets, temperature, chunk_tokens, with_entropy, *head.parameters()
         )
 
     def root_forward(input_ids: Tensor, position_ids: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:

@@ -154,6 +154,21 @@ def test_gradient_checkpointing_matches():
         assert_grads_close(a, b)
 
 
+def test_bfloat16_model_matches_naive():
+    """bf16 head output is upcast to fp32 in both paths, so values agree to fp32 rounding."""
+    model = tiny_qwen3().to(torch.bfloat16)
+    _, batch = random_batch([13, 8], prompt_lengths=[2, 2])
+    args = (batch.input_ids, batch.position_ids, batch.targets)
+    lp, ent = token_logprobs(model, *args, chunk_tokens=5, with_entropy=True)
+    lp_ref, ent_ref = naive_token_logprobs(model, *args, with_entropy=True)
+    assert lp.dtype == torch.float32
+    torch.testing.assert_close(lp, lp_ref, rtol=0, atol=1e-4)
+    torch.testing.assert_close(ent, ent_ref, rtol=0, atol=1e-4)
+    # bf16 gradients: the same math, rounded to bf16 (8 bits of mantissa) at different points
+    for a, b in zip(grads_of(model, lp.sum()), grads_of(model, lp_ref.sum())):
+        assert_grads_close(a.float(), b.float(), tol=2e-2)
+
+
 def test_bad_inputs_name_the_problem():
     model = tiny_qwen3()
     ids = torch.zeros(2, 4, dtype=torch.long)

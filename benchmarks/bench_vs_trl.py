@@ -1,0 +1,253 @@
+"""End-to-end rollout-step time of drpo-train vs TRL's GRPOTrainer on CPU (issue 7, benchmark 1).
+
+    python benchmarks/bench_vs_trl.py [--prompts 8] [--group 8] [--max-new-tokens 32] [--minibatches 2]
+                                      [--steps 6] [--warmup 2] [--rounds 1]
+
+Both trainers run in their own process (one process each, one after the other; `--rounds 2`
+alternates them twice), on the same random tiny Qwen3 and tokenizer
+(`tiny_model.build_random_model`, hidden 128, 4 layers), the same synthetic arithmetic prompts
+(`tiny_model.train_problems`) through the same chat template, the same reward function
+(`drpo_trainer.rewards.math_reward`), and the same batch geometry:
+
+    prompts per rollout step        --prompts        TRL: generation_batch_size = prompts x group
+    completions per prompt (G)      --group          TRL: num_generations
+    max completion tokens           --max-new-tokens TRL: max_completion_length
+    optimizer steps per rollout     --minibatches    TRL: steps_per_generation (one mini-batch per
+                                                          optimizer step, per_device_train_batch_size
+                                                          = prompts x group / minibatches)
+    sampling                        temperature 1, top_p 1, top_k 0 (unrestricted) on both
+    optimizer                       AdamW, lr 1e-6, weight decay 0.01, clip 1.0, fp32
+    activation checkpointing        off on both (TRL's GRPOConfig defaults it on: set False)
+
+What is timed: one rollout step = generation, rewards, behaviour log-probs, all optimizer steps.
+Ours: `time/step` of `run_step` from metrics.jsonl (weight sync into the rollout engine included).
+TRL: the sum of its `on_step_begin` -> `on_step_end` spans over the `steps_per_generation` optimizer
+steps that share one generation (generation happens inside the first). Logging, checkpoints and eval
+are outside both. The first `--warmup` rollout steps are dropped; the ratio is of the medians.
+
+What differs (by design of each trainer): ours runs the learner on a DeepSpeed ZeRO-3 engine and
+samples from a separate rollout model (weights synced every step); TRL samples from the policy model
+itself with plain torch. Ours scores in a pool of killable verifier processes (reward.num_workers=2);
+TRL calls the reward function in-process. Ours: DRPO loss, seq-mean-token-sum-norm; TRL: its clipped
+loss with loss_type dr_grpo (the same constant normaliser) and beta 0 (no reference model).
+Target: ratio = ours / TRL <= 0.5.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+TARGET = 0.5
+RESULT = "BENCH_RESULT "
+
+
+def write_problems(path: Path, n: int = 512) -> None:
+    from drpo_trainer.tiny_model import problem_row, train_problems
+
+    path.write_text("".join(json.dumps(problem_row(p)) + "\n" for p in train_problems()[:n]))
+
+
+def run_ours(args, model_dir: str, data: str, out: str) -> dict:
+    from drpo_trainer.config import load_config
+    from drpo_trainer.trainer import train
+
+    cfg = load_config(
+        None,
+        [
+            f"output_dir={out}",
+            f"model.path={model_dir}",
+            f"data.train_files=[{data}]",
+            "eval.files={}",
+            f"rollout.samples_per_prompt={args.group}",
+            f"rollout.max_new_tokens={args.max_new_tokens}",
+            f"rollout.generation_batch_size={args.prompts * args.group}",
+            f"trainer.prompts_per_step={args.prompts}",
+            f"trainer.minibatches_per_step={args.minibatches}",
+            f"trainer.max_steps={args.steps}",
+            "trainer.micro_batch_tokens_per_gpu=16384",
+            "optim.lr=1e-6",
+            "optim.weight_decay=0.01",
+            "distributed.nproc_per_node=1",
+            "reward.num_workers=2",
+            "checkpoint.export_final=false",
+            "tracking.progress_bar=false",
+        ],
+    )
+    train(cfg)
+    rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "time/step" in r]
+    return {
+        "step_s": [r["time/step"] for r in rows],
+        "rollout_s": [r["time/generate"] + r["time/score"] + r["time/recompute"] for r in rows],
+        "update_s": [r["time/update"] + r["time/sync"] for r in rows],
+        "completion_len": [r["response/length_mean"] for r in rows],
+    }
+
+
+def run_trl(args, model_dir: str, data: str, out: str) -> dict:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from drpo_trainer.rewards import math_reward
+
+    rows = [json.loads(line) for line in Path(data).read_text().splitlines()]
+    dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}], "answer": r["answer"]} for r in rows])
+
+    def reward(completions, answer, **_) -> list[float]:
+        return [math_reward(c[0]["content"], a) for c, a in zip(completions, answer)]
+
+    class StepTimer(TrainerCallback):
+        def __init__(self) -> None:
+            self.spans: list[float] = []
+            self.lengths: list[float] = []
+            self._start = 0.0
+
+        def on_step_begin(self, *_, **__):
+            self._start = time.perf_counter()
+
+        def on_step_end(self, *_, **__):
+            self.spans.append(time.perf_counter() - self._start)
+
+        def on_log(self, _args, _state, _control, logs=None, **__):
+            if logs and "completions/mean_length" in logs:
+                self.lengths.append(logs["completions/mean_length"])
+
+    config = GRPOConfig(
+        output_dir=out,
+        use_cpu=True,
+        use_vllm=False,
+        bf16=False,
+        gradient_checkpointing=False,  # TRL defaults it on (and so generates without a KV cache); ours is off
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1,
+        seed=0,
+        num_generations=args.group,
+        max_completion_length=args.max_new_tokens,
+        per_device_train_batch_size=args.prompts * args.group // args.minibatches,
+        gradient_accumulation_steps=1,
+        steps_per_generation=args.minibatches,
+        max_steps=args.steps * args.minibatches,
+        temperature=1.0,
+        top_p=1.0,
+        top_k=0,
+        learning_rate=1e-6,
+        lr_scheduler_type="constant",
+        weight_decay=0.01,
+        max_grad_norm=1.0,
+        beta=0.0,
+        loss_type="dr_grpo",
+        dataloader_num_workers=0,
+        log_completions=False,
+    )
+    timer = StepTimer()
+    trainer = GRPOTrainer(
+        model=AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
+        reward_funcs=reward,
+        args=config,
+        train_dataset=dataset,
+        processing_class=AutoTokenizer.from_pretrained(model_dir),
+        callbacks=[timer],
+    )
+    trainer.train()
+    k = args.minibatches
+    spans = timer.spans
+    return {
+        "step_s": [sum(spans[i : i + k]) for i in range(0, len(spans) - k + 1, k)],
+        # the first span also generates, scores and computes the old log-probs; the others only update
+        "rollout_s": [spans[i] - spans[i + 1] for i in range(0, len(spans) - k + 1, k)],
+        "update_s": [k * spans[i + 1] for i in range(0, len(spans) - k + 1, k)],
+        "completion_len": timer.lengths,
+    }
+
+
+def run_side(side: str, args, model_dir: str, data: str, out: str) -> dict:
+    """One trainer in a fresh process (the two must not share a process group or thread pools)."""
+    cmd = [sys.executable, __file__, "--side", side, "--model", model_dir, "--data", data, "--out", out]
+    cmd += [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("side", "model", "data", "out")]
+    env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", WANDB_MODE="disabled")
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    lines = [line for line in res.stdout.splitlines() if line.startswith(RESULT)]
+    if res.returncode != 0 or not lines:
+        raise RuntimeError(f"{side} run failed (exit {res.returncode}):\n{res.stderr[-4000:]}")
+    return json.loads(lines[-1][len(RESULT) :])
+
+
+def summarize(results: dict[str, list[dict]], warmup: int) -> dict[str, dict[str, float]]:
+    from benchmarks.common import median
+
+    out = {}
+    for side, runs in results.items():
+        steady = {key: [x for r in runs for x in r[key][warmup:]] for key in runs[0] if key != "completion_len"}
+        out[side] = {key: median(v) for key, v in steady.items()}
+        out[side]["min_step_s"] = min(steady["step_s"])
+        out[side]["completion_len"] = median([x for r in runs for x in r["completion_len"]])
+        out[side]["measured_steps"] = len(steady["step_s"])
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prompts", type=int, default=8, help="prompts per rollout step")
+    parser.add_argument("--group", type=int, default=8, help="completions per prompt (G)")
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--minibatches", type=int, default=2, help="optimizer steps per rollout step")
+    parser.add_argument("--steps", type=int, default=6, help="rollout steps per run")
+    parser.add_argument("--warmup", type=int, default=2, help="rollout steps dropped from each run")
+    parser.add_argument("--rounds", type=int, default=1, help="runs of each trainer, alternating")
+    parser.add_argument("--side", choices=["ours", "trl"], help=argparse.SUPPRESS)
+    parser.add_argument("--model", help=argparse.SUPPRESS)
+    parser.add_argument("--data", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.side:
+        result = (run_ours if args.side == "ours" else run_trl)(args, args.model, args.data, args.out)
+        print(RESULT + json.dumps(result), flush=True)
+        return
+    if args.steps <= args.warmup:
+        parser.error(f"--steps ({args.steps}) must exceed --warmup ({args.warmup}) to leave steps to measure")
+
+    from benchmarks.common import print_table, ratio_line
+    from drpo_trainer.tiny_model import build_random_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = build_random_model(Path(tmp) / "model", hidden_size=128, num_layers=4, num_heads=4, seed=0)
+        data = Path(tmp) / "train.jsonl"
+        write_problems(data)
+        results: dict[str, list[dict]] = {"ours": [], "trl": []}
+        for r in range(args.rounds):
+            for side in ("ours", "trl"):
+                results[side].append(run_side(side, args, model_dir, str(data), str(Path(tmp) / f"{side}{r}")))
+    s = summarize(results, args.warmup)
+    print(
+        f"{args.prompts} prompts x G={args.group}, <= {args.max_new_tokens} new tokens, {args.minibatches} optimizer "
+        f"steps per rollout step; {args.rounds} round(s) x {args.steps - args.warmup} measured steps per trainer"
+    )
+    print_table(
+        "",
+        ["trainer", "median step s", "best step s", "rollout phase s", "update phase s", "completion tokens"],
+        [
+            [name, s[side]["step_s"], s[side]["min_step_s"], s[side]["rollout_s"], s[side]["update_s"], s[side]["completion_len"]]
+            for side, name in (("ours", "drpo-train (ZeRO-3, 1 process)"), ("trl", "TRL GRPOTrainer (use_vllm off)"))
+        ],
+    )
+    print("rollout phase = generate + score + behaviour log-probs; update phase = optimizer steps (+ weight sync, ours).")
+    print("TRL's phases are estimated from its step spans: rollout = first span - second, update = k x second span.")
+    ratio = s["ours"]["step_s"] / s["trl"]["step_s"]
+    print(ratio_line(ratio, f"<= {TARGET} of TRL's step time", ratio <= TARGET))
+
+
+if __name__ == "__main__":
+    main()

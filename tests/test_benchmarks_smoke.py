@@ -1,0 +1,74 @@
+"""The benchmark scripts' bookkeeping: FLOP accounting, the weight-copy baseline, step-time summaries.
+
+The benchmarks themselves are scripts under benchmarks/ (not run by pytest); these tests check, on
+tiny hand-sized inputs, the arithmetic their printed ratios rest on.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.bench_learner_flops import body_matmul_params, model_flops  # noqa: E402
+from benchmarks.bench_vs_trl import summarize  # noqa: E402
+from benchmarks.bench_weight_sync import interleaved, plain_copy  # noqa: E402
+from benchmarks.common import ratio_line  # noqa: E402
+
+TINY = dict(hidden_size=8, num_layers=1, intermediate_size=16, vocab_size=32, num_heads=2, num_kv_heads=1)
+
+
+def _tiny_model(seed: int = 0):
+    from benchmarks.common import build_qwen3
+
+    return build_qwen3(seed=seed, **TINY)
+
+
+def test_model_flops_by_hand():
+    model = _tiny_model()
+    # one layer, hidden 8, 2 heads x head_dim 4 (q 8), 1 kv head (k, v 4), intermediate 16:
+    # q 8x8=64 + k 8x4=32 + v 32 + o 64 + gate 8x16=128 + up 128 + down 128 = 576 (norms are 1-D: excluded)
+    assert body_matmul_params(model) == 576
+    f = model_flops(model, lengths=[5, 3], prompt_lens=[2, 1])
+    # tokens 5 + 3 = 8; scored (5 - 2) + (3 - 1) = 5; head 32 x 8 = 256
+    # 6 * 576 * 8 + 6 * 256 * 5 = 27648 + 7680 = 35328
+    assert f["tokens"] == 8 and f["scored_tokens"] == 5
+    assert f["flops_6nd"] == 35328
+    # attention: 6 * layers 1 * width (2 heads x 4) * (5^2 + 3^2) = 6 * 8 * 34 = 1632
+    assert f["flops_attention"] == 1632
+
+
+def test_plain_copy_copies_every_parameter_once_tied_included():
+    src, dst = _tiny_model(seed=1), _tiny_model(seed=2)
+    assert not torch.equal(src.model.embed_tokens.weight, dst.model.embed_tokens.weight)
+    plain_copy(src, dst)
+    for (name, p), (_, q) in zip(src.named_parameters(), dst.named_parameters()):
+        assert torch.equal(p, q), name
+    assert dst.lm_head.weight is dst.model.embed_tokens.weight  # the tie survives the copy
+
+
+def test_interleaved_times_every_function_in_every_round():
+    calls: list[str] = []
+    times = interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=3)
+    assert calls == ["a", "b"] + ["a", "b"] * 3  # one warm-up call each, then 3 alternating rounds
+    assert [len(t) for t in times.values()] == [3, 3]
+
+
+def test_summarize_drops_warmup_and_takes_medians():
+    runs = [
+        {"step_s": [9.0, 1.0, 3.0, 2.0], "rollout_s": [5.0, 0.5, 0.7, 0.6], "update_s": [1, 2, 3, 4], "completion_len": [30, 32]},
+        {"step_s": [8.0, 4.0, 6.0, 5.0], "rollout_s": [5.0, 0.1, 0.2, 0.3], "update_s": [1, 2, 3, 4], "completion_len": [31]},
+    ]
+    s = summarize({"ours": runs}, warmup=1)["ours"]
+    # steady steps of both runs: [1, 3, 2] + [4, 6, 5] -> median of 6 values = (3 + 4) / 2
+    assert s["step_s"] == 3.5 and s["min_step_s"] == 1.0 and s["measured_steps"] == 6
+    assert s["rollout_s"] == (0.3 + 0.5) / 2  # steady [0.5, 0.7, 0.6] + [0.1, 0.2, 0.3]: middle two of six
+    assert s["completion_len"] == 31
+
+
+def test_ratio_line_names_the_verdict():
+    assert ratio_line(0.25, "<= 0.5", True) == "ratio = 0.250 (target: <= 0.5) -> met"
+    assert ratio_line(2.5, "<= 2", False).endswith("NOT met")

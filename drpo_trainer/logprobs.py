@@ -172,11 +172,15 @@ class _ChunkedHeadLogprobs(torch.autograd.Function):
 @contextlib.contextmanager
 def _forward_replaced(module: nn.Module, forward: Callable) -> Iterator[None]:
     """Temporarily replace ``module.forward`` so that ``module(...)`` runs every hook around ``forward``."""
+    previous = module.__dict__.get("forward")  # an instance-level forward set by other wrappers
     module.forward = forward
     try:
         yield
     finally:
-        del module.forward  # back to the class's forward
+        if previous is None:
+            del module.forward  # back to the class's forward
+        else:
+            module.forward = previous
 
 
 def token_logprobs(

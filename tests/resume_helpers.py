@@ -135,10 +135,30 @@ def start(config: Path, *args: str, log: Optional[Path] = None) -> subprocess.Po
 
 
 def kill_group(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
+    """`sig` to the run's process group and every descendant: torchrun starts each worker in a
+    session of its own, so the group alone would leave the workers training as orphans."""
+    import psutil
+
+    try:
+        root = psutil.Process(proc.pid)
+        tree = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for p in tree:  # stop first, so that nothing spawns or notices its parent dying
+        try:
+            p.send_signal(signal.SIGSTOP)
+        except psutil.NoSuchProcess:
+            pass
+    tree += [c for p in tree if p.is_running() for c in p.children(recursive=True) if c not in tree]
     try:
         os.killpg(proc.pid, sig)
     except ProcessLookupError:
         pass
+    for p in tree:
+        try:
+            p.send_signal(sig)
+        except psutil.NoSuchProcess:
+            pass
 
 
 def wait_for(predicate, timeout: float, poll: float = 0.05) -> bool:

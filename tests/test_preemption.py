@@ -110,7 +110,8 @@ def _kill_trial(cfg: Path, out: Path, log: Path, rng: random.Random, during_writ
         time.sleep(rng.uniform(0.0, 0.02))
     else:  # a random moment of the first step after the resume point
         saw = h.wait_for(lambda: _steps_logged(out) > before, timeout=240)
-        time.sleep(rng.uniform(0.0, 1.0))
+        time.sleep(rng.uniform(0.0, 0.5))
+    assert proc.poll() is None, f"the run ended (exit {proc.returncode}) before the kill:\n{log.read_text()[-3000:]}"
     h.kill_group(proc)
     proc.wait(timeout=60)
     text = log.read_text()

@@ -44,8 +44,8 @@ CHAT_TEMPLATE = (
 # The synthetic task
 # ----------------------------------------------------------------------------------------------
 
-EVAL_SEED, EVAL_SIZE = 1, 256
-TRAIN_SEED, TRAIN_SIZE = 0, 2000
+EVAL_SEED, EVAL_SIZE = 1, 128
+TRAIN_SEED, TRAIN_SIZE = 0, 500  # of the 736 problems of the family
 PROMPT_RE = re.compile(r"^Compute (\d+) ([-+*]) (\d+)\. Put the final answer in \\boxed\{\}\.$")
 
 
@@ -77,7 +77,7 @@ class Problem:
         return cls(int(m.group(1)), m.group(2), int(m.group(3)))
 
 
-ADD_MAX, MUL_MAX = 99, 19  # operand ranges: a + b, a - b with a, b <= ADD_MAX; a * b with 2 <= a <= 9 <= b <= MUL_MAX
+ADD_MAX, MUL_MAX = 20, 9  # a + b and a - b with 0 <= b, a <= ADD_MAX; a * b with 2 <= a, b <= MUL_MAX
 
 
 def sample_problem(rng: random.Random) -> Problem:
@@ -89,17 +89,22 @@ def sample_problem(rng: random.Random) -> Problem:
     if op == "-":
         a = rng.randint(0, ADD_MAX)
         return Problem(a, op, rng.randint(0, a))  # no negative results
-    return Problem(rng.randint(2, 9), op, rng.randint(2, MUL_MAX))
+    return Problem(rng.randint(2, MUL_MAX), op, rng.randint(2, MUL_MAX))
 
 
 def sample_problems(n: int, seed: int, exclude: Iterable[Problem] = ()) -> list[Problem]:
     """`n` distinct problems drawn in a fixed order from `seed`, none of them in `exclude`."""
     rng, seen, out = random.Random(seed), set(exclude), []
-    while len(out) < n:
+    for _ in range(1000 * (n + 10)):
+        if len(out) == n:
+            break
         p = sample_problem(rng)
         if p not in seen:
             seen.add(p)
             out.append(p)
+    if len(out) < n:
+        raise ValueError(f"asked for {n} distinct problems but found only {len(out)} outside the {len(seen) - len(out)} "
+                         "excluded ones: the family is too small; lower the count or widen ADD_MAX / MUL_MAX")
     return out
 
 
@@ -148,7 +153,8 @@ def build_tokenizer(texts: Iterable[str], vocab_size: int = 512):
 
 def _tokenizer_texts() -> list[str]:
     """Corpus for the BPE merges: task prompts and solutions plus a line of generic math markup."""
-    problems = sample_problems(3000, seed=123)
+    rng = random.Random(123)
+    problems = [sample_problem(rng) for _ in range(2000)]
     extra = [r"\boxed{} \frac{1}{2} \sqrt{x} x^2 + y = z. Answer: 0123456789 ( ) [ ] , ; : ! ?"]
     return [p.prompt for p in problems] + [p.solution for p in problems] + extra
 
@@ -213,11 +219,11 @@ class WarmStartRecipe:
     """Everything that determines the built weights (with the torch build); saved in the build info."""
 
     hidden_size: int = 128
-    num_layers: int = 4
+    num_layers: int = 2
     num_heads: int = 4
     vocab_size: int = 512
-    steps: int = 300
-    batch_size: int = 64
+    steps: int = 240
+    batch_size: int = 32
     lr: float = 3e-3
     warmup_steps: int = 20
     seed: int = 0
@@ -251,15 +257,12 @@ def _sft_batch(tokenizer, problems: list[Problem]):
 
 
 def _sft_stream(recipe: WarmStartRecipe) -> Iterable[list[Problem]]:
-    """Batches of training problems; eval problems are held out so eval accuracy is not memorised."""
-    held_out, rng = set(eval_problems()), random.Random(recipe.data_seed)
+    """Batches of problems drawn from the whole family. The eval problems are NOT held out: the
+    family is small, and the eval set measures how reliably the model samples right answers to
+    problems of the family (what RL improves), not generalisation to unseen operand pairs."""
+    rng = random.Random(recipe.data_seed)
     for _ in range(recipe.steps):
-        batch: list[Problem] = []
-        while len(batch) < recipe.batch_size:
-            p = sample_problem(rng)
-            if p not in held_out:
-                batch.append(p)
-        yield batch
+        yield [sample_problem(rng) for _ in range(recipe.batch_size)]
 
 
 def warm_start(model, tokenizer, recipe: WarmStartRecipe, progress: bool = True) -> float:
@@ -324,3 +327,106 @@ def sample_accuracy(model, tokenizer, problems: list[Problem], *, temperature: f
             boxed += got is not None
             correct += got == str(p.answer)
     return correct / len(problems), boxed / len(problems)
+
+
+# ----------------------------------------------------------------------------------------------
+# Build and cache
+# ----------------------------------------------------------------------------------------------
+
+
+def build_tiny_math(out_dir: str | os.PathLike, recipe: WarmStartRecipe = WarmStartRecipe(),
+                    progress: bool = True) -> dict[str, Any]:
+    """Train the tokenizer, warm-start the model and save both into `out_dir` (which must not exist
+    yet or be empty). Runs single-threaded for bit-reproducible weights; returns the build info."""
+    import dataclasses
+
+    import torch
+    import transformers
+
+    start, threads = time.time(), torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        tokenizer = build_tokenizer(_tokenizer_texts(), recipe.vocab_size)
+        model = _new_model(tokenizer, recipe.hidden_size, recipe.num_layers, recipe.num_heads, recipe.seed)
+        final_loss = warm_start(model, tokenizer, recipe, progress=progress)
+    finally:
+        torch.set_num_threads(threads)
+    model.save_pretrained(str(out_dir))
+    tokenizer.save_pretrained(str(out_dir))
+    info = {
+        "version": BUILD_VERSION,
+        "recipe": dataclasses.asdict(recipe),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "final_sft_loss": final_loss,
+        "build_seconds": round(time.time() - start, 2),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
+    (Path(out_dir) / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    return info
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("DRPO_CACHE_DIR") or Path.home() / ".cache" / "drpo-trainer")
+
+
+def resolve_model_path(path: str) -> str:
+    """`path` unchanged for a model directory; for 'builtin:tiny-math' the cached build, built first
+    if absent. Safe to call from several ranks at once: one builds under a file lock, the others wait,
+    and the build lands in a temp dir renamed into place, so a half-written cache is never seen."""
+    if not path.startswith("builtin:"):
+        return path
+    if path != BUILTIN_NAME:
+        raise ValueError(f"unknown builtin model {path!r}; the only builtin is {BUILTIN_NAME!r} "
+                         "(or give a Hugging Face model directory)")
+    return str(ensure_built(default_cache_dir() / BUILD_VERSION))
+
+
+def ensure_built(target: Path, progress: bool = True) -> Path:
+    """Build the tiny-math model into `target` unless a finished build is already there."""
+    from filelock import FileLock
+
+    target = Path(target)
+    if (target / INFO_FILE).is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if (target / INFO_FILE).is_file():  # another process built it while we waited
+            return target
+        if target.exists():
+            raise FileExistsError(f"{target} exists but holds no finished tiny-math build ({INFO_FILE} missing); "
+                                  "delete it or pass another --out directory")
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        try:
+            info = build_tiny_math(tmp, progress=progress)
+            os.replace(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if progress:
+            print(f"built {BUILTIN_NAME} ({info['parameters']:,} parameters) in {info['build_seconds']} s -> {target}")
+    return target
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m drpo_trainer.tiny_model", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", help=f"output directory (default: $DRPO_CACHE_DIR or ~/.cache/drpo-trainer, /{BUILD_VERSION})")
+    ap.add_argument("--eval", action="store_true", help="report eval-set accuracy at T=1 and greedy after building")
+    args = ap.parse_args(argv)
+    out = ensure_built(Path(args.out) if args.out else default_cache_dir() / BUILD_VERSION)
+    print(out)
+    if args.eval:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(str(out), dtype="float32")
+        tok = AutoTokenizer.from_pretrained(str(out))
+        for name, temp in (("T=1.0", 1.0), ("greedy", 0.0)):
+            acc, boxed = sample_accuracy(model, tok, eval_problems(), temperature=temp)
+            print(f"eval {name}: accuracy {acc:.3f}, boxed {boxed:.3f} over {EVAL_SIZE} problems")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

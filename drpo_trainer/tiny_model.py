@@ -81,8 +81,9 @@ ADD_MAX, MUL_MAX = 20, 9  # a + b and a - b with 0 <= b, a <= ADD_MAX; a * b wit
 
 
 def sample_problem(rng: random.Random) -> Problem:
-    """Sums, non-negative differences and small products: hard enough that a short supervised
-    pass leaves many answers wrong, easy enough that many are right."""
+    """Sums and non-negative differences of 0..20, products of 2..9 (736 problems in all): a short
+    supervised pass learns most products and part of the sums and differences, so sampled answers
+    are a mix of right and wrong (about a third right at T=1, under half greedy)."""
     op = rng.choice("+-*")
     if op == "+":
         return Problem(rng.randint(0, ADD_MAX), op, rng.randint(0, ADD_MAX))
@@ -216,7 +217,9 @@ def build_random_model(
 
 @dataclass(frozen=True)
 class WarmStartRecipe:
-    """Everything that determines the built weights (with the torch build); saved in the build info."""
+    """Everything that determines the built weights (with the torch build); saved in the build info.
+    240 steps x 32 problems take ~30 s on one thread and leave the accuracy RL needs (see above);
+    more steps or layers raise it, fewer lower it."""
 
     hidden_size: int = 128
     num_layers: int = 2

@@ -115,7 +115,6 @@ def _last_boxed(text: str):
     return found[-1].strip() if found else None
 
 
-@pytest.mark.slow
 def test_warm_model_solves_part_of_the_eval_set(warm_model_dir):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -135,3 +134,20 @@ def test_warm_model_solves_part_of_the_eval_set(warm_model_dir):
     boxed = sum(a is not None for a in answers) / len(rows)
     assert boxed >= 0.9, answers
     assert 0.05 <= accuracy <= 0.8, (accuracy, answers)
+
+
+def test_build_is_bit_reproducible_whatever_the_ambient_thread_count(tmp_path):
+    import torch
+
+    recipe = tm.WarmStartRecipe(steps=4, batch_size=8, warmup_steps=2)
+    before = torch.get_num_threads()
+    info_a = tm.build_tiny_math(tmp_path / "a", recipe, progress=False)
+    torch.set_num_threads(2 if before != 2 else 1)  # the build pins one thread, so this must not matter
+    try:
+        tm.build_tiny_math(tmp_path / "b", recipe, progress=False)
+        assert torch.get_num_threads() == (2 if before != 2 else 1)  # restored after the build
+    finally:
+        torch.set_num_threads(before)
+    for name in ("model.safetensors", "tokenizer.json", "chat_template.jinja"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    assert info_a["recipe"]["steps"] == 4 and info_a["version"] == tm.BUILD_VERSION

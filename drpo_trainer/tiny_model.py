@@ -402,6 +402,7 @@ def ensure_built(target: Path, progress: bool = True) -> Path:
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
         try:
             info = build_tiny_math(tmp, progress=progress)
+            os.chmod(tmp, 0o755)  # mkdtemp makes it owner-only; the cache may be shared by users
             os.replace(tmp, target)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)

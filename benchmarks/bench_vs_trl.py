@@ -1,7 +1,7 @@
 """End-to-end rollout-step time of drpo-train vs TRL's GRPOTrainer on CPU (issue 7, benchmark 1).
 
     python benchmarks/bench_vs_trl.py [--prompts 8] [--group 8] [--max-new-tokens 32] [--minibatches 2]
-                                      [--steps 6] [--warmup 2] [--rounds 1]
+                                      [--steps 10] [--warmup 4] [--rounds 1]
 
 Both trainers run in their own process (one process each, one after the other; `--rounds 2`
 alternates them twice), on the same random tiny Qwen3 and tokenizer
@@ -78,6 +78,7 @@ def run_ours(args, model_dir: str, data: str, out: str) -> dict:
             "optim.lr=1e-6",
             "optim.weight_decay=0.01",
             "distributed.nproc_per_node=1",
+            f"distributed.zero_stage={args.zero_stage}",
             "reward.num_workers=2",
             "checkpoint.export_final=false",
             "tracking.progress_bar=false",
@@ -204,9 +205,10 @@ def main() -> None:
     parser.add_argument("--group", type=int, default=8, help="completions per prompt (G)")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--minibatches", type=int, default=2, help="optimizer steps per rollout step")
-    parser.add_argument("--steps", type=int, default=6, help="rollout steps per run")
-    parser.add_argument("--warmup", type=int, default=2, help="rollout steps dropped from each run")
+    parser.add_argument("--steps", type=int, default=10, help="rollout steps per run")
+    parser.add_argument("--warmup", type=int, default=4, help="rollout steps dropped from each run")
     parser.add_argument("--rounds", type=int, default=1, help="runs of each trainer, alternating")
+    parser.add_argument("--zero-stage", type=int, default=3, choices=[0, 1, 2, 3], help="our learner's ZeRO stage")
     parser.add_argument("--side", choices=["ours", "trl"], help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
@@ -240,9 +242,11 @@ def main() -> None:
         ["trainer", "median step s", "best step s", "rollout phase s", "update phase s", "completion tokens"],
         [
             [name, s[side]["step_s"], s[side]["min_step_s"], s[side]["rollout_s"], s[side]["update_s"], s[side]["completion_len"]]
-            for side, name in (("ours", "drpo-train (ZeRO-3, 1 process)"), ("trl", "TRL GRPOTrainer (use_vllm off)"))
+            for side, name in (("ours", f"drpo-train (ZeRO-{args.zero_stage}, 1 process)"), ("trl", "TRL GRPOTrainer (use_vllm off)"))
         ],
     )
+    for side in ("ours", "trl"):  # the raw series: warm-up and noise are visible, not hidden in the median
+        print(f"{side} step s per run: " + "; ".join(" ".join(f"{x:.2f}" for x in r["step_s"]) for r in results[side]))
     print("rollout phase = generate + score + behaviour log-probs; update phase = optimizer steps (+ weight sync, ours).")
     print("TRL's phases are estimated from its step spans: rollout = first span - second, update = k x second span.")
     ratio = s["ours"]["step_s"] / s["trl"]["step_s"]

@@ -35,7 +35,8 @@ def small_run_files(tmp_path_factory):
 
 
 def run_cli(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
-    env = dict(os.environ, HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     return subprocess.run(
         [sys.executable, "-m", "drpo_trainer.cli", *args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=timeout
     )

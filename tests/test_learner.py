@@ -9,6 +9,7 @@ the rollout engine with exactly the learner's weights.
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
@@ -33,7 +34,13 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ctx():
-    return setup_distributed("gloo")
+    """A one-process gloo group for this module; environment and group are undone afterwards so
+    that later tests (which start `drpo-train` subprocesses) do not inherit RANK / MASTER_PORT."""
+    saved = dict(os.environ)
+    yield setup_distributed("gloo")
+    torch.distributed.destroy_process_group()
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 def make_cfg(model_dir, *overrides):

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Iterable, Optional
 
 BUILTIN_NAME = "builtin:tiny-math"
-BUILD_VERSION = "tiny-math-v1"
+BUILD_VERSION = "tiny-math-v2"
 INFO_FILE = "tiny_math_build.json"
 
 BOS, EOS, PAD = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
@@ -83,7 +83,7 @@ ADD_MAX, MUL_MAX = 20, 9  # a + b and a - b with 0 <= b, a <= ADD_MAX; a * b wit
 def sample_problem(rng: random.Random) -> Problem:
     """Sums and non-negative differences of 0..20, products of 2..9 (736 problems in all): a short
     supervised pass learns most products and part of the sums and differences, so sampled answers
-    are a mix of right and wrong (about a third right at T=1, under half greedy)."""
+    are a mix of right and wrong."""
     op = rng.choice("+-*")
     if op == "+":
         return Problem(rng.randint(0, ADD_MAX), op, rng.randint(0, ADD_MAX))
@@ -219,7 +219,12 @@ def build_random_model(
 class WarmStartRecipe:
     """Everything that determines the built weights (with the torch build); saved in the build info.
     240 steps x 32 problems take ~30 s on one thread and leave the accuracy RL needs (see above);
-    more steps or layers raise it, fewer lower it."""
+    more steps or layers raise it, fewer lower it.
+
+    Only `boxed_fraction` of the supervised solutions end in `\\boxed{}`: the warm model knows many
+    answers but boxes them only sometimes, whatever the problem. The reward (last box) then has
+    signal in nearly every group, and what RL learns first, always boxing, carries over to the
+    held-out eval problems, so eval accuracy rises with the training reward."""
 
     hidden_size: int = 128
     num_layers: int = 2
@@ -231,6 +236,7 @@ class WarmStartRecipe:
     warmup_steps: int = 20
     seed: int = 0
     data_seed: int = 2
+    boxed_fraction: float = 0.3  # share of supervised solutions that end in \boxed{}; the rest stop at "= 42."
 
 
 def encode_example(tokenizer, prompt: str, completion: Optional[str] = None) -> tuple[list[int], list[int]]:
@@ -242,11 +248,15 @@ def encode_example(tokenizer, prompt: str, completion: Optional[str] = None) -> 
     return prompt_ids, tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
 
 
-def _sft_batch(tokenizer, problems: list[Problem]):
+def _unboxed(p: Problem) -> str:
+    return f"{p.a} {p.op} {p.b} = {p.answer}."
+
+
+def _sft_batch(tokenizer, problems: list[tuple[Problem, bool]]):
     """Right-padded (B, T) input ids, attention mask and labels (-100 outside the completion)."""
     import torch
 
-    pairs = [encode_example(tokenizer, p.prompt, p.solution) for p in problems]
+    pairs = [encode_example(tokenizer, p.prompt, p.solution if boxed else _unboxed(p)) for p, boxed in problems]
     width = max(len(a) + len(b) for a, b in pairs)
     ids = torch.full((len(pairs), width), tokenizer.pad_token_id, dtype=torch.long)
     labels = torch.full((len(pairs), width), -100, dtype=torch.long)
@@ -259,13 +269,13 @@ def _sft_batch(tokenizer, problems: list[Problem]):
     return ids, mask, labels
 
 
-def _sft_stream(recipe: WarmStartRecipe) -> Iterable[list[Problem]]:
+def _sft_stream(recipe: WarmStartRecipe) -> Iterable[list[tuple[Problem, bool]]]:
     """Batches of problems drawn from the whole family. The eval problems are NOT held out: the
     family is small, and the eval set measures how reliably the model samples right answers to
     problems of the family (what RL improves), not generalisation to unseen operand pairs."""
     rng = random.Random(recipe.data_seed)
     for _ in range(recipe.steps):
-        yield [sample_problem(rng) for _ in range(recipe.batch_size)]
+        yield [(sample_problem(rng), rng.random() < recipe.boxed_fraction) for _ in range(recipe.batch_size)]
 
 
 def warm_start(model, tokenizer, recipe: WarmStartRecipe, progress: bool = True) -> float:

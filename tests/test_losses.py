@@ -416,3 +416,17 @@ def test_register_a_new_loss():
             register_policy_loss("pg")(scaled)
     finally:
         POLICY_LOSSES.pop("_test_scaled_pg")
+
+
+def test_core_modules_import_only_torch_and_the_standard_library():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, drpo_trainer.losses, drpo_trainer.advantages, drpo_trainer.aggregation\n"
+        "heavy = [m for m in ('transformers', 'deepspeed', 'vllm', 'pydantic', 'yaml', 'wandb', 'datasets')"
+        " if m in sys.modules]\n"
+        "print(','.join(heavy))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "", f"heavy modules imported: {out.stdout}"

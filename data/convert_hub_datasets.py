@@ -14,10 +14,10 @@ Works offline on local .parquet / .jsonl / .json files; `--hub NAME[:CONFIG]` do
 `datasets` where a network exists:
 
     python data/convert_hub_datasets.py dapo --hub BytedTsinghua-SIA/DAPO-Math-17k --output data/dapo_math_17k.jsonl
-    python data/convert_hub_datasets.py aime --hub HuggingFaceH4/aime_2024 --output data/aime_2024.jsonl
+    python data/convert_hub_datasets.py aime --hub HuggingFaceH4/aime_2024 --output data/aime24.jsonl
     python data/convert_hub_datasets.py aime --hub opencompass/AIME2025:AIME2025-I \\
-        --hub opencompass/AIME2025:AIME2025-II --output data/aime_2025.jsonl
-    python data/convert_hub_datasets.py aime --input aime24.parquet --output data/aime_2024.jsonl
+        --hub opencompass/AIME2025:AIME2025-II --output data/aime25.jsonl
+    python data/convert_hub_datasets.py aime --input aime24.parquet --output data/aime24.jsonl
 """
 
 from __future__ import annotations

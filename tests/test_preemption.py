@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import re
 import signal
 import time
@@ -133,6 +134,9 @@ def _crash_trials(tmp_path, *, nproc: int, trials: int, seed: int) -> None:
     seen = []
     for i in range(trials):
         t0 = time.monotonic()
+        done = find_checkpoint(str(out)) if (out / "checkpoints").is_dir() else None
+        if done is not None and done.name == "step_000006":  # an earlier kill came after the last step:
+            shutil.rmtree(out)  # nothing left to interrupt, so this trial starts the run afresh
         trial = _kill_trial(cfg, out, tmp_path / f"trial{i}.log", rng, during_write=i % 2 == 0)
         assert trial["saw"], trial["log"][-3000:]
         # the restart took the newest complete checkpoint that existed before it (or none)

@@ -147,6 +147,12 @@ class DistributedConfig(Section):
     )
     nnodes: int = Field(1, ge=1, description="Number of nodes (multi-node runs use launch/ scripts).")
     zero_stage: Literal[0, 1, 2, 3] = Field(3, description="DeepSpeed ZeRO stage of the learner.")
+    single_process_zero_stage: Optional[Literal[0, 1, 2, 3]] = Field(
+        0,
+        description="ZeRO stage when the run has ONE process and no optimizer offload: partitioning over one rank "
+        "shards nothing and only adds gather/release hooks (2.4x slower steps on the tiny CPU job). "
+        "null = use zero_stage regardless.",
+    )
     offload_optimizer: bool = Field(False, description="ZeRO optimizer state on CPU (saves GPU memory).")
     backend: Literal["auto", "nccl", "gloo"] = Field("auto", description="Process-group backend; auto = nccl on GPU.")
     deepspeed_config: Optional[str] = Field(None, description="A DeepSpeed JSON whose keys override ours.")
@@ -209,6 +215,12 @@ class Config(Section):
         if self.rollout.backend == "hf" and self.rollout.quantization is not None:
             raise ValueError("rollout.quantization needs rollout.backend=vllm")
         return self
+
+    def effective_zero_stage(self, world_size: int) -> int:
+        d = self.distributed
+        if world_size == 1 and not d.offload_optimizer and d.single_process_zero_stage is not None:
+            return d.single_process_zero_stage
+        return d.zero_stage
 
     @property
     def horizon(self) -> int:

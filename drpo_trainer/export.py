@@ -53,9 +53,7 @@ def export_live(module: torch.nn.Module, hf_dir: str | os.PathLike, out_dir: str
 def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: str | None = None) -> Path:
     """Offline: a `step_*` checkpoint directory -> an HF model directory."""
     import yaml
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    from drpo_trainer.checkpoint import STATE_TAG, verify_checkpoint
+    from drpo_trainer.checkpoint import verify_checkpoint
 
     ckpt = Path(checkpoint)
     problem = verify_checkpoint(ckpt, hashes=False)
@@ -63,6 +61,20 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
         raise FileNotFoundError(f"{ckpt} is not a complete checkpoint: {problem}")
     if dtype is None:
         dtype = yaml.safe_load((ckpt / "config.yaml").read_text())["model"]["dtype"]
-    state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt / "ds"), tag=STATE_TAG)
+    state = checkpoint_weights(ckpt)
     _save(state, ckpt / "hf", Path(out_dir), dtype)
     return Path(out_dir)
+
+
+def checkpoint_weights(checkpoint: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The full fp32 weights of a `step_*` checkpoint, whatever ZeRO stage wrote it."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from drpo_trainer.checkpoint import STATE_TAG
+
+    ckpt = Path(checkpoint)
+    shards = ckpt / "ds" / STATE_TAG
+    if any(shards.glob("zero_pp_rank_*")):  # ZeRO: consolidate the partitions (fp32 master weights)
+        return get_fp32_state_dict_from_zero_checkpoint(str(ckpt / "ds"), tag=STATE_TAG)
+    # ZeRO stage 0 (one process): the module's full state dict is stored as it is
+    return torch.load(shards / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]

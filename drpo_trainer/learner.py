@@ -55,9 +55,10 @@ def lr_lambda(schedule: str, warmup_steps: int, total_steps: int):
     return fn
 
 
-def deepspeed_config(cfg: Config) -> dict:
-    zero: dict = {"stage": cfg.distributed.zero_stage}
-    if cfg.distributed.zero_stage == 3:
+def deepspeed_config(cfg: Config, world_size: int = 1) -> dict:
+    stage = cfg.effective_zero_stage(world_size)
+    zero: dict = {"stage": stage}
+    if stage == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = False
     if cfg.distributed.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
@@ -96,9 +97,10 @@ class Learner:
 
         self.cfg = cfg
         self.world_size = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-        ds_config = deepspeed_config(cfg)
+        ds_config = deepspeed_config(cfg, self.world_size)
+        self.zero_stage = ds_config["zero_optimization"]["stage"]
         hf_ds_config = None
-        if cfg.distributed.zero_stage == 3:
+        if self.zero_stage == 3:
             # While alive, makes transformers build the model straight into ZeRO-3 shards (zero.Init).
             from transformers.integrations import HfDeepSpeedConfig
 
@@ -136,6 +138,21 @@ class Learner:
         )
         self.device = self.engine.device
         self.engine.train()
+        self._grad_norm: Optional[float] = None
+        if self.zero_stage == 0:
+            self._record_stage0_grad_norm()
+
+    def _record_stage0_grad_norm(self) -> None:
+        """Without ZeRO, DeepSpeed clips with a torch optimizer but keeps no norm: record it."""
+        from deepspeed.runtime.utils import clip_grad_norm_
+
+        engine = self.engine
+
+        def clip_and_record() -> None:
+            norm = clip_grad_norm_(parameters=engine.module.parameters(), max_norm=engine.gradient_clipping(), mpu=engine.mpu)
+            self._grad_norm = float(norm)
+
+        engine.clip_fp32_gradients = clip_and_record
 
     @property
     def module(self) -> torch.nn.Module:
@@ -237,7 +254,7 @@ class Learner:
         self.engine.step()
         out = acc.result(all_reduce=True)
         (out["loss/policy"],) = all_reduce_sum([total_loss])
-        grad_norm = self.engine.get_global_grad_norm()
+        grad_norm = self._grad_norm if self.zero_stage == 0 else self.engine.get_global_grad_norm()
         out["optim/grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
         out["optim/lr"] = float(self.engine.get_lr()[0])
         return out

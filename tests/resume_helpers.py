@@ -180,12 +180,10 @@ def without_timings(row: dict) -> dict:
 
 
 def consolidated_weights(checkpoint: Path) -> dict:
-    """fp32 parameters of a checkpoint's ZeRO shards (what `drpo-train export` writes)."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    """fp32 parameters of a checkpoint (what `drpo-train export` writes)."""
+    from drpo_trainer.export import checkpoint_weights
 
-    from drpo_trainer.checkpoint import STATE_TAG
-
-    return get_fp32_state_dict_from_zero_checkpoint(str(Path(checkpoint) / "ds"), tag=STATE_TAG)
+    return checkpoint_weights(checkpoint)
 
 
 def wandb_offline_records(run_file: Path) -> dict:

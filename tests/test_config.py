@@ -119,3 +119,11 @@ def test_cli_rejects_unknown_loss_param_and_reward_before_heavy_work():
     assert bad_loss.returncode == 2 and "unknown policy loss 'ppo'" in bad_loss.stderr and "drpo" in bad_loss.stderr
     bad_reward = run("reward.name=nope")
     assert bad_reward.returncode == 2 and "unknown reward 'nope'" in bad_reward.stderr
+
+
+def test_one_process_runs_without_zero_partitioning_unless_asked():
+    cfg = load_config(None, [])
+    assert cfg.distributed.zero_stage == 3
+    assert cfg.effective_zero_stage(1) == 0 and cfg.effective_zero_stage(2) == 3
+    assert load_config(None, ["distributed.single_process_zero_stage=null"]).effective_zero_stage(1) == 3
+    assert load_config(None, ["distributed.offload_optimizer=true"]).effective_zero_stage(1) == 3  # offload needs ZeRO

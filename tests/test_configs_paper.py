@@ -76,7 +76,7 @@ def test_deepspeed_jsons_merge_into_a_valid_deepspeed_config(json_name, offload)
         "qwen3_4b_base_drpo.yaml",
         [f"distributed.deepspeed_config={ROOT / 'configs/deepspeed' / json_name}", f"distributed.offload_optimizer={offload}"],
     )
-    merged = deepspeed_config(cfg)
+    merged = deepspeed_config(cfg, world_size=8)
     ds = DeepSpeedConfig(merged)
     assert ds.zero_optimization_stage == 3
     assert ds.zero_config.overlap_comm is True and ds.zero_config.reduce_bucket_size == 50_000_000

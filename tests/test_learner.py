@@ -55,6 +55,7 @@ def make_cfg(model_dir, *overrides):
             f"rollout.samples_per_prompt={G}",
             "rollout.max_new_tokens=12",
             "algorithm.loss_agg_mode=token-mean",
+            "distributed.single_process_zero_stage=null",  # really shard: ZeRO-3 hooks even in one process
             *overrides,
         ],
     )
@@ -93,6 +94,7 @@ def full_params(learner) -> dict[str, torch.Tensor]:
 def test_first_minibatch_ratio_is_exactly_one_and_later_ones_are_stale(model_dir, ctx, samples):
     cfg = make_cfg(model_dir)
     learner = Learner(cfg, model_dir, total_optimizer_steps=2)
+    assert learner.zero_stage == 3
     batch = fresh(samples)
     mbs = split_minibatches(batch, 2, G)
     for mb in mbs:  # mu for the whole step, before any update
@@ -117,10 +119,12 @@ def test_rollout_mu_reports_engine_mismatch(model_dir, ctx, samples):
     assert m["policy/abs_pi_minus_mu_max"] < 1e-4
 
 
-def test_micro_batch_split_does_not_change_the_update(model_dir, ctx, samples):
+@pytest.mark.parametrize("stage", [3, 0])
+def test_micro_batch_split_does_not_change_the_update(model_dir, ctx, samples, stage):
     results = []
     for budget in (4096, 40):  # one micro-batch vs one or two sequences per micro-batch
-        cfg = make_cfg(model_dir, f"trainer.micro_batch_tokens_per_gpu={budget}", "trainer.minibatches_per_step=1")
+        cfg = make_cfg(model_dir, f"trainer.micro_batch_tokens_per_gpu={budget}", "trainer.minibatches_per_step=1",
+                       f"distributed.zero_stage={stage}")
         learner = Learner(cfg, model_dir, total_optimizer_steps=1)
         batch = fresh(samples)
         learner.recompute_logprobs(batch)

@@ -99,6 +99,7 @@ def time_learner_update(
         [
             f"model.path={model_dir}",
             f"distributed.zero_stage={zero_stage}",
+            f"distributed.single_process_zero_stage={zero_stage}",  # exactly the stage asked for
             f"trainer.micro_batch_tokens_per_gpu={total}",
             f"trainer.logprob_chunk_tokens={chunk_tokens}",
             f"rollout.max_new_tokens={len(seqs[0]) - prompt_len}",
@@ -123,7 +124,10 @@ def main() -> None:
     parser.add_argument("--chunk-tokens", type=int, default=1024, help="trainer.logprob_chunk_tokens")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--matmul-size", type=int, default=2048)
-    parser.add_argument("--zero-stage", type=int, default=3, choices=[0, 1, 2, 3], help="the learner's ZeRO stage")
+    parser.add_argument(
+        "--zero-stage", type=int, default=0, choices=[0, 1, 2, 3],
+        help="the learner's ZeRO stage (default 0: what drpo-train uses with one process)",
+    )
     args = parser.parse_args()
 
     peak = matmul_flops(args.matmul_size)

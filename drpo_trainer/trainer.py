@@ -194,11 +194,15 @@ PARITY_PROBE_PROMPTS = 8
 
 def check_engine_parity(run: Run) -> dict[str, float]:
     """Score a fixed probe (the first training prompts) with engine and learner; abort on a gap."""
-    from drpo_trainer.parity import check_parity, parity_metrics
+    from drpo_trainer.parity import check_parity, default_threshold, parity_metrics
 
+    r = run.cfg.rollout
+    threshold = r.parity_max_abs_logprob_diff or default_threshold(
+        run.cfg.model.dtype, r.dtype or run.cfg.model.dtype, r.quantization
+    )
     probe = [p.prompt_ids for p in run.train_set[:PARITY_PROBE_PROMPTS]]
     metrics = parity_metrics(run.engine.score(probe), run.learner.score(probe))
-    check_parity(metrics, run.cfg.rollout.parity_max_abs_logprob_diff)
+    check_parity(metrics, threshold)
     return metrics
 
 
@@ -274,7 +278,14 @@ def train(cfg: Config, *, resume: Optional[str] = None) -> dict[str, float]:
     last: dict[str, float] = {}
     ck = cfg.checkpoint
     try:
-        sync_engine(run)  # the engine starts from the learner's weights (also after a resume)
+        start_sync = sync_engine(run)  # the engine starts from the learner's weights (also after a resume)
+        if cfg.rollout.parity_check_at_start and not cfg.rollout.parity_check:
+            start_sync.update(check_engine_parity(run))  # a broken sync stops the run before any step
+        if "parity/mean_abs_logprob_diff" in start_sync:
+            tracker.message(
+                "engine/learner parity before the first step: mean |log-prob diff| "
+                f"{start_sync['parity/mean_abs_logprob_diff']:.2e}, max {start_sync['parity/max_abs_logprob_diff']:.2e}"
+            )
         if cfg.eval.at_start and run.step == 0 and cfg.eval.files:
             tracker.log(0, evaluate(run, 0))
         for step in range(run.step + 1, cfg.trainer.max_steps + 1):

@@ -88,7 +88,10 @@ def iter_gathered_buckets(model: torch.nn.Module, bucket_bytes: int) -> Iterator
     On a ZeRO-3 module every rank must iterate to the end (or all stop at the same bucket):
     each bucket is an all-gather over the data-parallel group.
     """
-    named = list(model.named_parameters())  # tied weights appear once (named_parameters dedupes)
+    # Every name, tied aliases included ('lm_head.weight' next to 'model.embed_tokens.weight'):
+    # an engine may keep its own processed copy of a tied tensor (vLLM on CPU repacks lm_head),
+    # and that copy is refreshed only when the alias itself is sent.
+    named = list(model.named_parameters(remove_duplicate=False))
     by_name: dict[str, torch.nn.Parameter] = {}
     sizes: list[tuple[str, int]] = []
     for raw_name, p in named:
@@ -107,10 +110,10 @@ def iter_gathered_buckets(model: torch.nn.Module, bucket_bytes: int) -> Iterator
     import deepspeed  # only a partitioned model needs it
 
     for bucket in plan:
-        params = [by_name[name] for name in bucket]
+        params = list({id(by_name[name]): by_name[name] for name in bucket}.values())  # an alias gathers once
         # modifier_rank=None: read-only gather on every rank, nothing is broadcast back on exit.
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-            yield [(name, p.data) for name, p in zip(bucket, params)]
+            yield [(name, by_name[name].data) for name in bucket]
 
 
 def sync_weights(model: torch.nn.Module, engine: Any, bucket_bytes: int) -> dict[str, float]:

@@ -48,7 +48,7 @@ def main(out_dir: str, bucket_bytes: int) -> None:
     torch.manual_seed(1234)  # same weights on every rank before partitioning
     cfg = transformers.Qwen3Config(
         hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=256,
+        num_key_value_heads=2, vocab_size=256, tie_word_embeddings=True,  # the tied head must be sent too
     )
     model = transformers.AutoModelForCausalLM.from_config(cfg)
     reference = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -62,20 +62,20 @@ def main(out_dir: str, bucket_bytes: int) -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)  # client optimizer: no fused-Adam compile
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
 
-    named = [(n, p) for n, p in engine.named_parameters()]
+    named = list(engine.named_parameters(remove_duplicate=False))
     sizes = [(n.removeprefix("module."), param_nbytes(p)) for n, p in named]
     local_numel = {n.removeprefix("module."): p.numel() for n, p in named}
     plan = plan_buckets(sizes, bucket_bytes)
+    by_name = {n.removeprefix("module."): p for n, p in named}
 
     gathered_names: list[str] = []
     max_abs_diff: dict[str, float] = {}
     extra_resident: list[list[str]] = []  # params gathered during a bucket that are not in it
     for bucket in iter_gathered_buckets(engine, bucket_bytes):
-        in_bucket = {name for name, _ in bucket}
-        resident = {
-            n.removeprefix("module.") for n, p in named if p.ds_status == ZeroParamStatus.AVAILABLE
-        }
-        extra_resident.append(sorted(resident - in_bucket))
+        in_bucket = {id(by_name[name]) for name, _ in bucket}  # a tied alias is the same parameter
+        extra_resident.append(sorted(
+            n for n, p in by_name.items() if p.ds_status == ZeroParamStatus.AVAILABLE and id(p) not in in_bucket
+        ))
         for name, t in bucket:
             gathered_names.append(name)
             ref = reference[name]

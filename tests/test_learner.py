@@ -160,7 +160,7 @@ def test_every_parameter_trains_and_sync_copies_exact_weights(model_dir, ctx, sa
     assert not unchanged, f"parameters that did not train: {unchanged}"
     stats = sync_weights(learner.module, engine, 1 << 16)
     assert stats["sync/buckets"] > 1  # several buckets at a 64 KiB budget
-    engine_params = dict(engine.model.named_parameters())
+    engine_params = dict(engine.model.named_parameters(remove_duplicate=False))
     for name, value in after.items():
         assert torch.equal(engine_params[name], value), name
 
@@ -170,7 +170,7 @@ def test_parity_check_passes_after_sync_and_catches_stale_engine_weights(model_d
 
     from drpo_trainer.trainer import check_engine_parity
 
-    cfg = make_cfg(model_dir, "trainer.minibatches_per_step=1", "rollout.parity_max_abs_logprob_diff=1e-3")
+    cfg = make_cfg(model_dir, "trainer.minibatches_per_step=1")  # the default fp32 threshold, 1e-4
     learner = Learner(cfg, model_dir, total_optimizer_steps=1)
     engine = HFEngine(model_dir)
     probe = [SimpleNamespace(prompt_ids=s.input_ids) for s in samples[:4]]
@@ -180,7 +180,8 @@ def test_parity_check_passes_after_sync_and_catches_stale_engine_weights(model_d
     batch = fresh(samples)
     learner.recompute_logprobs(batch)
     learner.update(batch)  # the learner moves, the engine does not
-    with pytest.raises(RuntimeError, match="parity"):
+    with pytest.raises(RuntimeError, match="parity") as stale:
         check_engine_parity(run)
+    assert "threshold rollout.parity_max_abs_logprob_diff=0.0001" in str(stale.value)
     sync_weights(learner.module, engine, 1 << 20)
     assert check_engine_parity(run)["parity/mean_abs_logprob_diff"] < 1e-5

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from drpo_trainer.parity import check_parity, parity_metrics
+from drpo_trainer.parity import DEFAULT_THRESHOLDS, check_parity, default_threshold, parity_metrics
 
 
 def test_metrics_by_hand():
@@ -79,3 +79,24 @@ def test_check_parity_threshold():
 def test_check_parity_rejects_bad_threshold():
     with pytest.raises(ValueError, match="must be > 0"):
         check_parity({"parity/mean_abs_logprob_diff": 0.0}, 0.0)
+
+
+@pytest.mark.parametrize(
+    "learner, engine, quant, expected",
+    [
+        ("float32", "float32", None, 1e-4),  # same precision: only kernel round-off is allowed
+        ("float32", "bfloat16", None, 0.05),  # the coarser side decides
+        ("bfloat16", "float32", None, 0.05),
+        ("bfloat16", "bfloat16", "fp8", 0.2),  # FP8 rollout is coarser still
+        ("float16", "float32", None, 0.05),
+    ],
+)
+def test_default_threshold_follows_the_coarser_precision(learner, engine, quant, expected):
+    assert default_threshold(learner, engine, quant) == expected
+
+
+def test_default_thresholds_are_ordered_by_precision():
+    t = DEFAULT_THRESHOLDS
+    assert t["float32"] < t["bfloat16"] <= t["fp8"]
+    with pytest.raises(ValueError, match="no default threshold for precision 'int4'"):
+        default_threshold("float32", "float32", "int4")

@@ -125,12 +125,16 @@ def test_sync_weights_reports_bytes_and_buckets():
     assert all(torch.equal(rec.weights[n], t) for n, t in inner.state_dict().items())
 
 
-def test_tied_weights_are_sent_once():
+def test_tied_weights_are_sent_under_every_name():
+    # vLLM on CPU keeps a repacked copy of a tied lm_head that only a tensor sent under the
+    # head's own name refreshes: sending the embedding alone left the engine 0.83 away in log-prob.
     inner = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Linear(4, 10, bias=False))
     inner[1].weight = inner[0].weight  # tie, as tie_word_embeddings does
     rec = _Recorder()
-    sync_weights(inner, rec, 1 << 20)
-    assert rec.calls == [["0.weight"]]
+    m = sync_weights(inner, rec, 1 << 20)
+    assert rec.calls == [["0.weight", "1.weight"]]
+    assert rec.weights["1.weight"] is rec.weights["0.weight"] or torch.equal(rec.weights["1.weight"], inner[0].weight)
+    assert m["sync/params"] == 2
 
 
 # ------------------------------------------------------------------------ 2-process ZeRO-3 gather
@@ -182,6 +186,7 @@ def test_zero3_buckets_within_budget_and_complete(zero3_results):
     assert ["model.layers.0.self_attn.q_proj.weight"] in r0["plan"]
     names = [n for b in r0["plan"] for n in b]
     assert sorted(names) == sorted(r0["reference_numel"])  # every parameter exactly once
+    assert "lm_head.weight" in names and "model.embed_tokens.weight" in names  # the tied head under both names
     assert len(names) == len(set(names))
 
 

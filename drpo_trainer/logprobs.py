@@ -18,7 +18,11 @@ Conventions
   ``drpo_trainer.packing.pack_sequences``, which builds such targets.
 - Outputs are (1, N) fp32; at ignored positions both the log-prob and the entropy
   are exactly 0.0 with zero gradient.
-- Log-probs are of ``log_softmax(logits / temperature)``, the sampling distribution.
+- Log-probs are of the sampling distribution: ``log_softmax(logits / temperature)``, and
+  with ``top_k > 0`` or ``top_p < 1`` that distribution truncated to the kept tokens and
+  renormalised (``truncation_mask``: vLLM's and transformers' rule). A token outside the kept
+  set has probability 0; its log-prob is the finite floor ``OUT_OF_SUPPORT_LOGPROB`` with zero
+  gradient, so a ratio against it is exactly 0 and nothing becomes NaN.
 
 ZeRO-3 (why the head is reached through module calls)
 -----------------------------------------------------
@@ -46,6 +50,40 @@ import torch
 from torch import Tensor, nn
 
 IGNORE_INDEX = -100
+OUT_OF_SUPPORT_LOGPROB = -1e4  # log-prob of a token the truncated sampling distribution excludes
+
+
+def truncation_mask(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Optional[Tensor]:
+    """(C, V) tempered logits -> (C, V) bool mask of the tokens top-k then top-p sampling keeps,
+    or None when neither is on. The rule of vLLM's sampler and transformers' warpers: top-k keeps
+    every logit >= the k-th largest (ties kept); top-p then drops the smallest tokens whose
+    cumulative probability (of the top-k distribution, ascending) stays <= 1 - p, always keeping
+    the most likely one."""
+    vocab = logits.shape[-1]
+    use_k, use_p = 0 < top_k < vocab, top_p < 1.0
+    if not (use_k or use_p):
+        return None
+    keep = torch.ones_like(logits, dtype=torch.bool)
+    if use_k:
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        keep = logits >= kth
+    if use_p:
+        sorted_logits, order = logits.masked_fill(~keep, float("-inf")).sort(dim=-1)  # ascending
+        drop = sorted_logits.softmax(dim=-1).cumsum_(dim=-1) <= 1.0 - top_p
+        drop[..., -1] = False
+        keep &= ~torch.zeros_like(keep).scatter_(-1, order, drop)
+    return keep
+
+
+def sampling_logprobs(logits: Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> Tensor:
+    """(..., V) raw logits -> (..., V) log-probs of the sampling distribution (dense; engines and
+    tests). Excluded tokens get OUT_OF_SUPPORT_LOGPROB."""
+    z = logits.float() / temperature
+    keep = truncation_mask(z.reshape(-1, z.shape[-1]), top_k, top_p)
+    if keep is None:
+        return torch.log_softmax(z, dim=-1)
+    keep = keep.view(z.shape)
+    return torch.log_softmax(z.masked_fill(~keep, float("-inf")), dim=-1).masked_fill(~keep, OUT_OF_SUPPORT_LOGPROB)
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -82,18 +120,29 @@ def _check_head_is_plain(core: nn.Module) -> None:
             )
 
 
-def _chunk_stats(
-    head_forward: Callable[[Tensor], Tensor], hidden: Tensor, targets: Tensor, temperature: float, with_entropy: bool
-) -> tuple[Tensor, Tensor, Tensor]:
-    """No-grad log-prob, entropy and log-normalizer of one chunk: (C, H) -> three (C,) tensors."""
-    z = head_forward(hidden).float()  # (C, V) tempered logits; every step below is in place
+def _tempered_logits(logits: Tensor, sampling: tuple[float, int, float]) -> tuple[Tensor, Optional[Tensor]]:
+    """(C, V) head output -> fp32 logits / T (in place where already fp32), excluded tokens at -inf,
+    and the kept mask (or None)."""
+    temperature, top_k, top_p = sampling
+    z = logits.float()
     if temperature != 1.0:
         z.div_(temperature)
-    target_logits = z.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    keep = truncation_mask(z, top_k, top_p)
+    if keep is not None:
+        z.masked_fill_(~keep, float("-inf"))
+    return z, keep
+
+
+def _chunk_stats(
+    head_forward: Callable[[Tensor], Tensor], hidden: Tensor, targets: Tensor, sampling: tuple, with_entropy: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """No-grad log-prob, entropy and log-normalizer of one chunk: (C, H) -> three (C,) tensors."""
+    z, _ = _tempered_logits(head_forward(hidden), sampling)  # (C, V); every step below is in place
+    target_logits = z.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # -inf for an excluded target
     row_max = z.amax(dim=-1, keepdim=True)
     sum_exp = z.sub_(row_max).exp_().sum(-1)  # z now holds unnormalised probabilities
     log_normalizer = row_max.squeeze(-1) + sum_exp.log()
-    logprobs = target_logits - log_normalizer
+    logprobs = (target_logits - log_normalizer).clamp_(min=OUT_OF_SUPPORT_LOGPROB)  # finite floor, not -inf
     if not with_entropy:
         return logprobs, torch.zeros_like(logprobs), log_normalizer
     z.div_(sum_exp.unsqueeze(-1))  # p
@@ -112,9 +161,9 @@ class _ChunkedHeadLogprobs(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, head_forward, hidden, targets, temperature, chunk_tokens, with_entropy, *params):
+    def forward(ctx, head_forward, hidden, targets, sampling, chunk_tokens, with_entropy, *params):
         parts = [
-            _chunk_stats(head_forward, hidden[s : s + chunk_tokens], targets[s : s + chunk_tokens], temperature, with_entropy)
+            _chunk_stats(head_forward, hidden[s : s + chunk_tokens], targets[s : s + chunk_tokens], sampling, with_entropy)
             for s in range(0, hidden.shape[0], chunk_tokens)
         ]
         logprobs, entropy, log_normalizer = (torch.cat(p) for p in zip(*parts))
@@ -122,7 +171,7 @@ class _ChunkedHeadLogprobs(torch.autograd.Function):
         # Parameters are kept as plain references: ZeRO-3 swaps their storage between forward
         # and backward (partitioned, then re-gathered before this backward runs).
         ctx.params, ctx.head_forward = params, head_forward
-        ctx.temperature, ctx.chunk_tokens, ctx.with_entropy = temperature, chunk_tokens, with_entropy
+        ctx.sampling, ctx.chunk_tokens, ctx.with_entropy = sampling, chunk_tokens, with_entropy
         return logprobs, entropy
 
     @staticmethod
@@ -141,22 +190,25 @@ class _ChunkedHeadLogprobs(torch.autograd.Function):
                 h = hidden[s:e].detach().requires_grad_(wanted[0])
                 logits = ctx.head_forward(h)  # (C, V)
             g_lp = grad_logprobs[s:e].unsqueeze(-1)
+            temperature = ctx.sampling[0]
             with torch.no_grad():
-                z = logits.detach().float()  # becomes dL/dlogits in place
-                if ctx.temperature != 1.0:
-                    z.div_(ctx.temperature)
-                z.sub_(log_normalizer[s:e].unsqueeze(-1))  # log p
+                z, keep = _tempered_logits(logits.detach(), ctx.sampling)  # becomes dL/dlogits in place
+                z.sub_(log_normalizer[s:e].unsqueeze(-1))  # log p (-inf where excluded)
+                if keep is not None:  # an excluded target's floor log-prob is a constant: no gradient
+                    g_lp = g_lp * keep.gather(-1, targets[s:e].unsqueeze(-1))
                 if use_entropy:
-                    # dlogp_t/dz = onehot_t - p;  dH/dz = -p * (log p + H)
+                    # dlogp_t/dz = onehot_t - p;  dH/dz = -p * (log p + H); excluded tokens have p = 0
                     p = z.exp()
+                    if keep is not None:
+                        z.masked_fill_(~keep, 0.0)
                     g_h = grad_entropy[s:e].unsqueeze(-1)
                     z.add_(entropy[s:e].unsqueeze(-1)).mul_(g_h).add_(g_lp).mul_(p).neg_()
                     del p
                 else:
                     z.exp_().mul_(-g_lp)
                 z.scatter_add_(-1, targets[s:e].unsqueeze(-1), g_lp)
-                if ctx.temperature != 1.0:
-                    z.div_(ctx.temperature)
+                if temperature != 1.0:
+                    z.div_(temperature)
             inputs = [t for t, w in zip([h, *params], wanted) if w]
             grads = iter(torch.autograd.grad(logits, inputs, grad_outputs=z.to(logits.dtype)))
             del z, logits
@@ -190,10 +242,12 @@ def token_logprobs(
     targets: Tensor,
     *,
     temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
     chunk_tokens: int = 1024,
     with_entropy: bool = False,
 ) -> tuple[Tensor, Optional[Tensor]]:
-    """Per-position ``log_softmax(logits / temperature)[target]`` (and entropy) of a packed row.
+    """Per-position log-prob of the target under the sampling distribution (and its entropy).
 
     Args:
         model: a Hugging Face causal LM, or a DeepSpeed engine / DDP wrapping one.
@@ -201,6 +255,7 @@ def token_logprobs(
             packed sequence, which is how transformers isolates their attention.
         targets: (1, N) next token per position, ``IGNORE_INDEX`` where not needed.
         temperature: the sampling temperature (> 0).
+        top_k, top_p: the sampling truncation (0 and 1.0 = off), see ``truncation_mask``.
         chunk_tokens: head rows per chunk; peak head memory ~ 2 x chunk_tokens x V x 4 bytes.
         with_entropy: also return the entropy of the tempered distribution.
 
@@ -215,11 +270,12 @@ def token_logprobs(
     _check_head_is_plain(core)
     decoder, head = core.get_decoder(), core.get_output_embeddings()
     head_forward = type(head).forward.__get__(head)  # the head's own computation, without hooks
+    sampling = (temperature, top_k, top_p)
     n_tokens = input_ids.numel()  # over all rows
 
     def chunked_head_forward(hidden_rows: Tensor, row_targets: Tensor) -> tuple[Tensor, Tensor]:
         return _ChunkedHeadLogprobs.apply(
-            head_forward, hidden_rows, row_targets, temperature, chunk_tokens, with_entropy, *head.parameters()
+            head_forward, hidden_rows, row_targets, sampling, chunk_tokens, with_entropy, *head.parameters()
         )
 
     def root_forward(input_ids: Tensor, position_ids: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
@@ -253,6 +309,8 @@ def naive_token_logprobs(
     targets: Tensor,
     *,
     temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
     with_entropy: bool = False,
 ) -> tuple[Tensor, Optional[Tensor]]:
     """Reference path: full (1, N, V) fp32 logits, then log-softmax. Same contract as ``token_logprobs``.
@@ -261,11 +319,12 @@ def naive_token_logprobs(
     """
     _check_inputs(input_ids, position_ids, targets, temperature)
     out = model(input_ids=input_ids, position_ids=position_ids, attention_mask=None, use_cache=False)
-    log_probs = torch.log_softmax(out.logits.float() / temperature, dim=-1)  # (1, N, V)
+    log_probs = sampling_logprobs(out.logits, temperature, top_k, top_p)  # (1, N, V)
     ignored = targets == IGNORE_INDEX
     logprobs = log_probs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     logprobs = logprobs.masked_fill(ignored, 0.0)
     if not with_entropy:
         return logprobs, None
-    entropy = -(log_probs.exp() * log_probs).sum(-1)
+    probs = log_probs.exp()  # exactly 0 at excluded tokens (exp of the floor)
+    entropy = -(probs * log_probs).sum(-1)
     return logprobs, entropy.masked_fill(ignored, 0.0)

@@ -127,3 +127,36 @@ def test_one_process_runs_without_zero_partitioning_unless_asked():
     assert cfg.effective_zero_stage(1) == 0 and cfg.effective_zero_stage(2) == 3
     assert load_config(None, ["distributed.single_process_zero_stage=null"]).effective_zero_stage(1) == 3
     assert load_config(None, ["distributed.offload_optimizer=true"]).effective_zero_stage(1) == 3  # offload needs ZeRO
+
+
+# ------------------------------------------------------------------ loss selection and parameters
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in (Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")))
+def test_switching_the_loss_on_the_command_line_gives_that_losss_parameters(config):
+    from drpo_trainer.losses import loss_param_defaults, policy_loss_names
+
+    path = Path(__file__).resolve().parents[1] / "configs" / config
+    own = load_config(path).algorithm
+    for name in policy_loss_names():
+        a = load_config(path, [f"algorithm.loss={name}"]).algorithm
+        assert a.loss == name
+        # the file's parameters belong to the file's loss; another loss starts from its defaults
+        assert a.loss_params == (own.loss_params if name == own.loss else loss_param_defaults(name)), (config, name)
+
+
+def test_a_loss_parameter_override_merges_into_the_files():
+    path = Path(__file__).resolve().parents[1] / "configs" / "qwen3_4b_base_grpo.yaml"
+    a = load_config(path, ["algorithm.loss_params.clip_high=0.3"]).algorithm
+    assert a.loss_params == {"clip_low": 0.2, "clip_high": 0.3}  # clip_low kept from the file
+
+
+def test_bad_loss_settings_fail_at_config_load_whoever_calls():
+    from drpo_trainer.config import config_from_dict
+
+    with pytest.raises(ConfigError, match="unknown parameter\\(s\\) delta for policy loss 'grpo'"):
+        config_from_dict({"algorithm": {"loss": "grpo", "loss_params": {"delta": 1.0}}})
+    with pytest.raises(ConfigError, match="unknown policy loss 'drpoo'; valid losses: .*drpo"):
+        config_from_dict({"algorithm": {"loss": "drpoo"}})
+    with pytest.raises(ConfigError, match="delta=0.0 must be a number in the open interval"):
+        config_from_dict({"algorithm": {"loss": "drpo", "loss_params": {"delta": 0.0}}})

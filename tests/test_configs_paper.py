@@ -96,7 +96,8 @@ def test_paper_recipe_settings(name):
     t, r, a, o = cfg.trainer, cfg.rollout, cfg.algorithm, cfg.optim
     assert (t.prompts_per_step, r.samples_per_prompt) == (prompts, samples)
     assert t.prompts_per_step // t.minibatches_per_step == minibatch_prompts
-    assert (a.loss, a.loss_params) == (loss, params)
+    assert a.loss == loss and a.loss_params == validate_loss_params(loss, params)  # file values over defaults
+    assert all(a.loss_params[k] == v for k, v in params.items())
     assert r.quantization == quant and r.backend == "vllm"
     # shared by every recipe of the paper
     assert (o.lr, tuple(o.betas), o.weight_decay, o.grad_clip, o.schedule, o.warmup_steps) == (

@@ -185,3 +185,36 @@ def test_parity_check_passes_after_sync_and_catches_stale_engine_weights(model_d
     assert "threshold rollout.parity_max_abs_logprob_diff=0.0001" in str(stale.value)
     sync_weights(learner.module, engine, 1 << 20)
     assert check_engine_parity(run)["parity/mean_abs_logprob_diff"] < 1e-5
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [(0.7, 0, 1.0), (0.7, 20, 0.9)])
+def test_learner_mu_is_the_engines_sampling_logprob(model_dir, ctx, temperature, top_k, top_p):
+    """log mu (learner, recompute) and the engine's rollout log-probs share one definition: the
+    sampling distribution at temperature T, truncated by top-k / top-p and renormalised."""
+    from drpo_trainer.logprobs import OUT_OF_SUPPORT_LOGPROB
+
+    cfg = make_cfg(model_dir, f"rollout.temperature={temperature}", f"rollout.top_k={top_k}", f"rollout.top_p={top_p}")
+    learner = Learner(cfg, model_dir, total_optimizer_steps=1)
+    engine = HFEngine(model_dir)
+    prompts = [engine.tokenizer(f"Compute {a} + {a}.")["input_ids"] for a in (3, 14)]
+    spec = SamplingSpec(n=G, temperature=temperature, top_k=top_k, top_p=top_p, max_new_tokens=12, seed=2)
+    comps = engine.generate(prompts, spec)
+    batch = [TrainSample(input_ids=c.prompt_ids + c.completion_ids, prompt_len=len(c.prompt_ids), advantage=0.0,
+                         rollout_logprobs=torch.tensor(c.rollout_logprobs)) for c in comps]
+    learner.recompute_logprobs(batch)
+    rollout = torch.cat([s.rollout_logprobs for s in batch])
+    mu = torch.cat([s.old_logprobs for s in batch])
+    assert (rollout > OUT_OF_SUPPORT_LOGPROB).all()  # sampled tokens are always in the kept set
+    assert (mu - rollout).abs().max() < 1e-5
+    full = HFEngine(model_dir)  # the untruncated T-tempered log-probs of the same tokens
+    untruncated = []
+    for c in comps:
+        ids = torch.tensor([c.prompt_ids + c.completion_ids])
+        with torch.no_grad():
+            logits = full.model(input_ids=ids).logits[0, len(c.prompt_ids) - 1 : -1]
+        untruncated.append(torch.log_softmax(logits / temperature, -1).gather(-1, ids[0, len(c.prompt_ids):, None])[:, 0])
+    gap = (rollout - torch.cat(untruncated)).min()
+    if top_k or top_p < 1:
+        assert gap > 1e-3  # renormalisation over the kept set raises every sampled token's log-prob
+    else:
+        assert gap.abs() < 1e-5

@@ -11,7 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from drpo_trainer.logprobs import IGNORE_INDEX, naive_token_logprobs, token_logprobs
+from drpo_trainer.logprobs import (
+    IGNORE_INDEX,
+    OUT_OF_SUPPORT_LOGPROB,
+    naive_token_logprobs,
+    sampling_logprobs,
+    token_logprobs,
+    truncation_mask,
+)
 from drpo_trainer.packing import pack_sequences
 
 transformers = pytest.importorskip("transformers")
@@ -114,6 +121,60 @@ def test_temperature_and_entropy_match_naive(temperature):
     g = grads_of(model, ent.sum() + lp.sum())
     g_ref = grads_of(model, ent_ref.sum() + lp_ref.sum())
     for a, b in zip(g, g_ref):
+        assert_grads_close(a, b)
+
+
+def test_truncation_mask_by_hand():
+    z = torch.tensor([[3.0, 2.0, 1.0, 0.0]])
+    # softmax = 0.6439, 0.2369, 0.0871, 0.0321; ascending cumsum 0.0321, 0.1192, 0.3561, 1
+    assert truncation_mask(z, top_k=2).tolist() == [[True, True, False, False]]
+    assert truncation_mask(z, top_p=0.8).tolist() == [[True, True, False, False]]  # drop cumsum <= 0.2
+    assert truncation_mask(z, top_p=0.9).tolist() == [[True, True, True, False]]  # drop cumsum <= 0.1
+    assert truncation_mask(z, top_p=0.01).tolist() == [[True, False, False, False]]  # the top token stays
+    assert truncation_mask(torch.tensor([[1.0, 1.0, 0.0]]), top_k=1).tolist() == [[True, True, False]]  # ties
+    assert truncation_mask(z) is None and truncation_mask(z, top_k=4) is None  # off
+    # renormalised over the kept set: log(0.6439 / 0.8808) = -0.3133; excluded tokens at the floor
+    lp = sampling_logprobs(z, 1.0, top_p=0.8)
+    assert lp[0, 0].item() == pytest.approx(math.log(0.64391426 / (0.64391426 + 0.23688282)), abs=1e-6)
+    assert lp[0, 2].item() == lp[0, 3].item() == OUT_OF_SUPPORT_LOGPROB
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [(0.7, 20, 1.0), (1.0, 0, 0.9), (0.7, 30, 0.8)])
+def test_truncation_mask_matches_transformers_warpers(temperature, top_k, top_p):
+    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
+    logits = torch.randn(64, VOCAB, generator=torch.Generator().manual_seed(3)) * 3
+    z = logits / temperature
+    warped = z.clone()
+    if top_k:
+        warped = TopKLogitsWarper(top_k)(None, warped)
+    if top_p < 1:
+        warped = TopPLogitsWarper(top_p)(None, warped)
+    assert torch.equal(truncation_mask(z, top_k, top_p), warped > float("-inf"))
+
+
+@pytest.mark.parametrize("top_k, top_p", [(20, 1.0), (0, 0.7), (40, 0.9)])
+def test_truncated_chunked_equals_naive_values_and_grads(top_k, top_p):
+    model = tiny_qwen3()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(0.2)  # flatter: the kept set holds some of the random targets
+    _, batch = random_batch([30, 24], prompt_lengths=[3, 5])
+    args = (batch.input_ids, batch.position_ids, batch.targets)
+    kw = dict(temperature=0.7, top_k=top_k, top_p=top_p)
+    lp, ent = token_logprobs(model, *args, chunk_tokens=7, with_entropy=True, **kw)
+    lp_ref, ent_ref = naive_token_logprobs(model, *args, with_entropy=True, **kw)
+    torch.testing.assert_close(lp, lp_ref, rtol=0, atol=1e-5)
+    torch.testing.assert_close(ent, ent_ref, rtol=0, atol=1e-5)
+    live = batch.targets != IGNORE_INDEX
+    excluded = (lp == OUT_OF_SUPPORT_LOGPROB) & live
+    assert 0 < int(excluded.sum()) < int(live.sum())  # random targets: some outside the kept set, some in
+    full, _ = naive_token_logprobs(model, *args, temperature=0.7)
+    kept = live & ~excluded
+    assert (lp[kept] - full[kept]).min() > 1e-4  # renormalised: every kept token gains probability
+    g = grads_of(model, (lp * torch.linspace(-1, 1, lp.numel()).view_as(lp)).sum() + ent.sum())
+    g_ref = grads_of(model, (lp_ref * torch.linspace(-1, 1, lp.numel()).view_as(lp)).sum() + ent_ref.sum())
+    for a, b in zip(g, g_ref):
+        assert torch.isfinite(a).all()
         assert_grads_close(a, b)
 
 

@@ -44,6 +44,11 @@ def gradient_weight(loss: str, params: dict, pi: torch.Tensor, mu: float, adv: f
 
 
 def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Draw the per-token gradient weight of each loss against pi.")
+    parser.add_argument("--out", type=Path, default=OUT, help=f"PNG to write (default {OUT.name} beside this script)")
+    out = parser.parse_args().out
     pi = torch.logspace(-3, 0, 600, dtype=torch.float64).clamp(max=0.999)
     fig, axes = plt.subplots(2, 2, figsize=(11, 7.5), sharex=True, sharey=True)
     for row, mu in enumerate((0.01, 0.5)):
@@ -65,8 +70,8 @@ def main() -> None:
     axes[0, 0].legend(loc="lower left", fontsize=8)
     fig.suptitle("Per-token gradient weight vs. pi: 1 = plain policy gradient, 0 = no gradient, < 0 = pulled back")
     fig.tight_layout()
-    fig.savefig(OUT, dpi=110)
-    print(f"wrote {OUT}")
+    fig.savefig(out, dpi=110)
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -2,8 +2,10 @@
 
 Same interface as the vLLM engine. It keeps its own full copy of the model (the learner's
 ZeRO-3 parameters are sharded), refreshed by `load_weights` after every update.
-Log-probs are taken from the RAW logits (`output_logits`) as log_softmax(logits / T):
-`output_scores` would be after top-k / top-p / min-length processors.
+Log-probs are of the sampling distribution, computed from the RAW logits (`output_logits`)
+by `drpo_trainer.logprobs.sampling_logprobs`: log_softmax(logits / T), truncated to the top-k /
+top-p set and renormalised when those are on (the learner's and vLLM's definition).
+`output_scores` would also carry other processors (min-length EOS ban), so they are not used.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from typing import Iterable, Optional
 
 import torch
 
+from drpo_trainer.logprobs import sampling_logprobs
 from drpo_trainer.rollout.base import Completion, SamplingSpec
 
 
@@ -104,7 +107,7 @@ class HFEngine:
         )
         new_tokens = res.sequences[:, width:].cpu()  # (B, steps)
         logits = torch.stack(res.logits, dim=1).float().cpu()  # (B, steps, V), raw
-        logprobs = torch.log_softmax(logits / spec.temperature, dim=-1)
+        logprobs = sampling_logprobs(logits, spec.temperature, spec.top_k, spec.top_p)
         token_lp = logprobs.gather(-1, new_tokens.unsqueeze(-1)).squeeze(-1)  # (B, steps)
         return [self._completion(jobs[row], new_tokens[row], token_lp[row], spec) for row in range(len(jobs))]
 

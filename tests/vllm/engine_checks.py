@@ -7,6 +7,7 @@ start in the same process). Prints one JSON object of measurements that tests/vl
 Every number compares the engine with drpo-trainer's own Learner (DeepSpeed, one process):
   score_max_diff            engine.score vs learner.score on the probe, fresh weights (T = 1)
   rollout_lp_max_diff       sampled-token log-probs at T = 0.7 vs the learner's log_softmax(logits / 0.7)
+  truncated_rollout_lp_max_diff  the same with top_k 20, top_p 0.9 (renormalised on both sides)
   stale_max_diff            after one real optimizer step, before the sync
   stale_gate_error          the parity gate's message on that stale engine ('' if it did not abort)
   synced_max_diff           after sync_weights, the same probe
@@ -62,13 +63,15 @@ def max_diff(a: list[list[float]], b: list[list[float]]) -> float:
     return max(abs(x - y) for xs, ys in zip(a, b) for x, y in zip(xs, ys))
 
 
-def learner_rollout_logprobs(module, completions, temperature: float) -> list[list[float]]:
+def learner_rollout_logprobs(module, completions, temperature: float, top_k: int = 0, top_p: float = 1.0) -> list:
+    from drpo_trainer.logprobs import sampling_logprobs
+
     out = []
     with torch.no_grad():
         for c in completions:
             ids = torch.tensor([c.prompt_ids + c.completion_ids])
             logits = module(input_ids=ids).logits[0, len(c.prompt_ids) - 1 : -1].float()
-            lp = torch.log_softmax(logits / temperature, dim=-1)
+            lp = sampling_logprobs(logits, temperature, top_k, top_p)
             out.append(lp.gather(-1, ids[0, len(c.prompt_ids) :, None])[:, 0].tolist())
     return out
 
@@ -110,6 +113,14 @@ def main(kind: str, out_json: str) -> None:
     res["stop_ends_with_eos"] = all(c.completion_ids[-1] == tok.eos_token_id for c in comps if c.finish_reason == "stop")
     res["length_is_max"] = all(len(c.completion_ids) == 24 for c in comps if c.finish_reason == "length")
     res["rollout_lp_max_diff"] = max_diff([c.rollout_logprobs for c in comps], learner_rollout_logprobs(module, comps, TEMPERATURE))
+    # top-k / top-p: vLLM's processed log-probs are renormalised over the kept tokens, as ours
+    trunc = SamplingSpec(n=G, temperature=TEMPERATURE, top_k=20, top_p=0.9, max_new_tokens=24, seed=11)
+    tcomps = engine.generate(prompts, trunc)
+    res["truncated_rollout_lp_max_diff"] = max_diff(
+        [c.rollout_logprobs for c in tcomps], learner_rollout_logprobs(module, tcomps, TEMPERATURE, 20, 0.9)
+    )
+    untruncated = learner_rollout_logprobs(module, tcomps, TEMPERATURE)
+    res["truncation_min_gain"] = min(a - b for c, u in zip(tcomps, untruncated) for a, b in zip(c.rollout_logprobs, u))
     again = engine.generate(prompts, spec)
     res["same_seed_same_samples"] = [c.completion_ids for c in comps] == [c.completion_ids for c in again]
     other = engine.generate(prompts, SamplingSpec(n=G, temperature=TEMPERATURE, max_new_tokens=24, seed=12))

@@ -43,6 +43,13 @@ def test_rollout_logprobs_are_the_learners_log_softmax_at_temperature(checks):
     assert checks["synced_rollout_lp_max_diff"] < FP32_SYNC
 
 
+def test_truncated_sampling_logprobs_are_renormalised_like_the_learners(checks):
+    # top_k 20, top_p 0.9 at T = 0.7: vLLM's processed log-probs and the learner's
+    # sampling_logprobs agree, and both sit above the untruncated log-probs (renormalisation)
+    assert checks["truncated_rollout_lp_max_diff"] < FP32_SYNC
+    assert checks["truncation_min_gain"] >= -1e-5
+
+
 def test_score_matches_the_learner(checks):
     assert checks["score_max_diff"] < FP32_SYNC
 

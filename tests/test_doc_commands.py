@@ -1,0 +1,179 @@
+"""Every command that README.md and the docs show runs here, shortened (tests/doc_commands.py
+collects them):
+
+- `drpo-train` training commands run for real for one step (`trainer.max_steps=1`, eval off,
+  output under a temporary `runs/`); `--resume` and `export` act on those runs (a documented
+  `runs/<name>/checkpoints/step_N` means the newest checkpoint of that run);
+- commands marked `# needs ...` (GPUs, the network), and paper configs whose model is on the hub,
+  are parsed: `--print-config` for drpo-train (the config resolves and validates), `--help` for
+  scripts; `rollout.backend=vllm` is parsed here and run for real by tests/vllm;
+- benchmarks run in `--help` mode (full runs are minutes); `data/make_synthetic.py` and the figure
+  script write into the temporary directory and are compared with the bundled files.
+"""
+
+from __future__ import annotations
+
+import filecmp
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from doc_commands import REPO, DocCommand, collect, collect_all
+
+SHORT = ["trainer.max_steps=1", "eval.files={}", "checkpoint.export_final=false", "tracking.progress_bar=false",
+         "tracking.wandb.mode=disabled"]
+
+
+class DocRunner:
+    """Runs documented commands against one temporary directory, in document order."""
+
+    def __init__(self, tmp: Path, cache_dir: str) -> None:
+        self.tmp = tmp
+        self.env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+        self.env.update(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", DRPO_CACHE_DIR=cache_dir)
+        self.runs: dict[str, Path] = {}  # documented output_dir -> where its last run went
+        self.count = 0
+
+    def _run(self, argv: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+        return subprocess.run(argv, cwd=REPO, env=self.env, capture_output=True, text=True, timeout=timeout)
+
+    def _mapped(self, path: str) -> str:
+        """runs/<name>/checkpoints/step_N -> the newest checkpoint of the last <name> run here."""
+        m = re.match(r"runs/([^/]+)(/.*)?$", path)
+        if not m:
+            return str(self.tmp / path) if not Path(path).is_absolute() else path
+        base = self.runs.get(m.group(1), self.tmp / "runs" / m.group(1))
+        rest = m.group(2) or ""
+        step = re.match(r"/checkpoints/step_\d+$", rest)
+        if step:
+            found = sorted((base / "checkpoints").glob("step_*"))
+            assert found, f"no checkpoint under {base} for {path}: an earlier documented command should have made one"
+            return str(found[-1])
+        return str(base) + rest
+
+    def train(self, cmd: DocCommand) -> subprocess.CompletedProcess:
+        from drpo_trainer.config import ConfigError, load_config
+
+        args = list(cmd.argv[1:])
+        config = args[args.index("--config") + 1]
+        overrides = [a for a in args if "=" in a and not a.startswith("-")]
+        try:
+            cfg = load_config(config, overrides)
+        except ConfigError:  # the CLI must then refuse it with exit 2 and the key: let it answer
+            return self._run([sys.executable, "-m", "drpo_trainer.cli", *args, "--print-config"], 120)
+        parse_only = bool(cmd.needs) or cfg.rollout.backend == "vllm" or not cfg.model.path.startswith("builtin:")
+        if parse_only or "--print-config" in args:
+            res = self._run([sys.executable, "-m", "drpo_trainer.cli", *args, *([] if "--print-config" in args else ["--print-config"])], 120)
+            assert res.returncode != 0 or "algorithm:" in res.stdout, res.stdout[-2000:]
+            return res
+        name = Path(cfg.output_dir).name
+        if cfg.distributed.nproc_per_node != 1:  # a resume in the docs continues the one-process run
+            name += f"@{cfg.distributed.nproc_per_node}"
+        if "--resume" in args:
+            i = args.index("--resume") + 1
+            if args[i] != "auto":
+                args[i] = self._mapped(args[i])
+            out = self.runs.get(name, self.tmp / "runs" / name)
+        else:
+            self.count += 1
+            out = self.tmp / f"run{self.count}" / name
+        self.runs[name] = out
+        res = self._run([sys.executable, "-m", "drpo_trainer.cli", *args, f"output_dir={out}", *SHORT])
+        if res.returncode == 0:
+            assert (out / "metrics.jsonl").is_file(), f"{cmd.where}: no metrics.jsonl in {out}"
+        return res
+
+    def export(self, cmd: DocCommand) -> subprocess.CompletedProcess:
+        args = list(cmd.argv[2:])
+        args[0], args[1] = self._mapped(args[0]), self._mapped(args[1])
+        res = self._run([sys.executable, "-m", "drpo_trainer.cli", "export", *args])
+        if res.returncode == 0:
+            assert (Path(args[1]) / "config.json").is_file()
+        return res
+
+    def python(self, cmd: DocCommand) -> subprocess.CompletedProcess:
+        args = list(cmd.argv[1:])
+        script = args[0]
+        if cmd.needs or script.startswith("benchmarks/"):
+            return self._run([sys.executable, script, "--help"], 120)
+        if script == "data/make_synthetic.py":
+            res = self._run([sys.executable, *args, "--out-dir", str(self.tmp / "data")])
+            for f in ("synthetic_math_train.jsonl", "synthetic_math_eval.jsonl"):  # byte-identical, as documented
+                assert filecmp.cmp(self.tmp / "data" / f, REPO / "data" / f, shallow=False), f
+            return res
+        if script.startswith("docs/figures/"):
+            out = self.tmp / Path(script).with_suffix(".png").name
+            res = self._run([sys.executable, *args, "--out", str(out)])
+            assert res.returncode != 0 or out.stat().st_size > 10_000
+            return res
+        return self._run([sys.executable, *args])  # python -m drpo_trainer.<module> ...
+
+    def __call__(self, cmd: DocCommand) -> subprocess.CompletedProcess:
+        return {"train": self.train, "export": self.export}.get(cmd.kind, self.python)(cmd)
+
+
+@pytest.fixture(scope="module")
+def runner(tmp_path_factory, warm_model_dir):
+    return DocRunner(tmp_path_factory.mktemp("doc_commands"), str(Path(warm_model_dir).parent))
+
+
+def _unique(commands: list[DocCommand]) -> list[DocCommand]:
+    seen, out = set(), []
+    for c in commands:
+        if (c.argv, c.needs) not in seen:
+            seen.add((c.argv, c.needs))
+            out.append(c)
+    return out
+
+
+def test_collector_finds_the_documented_commands():
+    commands = collect_all()
+    text = {" ".join(c.argv) for c in commands}
+    assert "drpo-train --config configs/tiny_cpu.yaml" in text  # the quick start, out of its && chain
+    assert "drpo-train --config configs/tiny_cpu.yaml trainer.max_steps=50 algorithm.loss=grpo" in text
+    assert "python -m drpo_trainer.tiny_model" in text  # an inline code span
+    assert any(c.argv[:2] == ("drpo-train", "export") for c in commands)
+    assert any(c.where.startswith("docs/launch.md") and c.needs == "GPUs" for c in commands)  # torchrun line
+    assert len(commands) >= 30
+
+
+def test_paper_configs_are_marked_as_needing_gpus():
+    for c in collect_all():
+        if c.kind == "train" and any(a.startswith("configs/qwen3") or a.startswith("configs/r1_") for a in c.argv):
+            assert c.needs, f"{c.where}: `{' '.join(c.argv)}` needs GPUs; mark it `# needs GPUs` in the docs"
+
+
+@pytest.mark.distributed  # README's two-process example starts two processes
+@pytest.mark.parametrize("cmd", _unique(collect_all()), ids=lambda c: c.where)
+def test_documented_command_runs(runner, cmd):
+    res = runner(cmd)
+    assert res.returncode == 0, f"{cmd.where}: `{' '.join(cmd.argv)}` failed:\n{res.stdout[-1500:]}\n{res.stderr[-3000:]}"
+
+
+def test_a_broken_readme_example_fails(runner, tmp_path):
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    broken = readme.replace("trainer.max_steps=50 algorithm.loss=grpo", "trainer.max_stepz=50 algorithm.loss=grpo")
+    assert broken != readme
+    (cmd,) = [c for c in collect(tmp_path / "README.md", broken) if "trainer.max_stepz=50" in c.argv]
+    res = runner(cmd)
+    assert res.returncode == 2 and "trainer.max_stepz" in res.stderr and "max_steps" in res.stderr
+
+
+@pytest.mark.parametrize("loss", ["drpo", "spo", "dppo_tv", "dppo_kl", "grpo", "pg"])
+def test_every_registry_loss_runs_from_the_command_line(runner, loss):
+    import yaml
+
+    from drpo_trainer.losses import loss_param_defaults, policy_loss_names
+
+    assert loss in policy_loss_names()
+    out = runner.tmp / f"loss_{loss}"
+    res = runner._run([sys.executable, "-m", "drpo_trainer.cli", "--config", "configs/tiny_cpu.yaml", f"algorithm.loss={loss}",
+                       f"output_dir={out}", *SHORT])
+    assert res.returncode == 0, res.stderr[-3000:]
+    resolved = yaml.safe_load((out / "config.yaml").read_text())["algorithm"]
+    assert resolved["loss"] == loss and resolved["loss_params"] == loss_param_defaults(loss)  # not drpo's delta
+    assert (out / "metrics.jsonl").read_text().count("\n") >= 1

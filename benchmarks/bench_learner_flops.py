@@ -109,7 +109,9 @@ def time_learner_update(
     learner = Learner(cfg, model_dir, total_optimizer_steps=1000)
     tc = len(seqs[0]) - prompt_len
     samples = [
-        TrainSample(input_ids=s, prompt_len=prompt_len, advantage=(1.0 if i % 2 else -1.0), rollout_logprobs=torch.zeros(tc))
+        TrainSample(
+            input_ids=s, prompt_len=prompt_len, advantage=(1.0 if i % 2 else -1.0), rollout_logprobs=torch.zeros(tc)
+        )
         for i, s in enumerate(seqs)
     ]
     learner.recompute_logprobs(samples)  # mu, as the trainer does before the updates
@@ -125,7 +127,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--matmul-size", type=int, default=2048)
     parser.add_argument(
-        "--zero-stage", type=int, default=0, choices=[0, 1, 2, 3],
+        "--zero-stage",
+        type=int,
+        default=0,
+        choices=[0, 1, 2, 3],
         help="the learner's ZeRO stage (default 0: what drpo-train uses with one process)",
     )
     args = parser.parse_args()
@@ -157,7 +162,14 @@ def main() -> None:
         [
             ["fp32 matmul peak", "", "", peak / 1e9, "", 1.0],
             ["plain fwd+bwd", plain, f6 / 1e9, f6 / plain / 1e9, (f6 + fa) / plain / 1e9, f6 / plain / peak],
-            [f"learner.update (ZeRO-{args.zero_stage})", update, f6 / 1e9, f6 / update / 1e9, (f6 + fa) / update / 1e9, f6 / update / peak],
+            [
+                f"learner.update (ZeRO-{args.zero_stage})",
+                update,
+                f6 / 1e9,
+                f6 / update / 1e9,
+                (f6 + fa) / update / 1e9,
+                f6 / update / peak,
+            ],
         ],
     )
     print(f"attention FLOPs (not in 6ND) add {100 * fa / f6:.1f}% at this length")

@@ -47,8 +47,12 @@ def _run_variant(variant: str, tokens: int, vocab: int) -> dict:
 
     torch.manual_seed(0)
     config = transformers.Qwen3Config(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=vocab,
     )
     model = transformers.Qwen3ForCausalLM(config).float()
 

@@ -105,7 +105,9 @@ def run_trl(args, model_dir: str, data: str, out: str) -> dict:
     from drpo_trainer.rewards import math_reward
 
     rows = [json.loads(line) for line in Path(data).read_text().splitlines()]
-    dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}], "answer": r["answer"]} for r in rows])
+    dataset = Dataset.from_list(
+        [{"prompt": [{"role": "user", "content": r["prompt"]}], "answer": r["answer"]} for r in rows]
+    )
 
     def reward(completions, answer, **_) -> list[float]:
         return [math_reward(c[0]["content"], a) for c, a in zip(completions, answer)]
@@ -179,7 +181,9 @@ def run_side(side: str, args, model_dir: str, data: str, out: str) -> dict:
     """One trainer in a fresh process (the two must not share a process group or thread pools)."""
     cmd = [sys.executable, __file__, "--side", side, "--model", model_dir, "--data", data, "--out", out]
     cmd += [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("side", "model", "data", "out")]
-    env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", WANDB_MODE="disabled")
+    env = dict(
+        os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", WANDB_MODE="disabled"
+    )
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     lines = [line for line in res.stdout.splitlines() if line.startswith(RESULT)]
     if res.returncode != 0 or not lines:
@@ -210,7 +214,10 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=4, help="rollout steps dropped from each run")
     parser.add_argument("--rounds", type=int, default=1, help="runs of each trainer, alternating")
     parser.add_argument(
-        "--zero-stage", type=int, default=0, choices=[0, 1, 2, 3],
+        "--zero-stage",
+        type=int,
+        default=0,
+        choices=[0, 1, 2, 3],
         help="our learner's ZeRO stage (default 0: what drpo-train uses with one process)",
     )
     parser.add_argument("--side", choices=["ours", "trl"], help=argparse.SUPPRESS)
@@ -245,13 +252,25 @@ def main() -> None:
         "",
         ["trainer", "median step s", "best step s", "rollout phase s", "update phase s", "completion tokens"],
         [
-            [name, s[side]["step_s"], s[side]["min_step_s"], s[side]["rollout_s"], s[side]["update_s"], s[side]["completion_len"]]
-            for side, name in (("ours", f"drpo-train (ZeRO-{args.zero_stage}, 1 process)"), ("trl", "TRL GRPOTrainer (use_vllm off)"))
+            [
+                name,
+                s[side]["step_s"],
+                s[side]["min_step_s"],
+                s[side]["rollout_s"],
+                s[side]["update_s"],
+                s[side]["completion_len"],
+            ]
+            for side, name in (
+                ("ours", f"drpo-train (ZeRO-{args.zero_stage}, 1 process)"),
+                ("trl", "TRL GRPOTrainer (use_vllm off)"),
+            )
         ],
     )
     for side in ("ours", "trl"):  # the raw series: warm-up and noise are visible, not hidden in the median
         print(f"{side} step s per run: " + "; ".join(" ".join(f"{x:.2f}" for x in r["step_s"]) for r in results[side]))
-    print("rollout phase = generate + score + behaviour log-probs; update phase = optimizer steps (+ weight sync, ours).")
+    print(
+        "rollout phase = generate + score + behaviour log-probs; update phase = optimizer steps (+ weight sync, ours)."
+    )
     print("TRL's phases are estimated from its step spans: rollout = first span - second, update = k x second span.")
     ratio = s["ours"]["step_s"] / s["trl"]["step_s"]
     print(ratio_line(ratio, f"<= {TARGET} of TRL's step time", ratio <= TARGET))

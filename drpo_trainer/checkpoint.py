@@ -92,7 +92,9 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
 
 
-def save_checkpoint(engine, output_dir: str, step: int, loop_state: dict, *, config_yaml: str, hf_save=None, keep_last: int = 2) -> Path:
+def save_checkpoint(
+    engine, output_dir: str, step: int, loop_state: dict, *, config_yaml: str, hf_save=None, keep_last: int = 2
+) -> Path:
     """Every rank calls this. Returns the published directory."""
     rank, world = _rank_world()
     root = checkpoints_dir(output_dir)
@@ -134,9 +136,7 @@ def save_checkpoint(engine, output_dir: str, step: int, loop_state: dict, *, con
 
 def _step_dirs(root: Path) -> list[Path]:
     """Published checkpoints, newest first (`.tmp-step_*` debris of an unfinished write excluded)."""
-    return sorted(
-        (p for p in root.glob("step_*") if p.is_dir() and p.name[5:].isdigit()), key=_step_of, reverse=True
-    )
+    return sorted((p for p in root.glob("step_*") if p.is_dir() and p.name[5:].isdigit()), key=_step_of, reverse=True)
 
 
 def _step_of(path: Path) -> int:
@@ -262,8 +262,13 @@ def save_run(run) -> None:
     sampler = {"epoch": run.sampler.state.epoch, "index": run.sampler.state.index, "seed": run.sampler.seed}
     loop_state = {"sampler": sampler, **run.extra}
     save_checkpoint(
-        run.learner.engine, run.cfg.output_dir, run.step, loop_state,
-        config_yaml=dump_config(run.cfg), hf_save=hf_save, keep_last=run.cfg.checkpoint.keep_last,
+        run.learner.engine,
+        run.cfg.output_dir,
+        run.step,
+        loop_state,
+        config_yaml=dump_config(run.cfg),
+        hf_save=hf_save,
+        keep_last=run.cfg.checkpoint.keep_last,
     )
 
 
@@ -282,5 +287,7 @@ def restore_run(run, resume: Optional[str]) -> Optional[Path]:
     pos = dict(state["sampler"])
     run.sampler.seed = pos.pop("seed", run.sampler.seed)  # the permutation the saved position indexes
     run.sampler.state = SamplerState(**pos)
-    run.extra.update({k: v for k, v in state.items() if k not in ("step", "sampler", "world_size")})
+    # this run's own data fingerprint stays: a change was allowed (or refused) before the run began
+    keep = ("step", "sampler", "world_size", "data_fingerprint")
+    run.extra.update({k: v for k, v in state.items() if k not in keep})
     return Path(path)

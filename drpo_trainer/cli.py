@@ -33,6 +33,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML file overriding the defaults (see configs/)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("--resume", default=None, help="'auto' (newest valid checkpoint in output_dir) or a checkpoint path")
+    p.add_argument(
+        "--allow-config-change",
+        default="",
+        metavar="KEYS",
+        help="comma-separated keys (or sections) that may differ from the resumed checkpoint's config, "
+        "e.g. trainer.max_steps,optim; 'data.contents' allows other training data",
+    )
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     return p
@@ -59,9 +66,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         cfg.check_world(world)  # before any heavy import or process start
         _check_registries(cfg)
+        from drpo_trainer.preflight import preflight
+
+        preflight(cfg, int(os.environ.get("LOCAL_WORLD_SIZE", nproc)))
+        from drpo_trainer.run_identity import check_resume
+
+        allowed = [k.strip() for k in args.allow_config_change.split(",") if k.strip()]
+        changes = check_resume(cfg, args.resume, allowed)
     except ConfigError as err:
         print(f"drpo-train: {err}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
+    if changes and int(os.environ.get("RANK", 0)) == 0 and (launched_externally() or nproc == 1):
+        print("drpo-train: resuming with changed settings: " + "; ".join(changes), file=sys.stderr)
     if launched_externally() is None and nproc > 1:
         cmd = build_launch_command(nproc, argv, master_port=free_port())
         return _run_children(cmd, cfg.output_dir)
@@ -114,7 +130,9 @@ def _export(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="drpo-train export", description="Checkpoint -> Hugging Face model directory.")
     p.add_argument("checkpoint", help="a checkpoints/step_* directory")
     p.add_argument("out_dir", help="where to write config.json, model.safetensors and the tokenizer")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="default: the run's model.dtype")
+    p.add_argument(
+        "--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="default: the run's model.dtype"
+    )
     args = p.parse_args(argv)
     from drpo_trainer.export import export_checkpoint
 

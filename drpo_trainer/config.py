@@ -44,7 +44,8 @@ class ModelConfig(Section):
     )
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
     attn_implementation: Optional[str] = Field(
-        None, description="transformers attention kernel ('sdpa', 'flash_attention_2', 'eager'); None = library default."
+        None,
+        description="transformers attention kernel ('sdpa', 'flash_attention_2', 'eager'); None = library default.",
     )
     trust_remote_code: bool = Field(False, description="Allow custom modelling code from the model directory.")
 
@@ -86,12 +87,17 @@ class RolloutConfig(Section):
     )
     sync_bucket_mb: int = Field(512, gt=0, description="Weight-sync bucket size (MiB of gathered parameters).")
     dtype: Optional[Literal["float32", "bfloat16", "float16"]] = Field(
-        None, description="Engine weight dtype; default model.dtype. A coarser engine dtype is a real train/inference mismatch."
+        None,
+        description="Engine weight dtype; default model.dtype. A coarser engine dtype is a real train/inference "
+        "mismatch.",
     )
     parity_check_at_start: bool = Field(
-        True, description="Before step 1 (and after a resume), score a probe batch with engine and learner; abort on a gap."
+        True,
+        description="Before step 1 (and after a resume), score a probe batch with engine and learner; abort on a gap.",
     )
-    parity_check: bool = Field(False, description="Run the same check after every weight sync (logs parity/* each step).")
+    parity_check: bool = Field(
+        False, description="Run the same check after every weight sync (logs parity/* each step)."
+    )
     parity_max_abs_logprob_diff: Optional[float] = Field(
         None,
         gt=0,
@@ -163,7 +169,9 @@ class TrainerConfig(Section):
     micro_batch_tokens_per_gpu: int = Field(
         8192, gt=0, description="Token budget of one learner forward/backward on one rank (padding-free packing)."
     )
-    logprob_chunk_tokens: int = Field(1024, gt=0, description="Tokens per chunk of the log-prob head (no B*T*V logits).")
+    logprob_chunk_tokens: int = Field(
+        1024, gt=0, description="Tokens per chunk of the log-prob head (no B*T*V logits)."
+    )
     packed_row_tokens: Optional[int] = Field(
         512,
         gt=0,
@@ -199,6 +207,12 @@ class WandbConfig(Section):
     entity: Optional[str] = Field(None, description="W&B entity (team or user).")
     name: Optional[str] = Field(None, description="Run name; default = output_dir's name.")
     tags: list[str] = Field(default_factory=list, description="Run tags.")
+    connect_timeout_s: float = Field(
+        10.0, gt=0, description="online: seconds to reach the W&B server before logging offline instead."
+    )
+    init_timeout_s: float = Field(
+        30.0, gt=0, description="online: seconds wandb.init may take once the server answered; then offline."
+    )
 
 
 class TrackingConfig(Section):
@@ -244,6 +258,13 @@ class Config(Section):
             raise ValueError(
                 f"algorithm.mis_lower ({self.algorithm.mis_lower}) must be below algorithm.mis_upper "
                 f"({self.algorithm.mis_upper})"
+            )
+        need = self.data.max_prompt_tokens + self.rollout.max_new_tokens
+        if self.trainer.micro_batch_tokens_per_gpu < need:
+            raise ValueError(
+                f"trainer.micro_batch_tokens_per_gpu={self.trainer.micro_batch_tokens_per_gpu} cannot hold one sample "
+                f"of data.max_prompt_tokens + rollout.max_new_tokens = {need} tokens. "
+                f"Fix: set trainer.micro_batch_tokens_per_gpu >= {need}"
             )
         if self.rollout.backend == "hf" and self.rollout.quantization is not None:
             raise ValueError("rollout.quantization needs rollout.backend=vllm")
@@ -335,8 +356,13 @@ def _format_errors(err: ValidationError, raw: dict) -> str:
         else:
             got = e.get("input")
             got_s = "" if isinstance(got, dict) else f" (got {got!r})"
-            lines.append(f"  {key}: {e['msg']}{got_s}")
-    return "invalid configuration:\n" + "\n".join(lines) + "\nSee `drpo-train --print-config` for every key and default."
+            msg = e["msg"].removeprefix("Value error, ")
+            lines.append(f"  {key}: {msg}{got_s}" if key != "<config>" else f"  {msg}")
+    if len(lines) == 1:  # the common case: one line naming the key and the fix
+        return f"invalid configuration: {lines[0].strip()}"
+    return (
+        "invalid configuration:\n" + "\n".join(lines) + "\nSee `drpo-train --print-config` for every key and default."
+    )
 
 
 def load_config(path: Optional[str | os.PathLike] = None, overrides: Optional[list[str]] = None) -> Config:
@@ -345,7 +371,9 @@ def load_config(path: Optional[str | os.PathLike] = None, overrides: Optional[li
     if path is not None:
         p = Path(path)
         if not p.is_file():
-            raise ConfigError(f"config file not found: {p}. Fix: pass an existing YAML file, e.g. configs/tiny_cpu.yaml")
+            raise ConfigError(
+                f"config file not found: {p}. Fix: pass an existing YAML file, e.g. configs/tiny_cpu.yaml"
+            )
         try:
             raw = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as exc:

@@ -34,24 +34,58 @@ def _load_rows(path: str) -> list[dict]:
 
     p = Path(path)
     if not p.is_file():
-        raise DataError(f"data file not found: {path}. Fix: check data.train_files / eval.files (paths are relative to the working directory)")
+        raise DataError(
+            f"data file not found: {path}. Fix: check data.train_files / eval.files "
+            "(paths are relative to the working directory)"
+        )
     suffix = p.suffix.lower()
     kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(suffix)
     if kind is None:
         raise DataError(f"{path}: unsupported file type '{suffix}'. Fix: use .jsonl or .parquet")
+    if kind == "json" and suffix == ".jsonl":
+        _check_jsonl_lines(p)  # datasets' own error names neither the line nor the problem
     try:
         ds = datasets.load_dataset(kind, data_files=str(p), split="train")
     except Exception as exc:  # datasets raises many types for broken files
         raise DataError(f"{path}: could not be read as {kind}: {exc}") from None
+    if len(ds) == 0:
+        raise DataError(f"{path}: the file holds no rows. Fix: give a file with one problem per row")
     return ds.to_list()
+
+
+def _check_jsonl_lines(path: Path) -> None:
+    """Every non-blank line is one JSON object; else DataError naming the line and the problem."""
+    import json
+
+    rows = 0
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(
+                    f"{path}, line {n}: not valid JSON ({err.msg} at column {err.colno}). Fix: one JSON object per line"
+                ) from None
+            if not isinstance(value, dict):
+                raise DataError(f"{path}, line {n}: a JSON {type(value).__name__}, not an object with fields")
+            rows += 1
+    if rows == 0:
+        raise DataError(f"{path}: the file is empty (no rows). Fix: give a file with one problem per line")
 
 
 def _check_row(row: dict, path: str, i: int, prompt_field: str, answer_field: str) -> tuple[Any, str]:
     where = f"{path}, row {i + 1}"
     if prompt_field not in row or row[prompt_field] is None:
-        raise DataError(f"{where}: missing field '{prompt_field}'. Fix: every row needs '{prompt_field}' and '{answer_field}' (or set data.prompt_field)")
+        raise DataError(
+            f"{where}: missing field '{prompt_field}'. Fix: every row needs '{prompt_field}' and "
+            f"'{answer_field}' (or set data.prompt_field)"
+        )
     if answer_field not in row or row[answer_field] is None:
-        raise DataError(f"{where}: missing field '{answer_field}'. Fix: every row needs a gold answer (or set data.answer_field)")
+        raise DataError(
+            f"{where}: missing field '{answer_field}'. Fix: every row needs a gold answer (or set data.answer_field)"
+        )
     prompt = row[prompt_field]
     if isinstance(prompt, str):
         if not prompt.strip():
@@ -59,9 +93,14 @@ def _check_row(row: dict, path: str, i: int, prompt_field: str, answer_field: st
     elif isinstance(prompt, list):
         for j, m in enumerate(prompt):
             if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-                raise DataError(f"{where}: field '{prompt_field}' message {j} must be {{'role': str, 'content': str}}, got {m!r:.80}")
+                raise DataError(
+                    f"{where}: field '{prompt_field}' message {j} must be {{'role': str, 'content': str}}, "
+                    f"got {m!r:.80}"
+                )
     else:
-        raise DataError(f"{where}: field '{prompt_field}' must be text or a list of chat messages, got {type(prompt).__name__}")
+        raise DataError(
+            f"{where}: field '{prompt_field}' must be text or a list of chat messages, got {type(prompt).__name__}"
+        )
     answer = row[answer_field]
     if isinstance(answer, (int, float)) and not isinstance(answer, bool):
         answer = str(answer)
@@ -103,7 +142,9 @@ def load_problems(
     for path in files:
         for i, row in enumerate(_load_rows(path)):
             prompt, answer = _check_row(row, path, i, prompt_field, answer_field)
-            text = format_prompt(prompt, tokenizer, system_prompt=system_prompt, apply_chat_template=apply_chat_template)
+            text = format_prompt(
+                prompt, tokenizer, system_prompt=system_prompt, apply_chat_template=apply_chat_template
+            )
             ids = tokenizer(text, add_special_tokens=False)["input_ids"]
             stats.rows += 1
             if len(ids) > max_prompt_tokens:

@@ -35,7 +35,14 @@ def _save(state_dict: dict, hf_dir: Path, out_dir: Path, dtype: str) -> None:
     os.rename(tmp, out_dir)
 
 
-def export_live(module: torch.nn.Module, hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: str, bucket_bytes: int = 1 << 30) -> None:
+def export_live(
+    module: torch.nn.Module,
+    hf_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    dtype: str,
+    bucket_bytes: int = 1 << 30,
+) -> None:
     """Every rank calls this (each bucket is a collective gather); rank 0 writes."""
     from drpo_trainer.weight_sync import iter_gathered_buckets
 
@@ -53,6 +60,7 @@ def export_live(module: torch.nn.Module, hf_dir: str | os.PathLike, out_dir: str
 def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: str | None = None) -> Path:
     """Offline: a `step_*` checkpoint directory -> an HF model directory."""
     import yaml
+
     from drpo_trainer.checkpoint import verify_checkpoint
 
     ckpt = Path(checkpoint)

@@ -27,6 +27,9 @@ from drpo_trainer.losses import compute_policy_loss
 from drpo_trainer.metrics import MetricAccumulator, all_reduce_max, all_reduce_sum
 from drpo_trainer.packing import pack_sequences, plan_micro_batches
 
+NO_CLIP = 1e30  # optim.grad_clip = 0: clip at a norm no gradient reaches, so the norm is still computed
+
+
 @dataclass
 class TrainSample:
     """One completion as the learner sees it."""
@@ -66,7 +69,8 @@ def deepspeed_config(cfg: Config, world_size: int = 1) -> dict:
         "train_micro_batch_size_per_gpu": 1,
         "gradient_accumulation_steps": 1,
         "managed_gradient_accumulation": False,
-        "gradient_clipping": cfg.optim.grad_clip,
+        # 0 = no clipping; a bound no norm reaches keeps DeepSpeed computing (and us logging) the norm
+        "gradient_clipping": cfg.optim.grad_clip or NO_CLIP,
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,
         "bf16": {"enabled": cfg.model.dtype == "bfloat16"},
@@ -152,7 +156,9 @@ class Learner:
         engine = self.engine
 
         def clip_and_record() -> None:
-            norm = clip_grad_norm_(parameters=engine.module.parameters(), max_norm=engine.gradient_clipping(), mpu=engine.mpu)
+            norm = clip_grad_norm_(
+                parameters=engine.module.parameters(), max_norm=engine.gradient_clipping(), mpu=engine.mpu
+            )
             self._grad_norm = float(norm)
 
         engine.clip_fp32_gradients = clip_and_record
@@ -189,7 +195,9 @@ class Learner:
 
     def _micro_batches(self, samples: list[TrainSample]) -> list[list[int]]:
         """This rank's micro-batches, padded with empty ones to the max count over ranks."""
-        plan = plan_micro_batches([len(s.input_ids) for s in samples], self.cfg.trainer.micro_batch_tokens_per_gpu, 1)[0]
+        plan = plan_micro_batches([len(s.input_ids) for s in samples], self.cfg.trainer.micro_batch_tokens_per_gpu, 1)[
+            0
+        ]
         (n_max,) = all_reduce_max([len(plan)])
         return plan + [[] for _ in range(int(n_max) - len(plan))]
 
@@ -214,7 +222,9 @@ class Learner:
     def score(self, sequences: list[list[int]]) -> list[list[float]]:
         """Log-probs of tokens 1..L-1 at temperature 1 (the parity probe; every rank calls it)."""
         self.engine.eval()
-        probe = [TrainSample(input_ids=s, prompt_len=1, advantage=0.0, rollout_logprobs=torch.zeros(0)) for s in sequences]
+        probe = [
+            TrainSample(input_ids=s, prompt_len=1, advantage=0.0, rollout_logprobs=torch.zeros(0)) for s in sequences
+        ]
         lps, _ = self._forward(probe, with_entropy=False, probe=True)
         self.engine.train()
         return [lp.float().cpu().tolist() for lp in lps]
@@ -261,10 +271,13 @@ class Learner:
             self.engine.backward(loss * self.world_size)
             total_loss += loss.item()
             acc.add(metrics, weight=float(mask.sum()))
+        self._grad_norm = None
         self.engine.step()
         out = acc.result(all_reduce=True)
         (out["loss/policy"],) = all_reduce_sum([total_loss])
-        grad_norm = self._grad_norm if self.zero_stage == 0 else self.engine.get_global_grad_norm()
+        grad_norm = self.engine.get_global_grad_norm()  # ZeRO and DeepSpeed's bf16/fp16 optimizers keep it
+        if grad_norm is None:
+            grad_norm = self._grad_norm  # stage 0 with a torch optimizer: recorded by our clip hook
         out["optim/grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
         out["optim/lr"] = float(self.engine.get_lr()[0])
         return out

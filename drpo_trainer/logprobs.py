@@ -163,7 +163,9 @@ class _ChunkedHeadLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, head_forward, hidden, targets, sampling, chunk_tokens, with_entropy, *params):
         parts = [
-            _chunk_stats(head_forward, hidden[s : s + chunk_tokens], targets[s : s + chunk_tokens], sampling, with_entropy)
+            _chunk_stats(
+                head_forward, hidden[s : s + chunk_tokens], targets[s : s + chunk_tokens], sampling, with_entropy
+            )
             for s in range(0, hidden.shape[0], chunk_tokens)
         ]
         logprobs, entropy, log_normalizer = (torch.cat(p) for p in zip(*parts))

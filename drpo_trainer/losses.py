@@ -265,8 +265,8 @@ def compute_policy_loss(
     exp(old_logprobs - rollout_logprobs): 'tis' multiplies each token's loss by the detached
     min(rho, tis_cap); 'mis' zeroes tokens with rho outside [mis_lower, mis_upper]
     (the counts are unchanged, so the global normalisation stays valid).
-    Returns (scalar loss in float32, or float64 for float64 inputs, dict of 0-dim detached float32 metrics over the masked
-    tokens: keys ending in _max / _min reduce by max / min, the rest are token means).
+    Returns (scalar loss in float32, or float64 for float64 inputs, dict of 0-dim detached float32
+    metrics over the masked tokens: keys ending in _max / _min reduce by max / min, the rest are token means).
     """
     loss_params = validate_loss_params(name, params)
     lp, old, adv, m = _prepare_inputs(logprobs, old_logprobs, advantages, mask)

@@ -47,8 +47,12 @@ class MetricAccumulator:
         mean_keys = sorted(self.sums)
         max_keys = sorted(k for k in self.extrema if _kind(k) == "max")
         min_keys = sorted(k for k in self.extrema if _kind(k) == "min")
-        sums = torch.tensor([self.sums[k] for k in mean_keys] + [self.weights[k] for k in mean_keys], dtype=torch.float64)
-        maxs = torch.tensor([self.extrema[k] for k in max_keys] + [-self.extrema[k] for k in min_keys], dtype=torch.float64)
+        sums = torch.tensor(
+            [self.sums[k] for k in mean_keys] + [self.weights[k] for k in mean_keys], dtype=torch.float64
+        )
+        maxs = torch.tensor(
+            [self.extrema[k] for k in max_keys] + [-self.extrema[k] for k in min_keys], dtype=torch.float64
+        )
         if all_reduce and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
             dist = torch.distributed
             dev = _comm_device()

@@ -89,7 +89,9 @@ def pack_sequences(
             unchanged.
     """
     if not seqs:
-        raise ValueError("pack_sequences needs at least one sequence; use dummy_packed_batch() for an empty micro-batch.")
+        raise ValueError(
+            "pack_sequences needs at least one sequence; use dummy_packed_batch() for an empty micro-batch."
+        )
     if prompt_lengths is not None and len(prompt_lengths) != len(seqs):
         raise ValueError(f"prompt_lengths has {len(prompt_lengths)} entries for {len(seqs)} sequences.")
     capacity = None if row_tokens is None else max(row_tokens, max(len(s) for s in seqs))
@@ -146,7 +148,9 @@ def dummy_packed_batch(pad_token_id: int = 0) -> PackedBatch:
     makes the same ZeRO-3 collectives as its peers; the learner gives it zero loss weight.
     """
     batch = pack_sequences([[pad_token_id]])
-    return PackedBatch(batch.input_ids, batch.position_ids, batch.targets, batch.cu_seqlens, [slice(0, 0)], [slice(0, 0)])
+    return PackedBatch(
+        batch.input_ids, batch.position_ids, batch.targets, batch.cu_seqlens, [slice(0, 0)], [slice(0, 0)]
+    )
 
 
 def plan_micro_batches(lengths: list[int], token_budget: int, world_size: int) -> list[list[list[int]]]:

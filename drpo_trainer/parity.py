@@ -79,7 +79,9 @@ def default_threshold(learner_dtype: str, engine_dtype: str, quantization: Optio
     names = [learner_dtype, engine_dtype] + ([quantization] if quantization else [])
     for name in names:
         if name not in DEFAULT_THRESHOLDS:
-            raise ValueError(f"parity: no default threshold for precision {name!r}; known: {sorted(DEFAULT_THRESHOLDS)}")
+            raise ValueError(
+                f"parity: no default threshold for precision {name!r}; known: {sorted(DEFAULT_THRESHOLDS)}"
+            )
     coarsest = max(names, key=_PRECISION_ORDER.index)
     return DEFAULT_THRESHOLDS[coarsest]
 

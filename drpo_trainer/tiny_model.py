@@ -104,8 +104,10 @@ def sample_problems(n: int, seed: int, exclude: Iterable[Problem] = ()) -> list[
             seen.add(p)
             out.append(p)
     if len(out) < n:
-        raise ValueError(f"asked for {n} distinct problems but found only {len(out)} outside the {len(seen) - len(out)} "
-                         "excluded ones: the family is too small; lower the count or widen ADD_MAX / MUL_MAX")
+        raise ValueError(
+            f"asked for {n} distinct problems but found only {len(out)} outside the {len(seen) - len(out)} "
+            "excluded ones: the family is too small; lower the count or widen ADD_MAX / MUL_MAX"
+        )
     return out
 
 
@@ -241,7 +243,9 @@ class WarmStartRecipe:
 
 def encode_example(tokenizer, prompt: str, completion: Optional[str] = None) -> tuple[list[int], list[int]]:
     """(prompt ids through the chat template, completion ids + EOS), tokenized separately as in RL."""
-    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+    )
     prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if completion is None:
         return prompt_ids, []
@@ -319,8 +323,16 @@ def last_boxed(text: str) -> Optional[str]:
     return found[-1].strip() if found else None
 
 
-def sample_accuracy(model, tokenizer, problems: list[Problem], *, temperature: float, seed: int = 0,
-                    max_new_tokens: int = 32, batch_size: int = 64) -> tuple[float, float]:
+def sample_accuracy(
+    model,
+    tokenizer,
+    problems: list[Problem],
+    *,
+    temperature: float,
+    seed: int = 0,
+    max_new_tokens: int = 32,
+    batch_size: int = 64,
+) -> tuple[float, float]:
     """(fraction answered correctly, fraction with a \\boxed{}) over `problems`, one sample each;
     temperature 0 means greedy. Sampling is unrestricted (top_k=0, top_p=1)."""
     import torch
@@ -329,10 +341,18 @@ def sample_accuracy(model, tokenizer, problems: list[Problem], *, temperature: f
     torch.manual_seed(seed)
     for start in range(0, len(problems), batch_size):
         chunk = problems[start : start + batch_size]
-        texts = [tokenizer.apply_chat_template([{"role": "user", "content": p.prompt}], tokenize=False,
-                                               add_generation_prompt=True) for p in chunk]
+        texts = [
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": p.prompt}], tokenize=False, add_generation_prompt=True
+            )
+            for p in chunk
+        ]
         enc = tokenizer(texts, add_special_tokens=False, return_tensors="pt", padding=True)
-        kw = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else dict(do_sample=False)
+        kw = (
+            dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
+            if temperature > 0
+            else dict(do_sample=False)
+        )
         with torch.no_grad():
             out = model.generate(**enc, max_new_tokens=max_new_tokens, **kw)
         for p, row in zip(chunk, out[:, enc["input_ids"].shape[1] :]):
@@ -347,8 +367,9 @@ def sample_accuracy(model, tokenizer, problems: list[Problem], *, temperature: f
 # ----------------------------------------------------------------------------------------------
 
 
-def build_tiny_math(out_dir: str | os.PathLike, recipe: WarmStartRecipe = WarmStartRecipe(),
-                    progress: bool = True) -> dict[str, Any]:
+def build_tiny_math(
+    out_dir: str | os.PathLike, recipe: WarmStartRecipe = WarmStartRecipe(), progress: bool = True
+) -> dict[str, Any]:
     """Train the tokenizer, warm-start the model and save both into `out_dir` (which must not exist
     yet or be empty). Runs single-threaded for bit-reproducible weights; returns the build info."""
     import dataclasses
@@ -390,8 +411,10 @@ def resolve_model_path(path: str) -> str:
     if not path.startswith("builtin:"):
         return path
     if path != BUILTIN_NAME:
-        raise ValueError(f"unknown builtin model {path!r}; the only builtin is {BUILTIN_NAME!r} "
-                         "(or give a Hugging Face model directory)")
+        raise ValueError(
+            f"unknown builtin model {path!r}; the only builtin is {BUILTIN_NAME!r} "
+            "(or give a Hugging Face model directory)"
+        )
     return str(ensure_built(default_cache_dir() / BUILD_VERSION))
 
 
@@ -407,8 +430,10 @@ def ensure_built(target: Path, progress: bool = True) -> Path:
         if (target / INFO_FILE).is_file():  # another process built it while we waited
             return target
         if target.exists():
-            raise FileExistsError(f"{target} exists but holds no finished tiny-math build ({INFO_FILE} missing); "
-                                  "delete it or pass another --out directory")
+            raise FileExistsError(
+                f"{target} exists but holds no finished tiny-math build ({INFO_FILE} missing); "
+                "delete it or pass another --out directory"
+            )
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
         try:
             info = build_tiny_math(tmp, progress=progress)
@@ -426,7 +451,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     import argparse
 
     ap = argparse.ArgumentParser(prog="python -m drpo_trainer.tiny_model", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", help=f"output directory (default: $DRPO_CACHE_DIR or ~/.cache/drpo-trainer, /{BUILD_VERSION})")
+    ap.add_argument(
+        "--out", help=f"output directory (default: $DRPO_CACHE_DIR or ~/.cache/drpo-trainer, /{BUILD_VERSION})"
+    )
     ap.add_argument("--eval", action="store_true", help="report eval-set accuracy at T=1 and greedy after building")
     args = ap.parse_args(argv)
     out = ensure_built(Path(args.out) if args.out else default_cache_dir() / BUILD_VERSION)

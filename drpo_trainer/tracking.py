@@ -1,8 +1,11 @@
 """Where metrics go: `<output_dir>/metrics.jsonl`, Weights & Biases, and the console.
 
-Only rank 0 tracks. W&B never hangs a run: `online` without an API key falls back to
-`offline` with one message; every log call names its `step` explicitly so that a
-resumed run keeps increasing steps in the same W&B run (its id is in the checkpoint).
+Only rank 0 tracks. W&B never hangs or ends a run: `online` falls back to `offline` with one
+message when there is no API key, when the server cannot be reached within
+`tracking.wandb.connect_timeout_s`, or when `wandb.init` fails or takes longer than
+`tracking.wandb.init_timeout_s`; the offline run keeps the same id, so `wandb sync` later joins
+it to the online run. Every log call names its `step` explicitly so that a resumed run keeps
+increasing steps in the same W&B run (its id is in the checkpoint).
 """
 
 from __future__ import annotations
@@ -24,6 +27,29 @@ def _has_wandb_key() -> bool:
         return True
     netrc = Path.home() / ".netrc"
     return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
+
+
+def _server_unreachable(timeout_s: float) -> Optional[str]:
+    """None if a TCP connection to the W&B server opens within timeout_s, else the reason."""
+    import socket
+    import threading
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai"))
+    host, port = url.hostname or "", url.port or (443 if url.scheme == "https" else 80)
+    outcome: list[Optional[str]] = []
+
+    def attempt() -> None:  # name resolution has no timeout of its own: bound it with the thread's join
+        try:
+            with socket.create_connection((host, port), timeout=timeout_s):
+                outcome.append(None)
+        except OSError as exc:  # DNS failure, refused, unreachable, timeout
+            outcome.append(f"{host}:{port}: {exc or type(exc).__name__}")
+
+    thread = threading.Thread(target=attempt, daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    return outcome[0] if outcome else f"{host}:{port}: no answer within {timeout_s:g} s"
 
 
 def _clean(v):
@@ -51,7 +77,9 @@ class Tracker:
         if cfg.tracking.progress_bar:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=cfg.trainer.max_steps, initial=start_step, desc="drpo", unit="step", dynamic_ncols=True)
+            self.bar = tqdm(
+                total=cfg.trainer.max_steps, initial=start_step, desc="drpo", unit="step", dynamic_ncols=True
+            )
 
     def _truncate_after(self, step: int) -> None:
         """On resume, drop lines of steps after the checkpoint: they will be produced again."""
@@ -73,19 +101,37 @@ class Tracker:
         mode = w.mode
         if mode == "disabled":
             return
+        sync = f"Sync later with `wandb sync {self.cfg.output_dir}/wandb/offline-run-*`."
         if mode == "online" and not _has_wandb_key():
             print(
-                "wandb: no API key found (WANDB_API_KEY or `wandb login`); logging offline instead. "
-                "Sync later with `wandb sync <output_dir>/wandb/offline-run-*`.",
+                f"wandb: no API key found (WANDB_API_KEY or `wandb login`); logging offline instead. {sync}",
                 file=sys.stderr,
             )
             mode = "offline"
-        import wandb
-
+        if mode == "online":
+            reason = _server_unreachable(w.connect_timeout_s)
+            if reason is not None:
+                print(f"wandb: server unreachable ({reason}); logging offline instead. {sync}", file=sys.stderr)
+                mode = "offline"
         if self.run_id is None:
             # wandb.util.generate_id is gone in recent wandb; `secrets` leaves the seeded RNGs untouched
             self.run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
-        self.run = wandb.init(
+        try:
+            self.run = self._wandb_init(mode)
+        except Exception as exc:  # noqa: BLE001 - whatever W&B raises, the run goes on
+            if mode != "online":
+                raise
+            print(
+                f"wandb: init failed online ({type(exc).__name__}: {str(exc)[:200]}); logging offline instead. {sync}",
+                file=sys.stderr,
+            )
+            self.run = self._wandb_init("offline")
+
+    def _wandb_init(self, mode: str):
+        import wandb
+
+        w = self.cfg.tracking.wandb
+        return wandb.init(
             project=w.project,
             entity=w.entity,
             name=w.name or Path(self.cfg.output_dir).name,
@@ -95,7 +141,7 @@ class Tracker:
             mode=mode,
             dir=self.cfg.output_dir,
             config=json.loads(json.dumps(self.cfg.model_dump(mode="json"))),
-            settings=wandb.Settings(init_timeout=60, silent=True),
+            settings=wandb.Settings(init_timeout=w.init_timeout_s, silent=True),
         )
 
     def log(self, step: int, metrics: dict) -> None:

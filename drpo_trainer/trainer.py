@@ -218,7 +218,10 @@ def evaluate(run: Run, step: int) -> dict[str, float]:
         correct = 0.0
         if mine:
             spec = _spec(
-                cfg, n=cfg.eval.k, seed=sampling_seed(cfg.trainer.seed, step, ctx.rank, salt=7), temperature=cfg.eval.temperature
+                cfg,
+                n=cfg.eval.k,
+                seed=sampling_seed(cfg.trainer.seed, step, ctx.rank, salt=7),
+                temperature=cfg.eval.temperature,
             )
             comps = run.engine.generate([p.prompt_ids for p in mine], spec)
             scores, _ = run.scorer.score([c.text for c in comps], [mine[c.prompt_index].answer for c in comps])
@@ -233,6 +236,8 @@ def build_run(cfg: Config, ctx: DistContext) -> Run:
 
     from drpo_trainer.rewards import make_reward_scorer
     from drpo_trainer.rollout import make_engine
+    from drpo_trainer.run_identity import data_fingerprint
+
     cfg.check_world(ctx.world_size)
     model_path = cfg.model.path
     if model_path.startswith("builtin:"):  # the embedded tiny model, built and cached on first use
@@ -252,10 +257,13 @@ def build_run(cfg: Config, ctx: DistContext) -> Run:
     eval_sets = {name: load_problems([path], tokenizer, **load)[0] for name, path in cfg.eval.files.items()}
     sampler = PromptSampler(len(train_set), cfg.trainer.prompts_per_step, seed=d.seed, shuffle=d.shuffle)
     learner = Learner(cfg, model_path, total_optimizer_steps=cfg.trainer.max_steps * cfg.trainer.minibatches_per_step)
-    engine = make_engine(cfg, model_path, tokenizer=tokenizer, device=ctx.device, seed=cfg.trainer.seed)  # engines derive per-rank seeds
+    engine = make_engine(
+        cfg, model_path, tokenizer=tokenizer, device=ctx.device, seed=cfg.trainer.seed
+    )  # engines derive per-rank seeds
     scorer = make_reward_scorer(cfg.reward)
     run = Run(cfg, ctx, tokenizer, train_set, eval_sets, sampler, learner, engine, scorer)
     run.extra["data/prompts_dropped_too_long"] = stats.dropped_too_long
+    run.extra["data_fingerprint"] = data_fingerprint(d.train_files)  # a resume checks it (run_identity)
     return run
 
 
@@ -306,8 +314,12 @@ def train(cfg: Config, *, resume: Optional[str] = None) -> dict[str, float]:
         if ck.export_final:
             from drpo_trainer.export import export_live
 
-            export_live(run.learner.module, Path(cfg.output_dir) / "checkpoints" / f"step_{run.step:06d}" / "hf",
-                        Path(cfg.output_dir) / "final", dtype=cfg.model.dtype)
+            export_live(
+                run.learner.module,
+                Path(cfg.output_dir) / "checkpoints" / f"step_{run.step:06d}" / "hf",
+                Path(cfg.output_dir) / "final",
+                dtype=cfg.model.dtype,
+            )
     finally:
         run.scorer.close()
         tracker.close()

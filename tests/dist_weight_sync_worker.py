@@ -47,8 +47,13 @@ def main(out_dir: str, bucket_bytes: int) -> None:
     rank = torch.distributed.get_rank()
     torch.manual_seed(1234)  # same weights on every rank before partitioning
     cfg = transformers.Qwen3Config(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=256, tie_word_embeddings=True,  # the tied head must be sent too
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=256,
+        tie_word_embeddings=True,  # the tied head must be sent too
     )
     model = transformers.AutoModelForCausalLM.from_config(cfg)
     reference = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -73,9 +78,9 @@ def main(out_dir: str, bucket_bytes: int) -> None:
     extra_resident: list[list[str]] = []  # params gathered during a bucket that are not in it
     for bucket in iter_gathered_buckets(engine, bucket_bytes):
         in_bucket = {id(by_name[name]) for name, _ in bucket}  # a tied alias is the same parameter
-        extra_resident.append(sorted(
-            n for n, p in by_name.items() if p.ds_status == ZeroParamStatus.AVAILABLE and id(p) not in in_bucket
-        ))
+        extra_resident.append(
+            sorted(n for n, p in by_name.items() if p.ds_status == ZeroParamStatus.AVAILABLE and id(p) not in in_bucket)
+        )
         for name, t in bucket:
             gathered_names.append(name)
             ref = reference[name]

@@ -4,7 +4,8 @@ show, and turn each into a short run that proves it works (tests/test_doc_comman
 Collected: `drpo-train ...` (also inside `torchrun`/`deepspeed`/`accelerate` launch lines and
 `&&` chains, and as `-m drpo_trainer.cli`), `python -m drpo_trainer...`, and `python data/...`,
 `python benchmarks/...`, `python experiments/...`, `python docs/figures/...` scripts, from
-fenced shell blocks and from inline code spans. A trailing comment with `needs ...` (`# needs GPUs`, `# needs the network`) marks a command that
+fenced shell blocks and from inline code spans. A trailing comment with `needs ...`
+(`# needs GPUs`, `# needs the network`) marks a command that
 cannot run on a CPU machine without network: it is only parsed (`--print-config` / `--help`).
 """
 
@@ -16,7 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-DOC_FILES = ["README.md", "data/README.md", "benchmarks/README.md", *sorted(f"docs/{p.name}" for p in (REPO / "docs").glob("*.md"))]
+DOC_FILES = [
+    "README.md",
+    "data/README.md",
+    "benchmarks/README.md",
+    *sorted(f"docs/{p.name}" for p in (REPO / "docs").glob("*.md")),
+]
 SHELL_FENCES = {"", "bash", "sh", "shell", "console"}
 NEEDS = re.compile(r"#.*?\bneeds (.+)$")  # "# needs GPUs", "# needs the network", "# offline; needs your own ..."
 SCRIPT_DIRS = ("data/", "benchmarks/", "experiments/", "docs/figures/")
@@ -40,7 +46,7 @@ class DocCommand:
 def _strip_comment(line: str) -> tuple[str, str]:
     """'cmd  # note' -> ('cmd', '# note'); a '#' inside a word (e.g. a URL anchor) is kept."""
     m = re.search(r"(^|\s)#", line)
-    return (line[: m.start()].rstrip(), line[m.start():].strip()) if m else (line.rstrip(), "")
+    return (line[: m.start()].rstrip(), line[m.start() :].strip()) if m else (line.rstrip(), "")
 
 
 def _commands_in(text: str) -> list[tuple[str, str]]:

@@ -60,7 +60,9 @@ def baseline(nproc: int) -> tuple[Path, str]:
     Shared by the resume, preemption and export tests (one run per process count per session)."""
     out = scratch() / f"baseline_{nproc}"
     cfg = write_config(
-        scratch() / f"baseline_{nproc}.yaml", workspace(), out,
+        scratch() / f"baseline_{nproc}.yaml",
+        workspace(),
+        out,
         **{"distributed.nproc_per_node": nproc, "checkpoint.keep_last": 6, "checkpoint.export_final": True},
     )
     return out, train(cfg, "--resume", "auto").stderr
@@ -90,7 +92,12 @@ def write_config(path: Path, ws: dict, output_dir: Path, **overrides) -> Path:
         "reward": {"name": "resume_helpers:odd_length_reward", "num_workers": 1},
         "algorithm": {"loss": "drpo", "loss_params": {"delta": 12.5}},
         "optim": {"lr": 1.0e-3, "weight_decay": 0.0},
-        "trainer": {"max_steps": 6, "prompts_per_step": 4, "minibatches_per_step": 2, "micro_batch_tokens_per_gpu": 512},
+        "trainer": {
+            "max_steps": 6,
+            "prompts_per_step": 4,
+            "minibatches_per_step": 2,
+            "micro_batch_tokens_per_gpu": 512,
+        },
         "distributed": {"nproc_per_node": 1, "zero_stage": 3},
         "eval": {"files": {}, "at_start": False},
         "tracking": {"progress_bar": False, "wandb": {"mode": "disabled"}},
@@ -120,9 +127,14 @@ def command(config: Path, *args: str) -> list[str]:
     return [sys.executable, "-m", "drpo_trainer.cli", "--config", str(config), *args]
 
 
+def run_cli(config: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run drpo-train to its end, whatever its exit code."""
+    return subprocess.run(command(config, *args), env=env(), cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
 def train(config: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run drpo-train to completion; fail with its output when it does not exit 0."""
-    proc = subprocess.run(command(config, *args), env=env(), cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    proc = run_cli(config, *args, timeout=timeout)
     if proc.returncode != 0:
         raise AssertionError(f"drpo-train exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc
@@ -131,7 +143,9 @@ def train(config: Path, *args: str, timeout: float = 300) -> subprocess.Complete
 def start(config: Path, *args: str, log: Optional[Path] = None) -> subprocess.Popen:
     """Start drpo-train in its own process group (so a test can kill the whole run)."""
     out = open(log, "w") if log else subprocess.DEVNULL
-    return subprocess.Popen(command(config, *args), env=env(), cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(
+        command(config, *args), env=env(), cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+    )
 
 
 def kill_group(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:

@@ -99,8 +99,16 @@ def test_micro_batch_and_rank_splits_match_the_whole(name, mode):
     for rows in ([0, 1, 2], [3, 4], [5, 6, 7]):
         width = max(int(mask[rows].sum(dim=1).max()), 1)
         loss, _ = compute_policy_loss(
-            name, micro_lp[rows, :width], old[rows, :width], adv[rows], mask[rows, :width], loss_agg_mode=mode,
-            horizon=10, global_num_tokens=n_tok, global_num_seqs=n_seq, **extra,
+            name,
+            micro_lp[rows, :width],
+            old[rows, :width],
+            adv[rows],
+            mask[rows, :width],
+            loss_agg_mode=mode,
+            horizon=10,
+            global_num_tokens=n_tok,
+            global_num_seqs=n_seq,
+            **extra,
         )
         loss.backward()
         total = total + loss.detach()
@@ -116,8 +124,16 @@ def test_micro_batch_and_rank_splits_match_the_whole(name, mode):
         for rows in rank_rows:
             width = max(int(mask[rows].sum(dim=1).max()), 1)
             loss, _ = compute_policy_loss(
-                name, rank_lp[rows, :width], old[rows, :width], adv[rows], mask[rows, :width], loss_agg_mode=mode,
-                horizon=10, global_num_tokens=n_tok, global_num_seqs=n_seq, **extra,
+                name,
+                rank_lp[rows, :width],
+                old[rows, :width],
+                adv[rows],
+                mask[rows, :width],
+                loss_agg_mode=mode,
+                horizon=10,
+                global_num_tokens=n_tok,
+                global_num_seqs=n_seq,
+                **extra,
             )
             (loss * world).backward()
         rank_grads.append(rank_lp.grad)
@@ -134,4 +150,3 @@ def test_local_counts_would_change_the_gradient():
         # gradient accumulation that averages local token means: (1/3) sum_k mean_k
         (compute_policy_loss("pg", micro_lp[rows], old[rows], adv[rows], mask[rows])[0] / 3).backward()
     assert not torch.allclose(micro_lp.grad, whole_lp.grad)
-

@@ -59,8 +59,18 @@ def test_interleaved_times_every_function_in_every_round():
 
 def test_summarize_drops_warmup_and_takes_medians():
     runs = [
-        {"step_s": [9.0, 1.0, 3.0, 2.0], "rollout_s": [5.0, 0.5, 0.7, 0.6], "update_s": [1, 2, 3, 4], "completion_len": [30, 32]},
-        {"step_s": [8.0, 4.0, 6.0, 5.0], "rollout_s": [5.0, 0.1, 0.2, 0.3], "update_s": [1, 2, 3, 4], "completion_len": [31]},
+        {
+            "step_s": [9.0, 1.0, 3.0, 2.0],
+            "rollout_s": [5.0, 0.5, 0.7, 0.6],
+            "update_s": [1, 2, 3, 4],
+            "completion_len": [30, 32],
+        },
+        {
+            "step_s": [8.0, 4.0, 6.0, 5.0],
+            "rollout_s": [5.0, 0.1, 0.2, 0.3],
+            "update_s": [1, 2, 3, 4],
+            "completion_len": [31],
+        },
     ]
     s = summarize({"ours": runs}, warmup=1)["ours"]
     # steady steps of both runs: [1, 3, 2] + [4, 6, 5] -> median of 6 values = (3 + 4) / 2

@@ -43,8 +43,12 @@ class FakeEngine:
 
 def _save(out, step, value=None, keep_last=3):
     return save_checkpoint(
-        FakeEngine(float(step if value is None else value)), str(out), step, {"sampler": {"epoch": 0, "index": step}},
-        config_yaml="trainer: {}\n", keep_last=keep_last,
+        FakeEngine(float(step if value is None else value)),
+        str(out),
+        step,
+        {"sampler": {"epoch": 0, "index": step}},
+        config_yaml="trainer: {}\n",
+        keep_last=keep_last,
     )
 
 
@@ -60,7 +64,11 @@ def test_save_publishes_with_a_manifest_of_every_file(tmp_path):
     assert sorted(files) == ["config.yaml", "ds/state/shard.pt", "loop_state.json", "rng/rank_00000.pt"]
     size, _ = files["ds/state/shard.pt"]
     assert size == (path / "ds/state/shard.pt").stat().st_size
-    assert json.loads((path / "loop_state.json").read_text()) == {"sampler": {"epoch": 0, "index": 1}, "step": 1, "world_size": 1}
+    assert json.loads((path / "loop_state.json").read_text()) == {
+        "sampler": {"epoch": 0, "index": 1},
+        "step": 1,
+        "world_size": 1,
+    }
     assert verify_checkpoint(path) is None
     assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
 
@@ -81,7 +89,10 @@ def test_step_10_ranks_above_step_9(tmp_path):
 @pytest.mark.parametrize(
     "damage, problem",
     [
-        (lambda p: (p / "ds/state/shard.pt").write_bytes((p / "ds/state/shard.pt").read_bytes()[:-10]), "bytes, the manifest says"),
+        (
+            lambda p: (p / "ds/state/shard.pt").write_bytes((p / "ds/state/shard.pt").read_bytes()[:-10]),
+            "bytes, the manifest says",
+        ),
         (lambda p: _flip_last_byte(p / "ds/state/shard.pt"), "does not match its sha256"),
         (lambda p: (p / MANIFEST).unlink(), "no MANIFEST.json"),
         (lambda p: (p / "rng/rank_00000.pt").unlink(), "missing file rng/rank_00000.pt"),

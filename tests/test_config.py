@@ -20,7 +20,9 @@ def test_defaults_are_valid_and_documented():
         sub = section.annotation
         if hasattr(sub, "model_fields"):
             for name, field in sub.model_fields.items():
-                assert field.description or hasattr(field.annotation, "model_fields"), f"{section_name}.{name} has no doc"
+                assert field.description or hasattr(field.annotation, "model_fields"), (
+                    f"{section_name}.{name} has no doc"
+                )
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
@@ -84,13 +86,26 @@ def test_mis_band_must_be_ordered():
 
 def test_cli_print_config_and_error_exit_code():
     out = subprocess.run(
-        [sys.executable, "-m", "drpo_trainer.cli", "--config", str(ROOT / "configs/tiny_cpu.yaml"), "--print-config", "trainer.max_steps=3"],
-        capture_output=True, text=True, cwd=ROOT,
+        [
+            sys.executable,
+            "-m",
+            "drpo_trainer.cli",
+            "--config",
+            str(ROOT / "configs/tiny_cpu.yaml"),
+            "--print-config",
+            "trainer.max_steps=3",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
     )
     assert out.returncode == 0, out.stderr
     assert "max_steps: 3" in out.stdout
     bad = subprocess.run(
-        [sys.executable, "-m", "drpo_trainer.cli", "algorithm.loss_agg_mode=mean"], capture_output=True, text=True, cwd=ROOT
+        [sys.executable, "-m", "drpo_trainer.cli", "algorithm.loss_agg_mode=mean"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
     )
     assert bad.returncode == 2
     assert "algorithm.loss_agg_mode" in bad.stderr
@@ -99,7 +114,8 @@ def test_cli_print_config_and_error_exit_code():
 def test_cli_does_not_import_heavy_modules_for_print_config():
     code = (
         "import sys; from drpo_trainer.cli import main; main(['--print-config']);"
-        "heavy=[m for m in ('transformers','deepspeed','vllm','datasets','wandb') if m in sys.modules]; print('HEAVY', heavy)"
+        "heavy=[m for m in ('transformers','deepspeed','vllm','datasets','wandb') if m in sys.modules]; "
+        "print('HEAVY', heavy)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert "HEAVY []" in out.stdout, out.stdout + out.stderr
@@ -111,7 +127,9 @@ def test_resolve_nproc():
 
 
 def test_cli_rejects_unknown_loss_param_and_reward_before_heavy_work():
-    run = lambda *a: subprocess.run([sys.executable, "-m", "drpo_trainer.cli", *a], capture_output=True, text=True, cwd=ROOT)
+    def run(*a):
+        return subprocess.run([sys.executable, "-m", "drpo_trainer.cli", *a], capture_output=True, text=True, cwd=ROOT)
+
     bad_param = run("algorithm.loss=grpo", "algorithm.loss_params={delta: 0.2}")
     assert bad_param.returncode == 2
     assert "unknown parameter(s) delta for policy loss 'grpo'" in bad_param.stderr and "clip_low" in bad_param.stderr
@@ -132,7 +150,9 @@ def test_one_process_runs_without_zero_partitioning_unless_asked():
 # ------------------------------------------------------------------ loss selection and parameters
 
 
-@pytest.mark.parametrize("config", sorted(p.name for p in (Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")))
+@pytest.mark.parametrize(
+    "config", sorted(p.name for p in (Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+)
 def test_switching_the_loss_on_the_command_line_gives_that_losss_parameters(config):
     from drpo_trainer.losses import loss_param_defaults, policy_loss_names
 

@@ -22,8 +22,24 @@ PAPER = {
     "qwen3_4b_base_dppo.yaml": ("Qwen/Qwen3-4B-Base", 64, 8, 32, "dppo_tv", {"delta": 0.15}, None),
     "qwen3_4b_base_grpo.yaml": ("Qwen/Qwen3-4B-Base", 64, 8, 32, "grpo", {"clip_low": 0.2, "clip_high": 0.28}, None),
     "qwen3_30b_a3b_base_drpo.yaml": ("Qwen/Qwen3-30B-A3B-Base", 256, 16, 32, "drpo", {"delta": 12.5}, None),
-    "qwen3_30b_a3b_base_drpo_fp8_rollout.yaml": ("Qwen/Qwen3-30B-A3B-Base", 256, 16, 32, "drpo", {"delta": 12.5}, "fp8"),
-    "r1_distill_qwen_1p5b_drpo.yaml": ("deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", 64, 8, 16, "drpo", {"delta": 12.5}, None),
+    "qwen3_30b_a3b_base_drpo_fp8_rollout.yaml": (
+        "Qwen/Qwen3-30B-A3B-Base",
+        256,
+        16,
+        32,
+        "drpo",
+        {"delta": 12.5},
+        "fp8",
+    ),
+    "r1_distill_qwen_1p5b_drpo.yaml": (
+        "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B",
+        64,
+        8,
+        16,
+        "drpo",
+        {"delta": 12.5},
+        None,
+    ),
 }
 
 
@@ -74,7 +90,10 @@ def test_deepspeed_jsons_merge_into_a_valid_deepspeed_config(json_name, offload)
 
     cfg = _load(
         "qwen3_4b_base_drpo.yaml",
-        [f"distributed.deepspeed_config={ROOT / 'configs/deepspeed' / json_name}", f"distributed.offload_optimizer={offload}"],
+        [
+            f"distributed.deepspeed_config={ROOT / 'configs/deepspeed' / json_name}",
+            f"distributed.offload_optimizer={offload}",
+        ],
     )
     merged = deepspeed_config(cfg, world_size=8)
     ds = DeepSpeedConfig(merged)
@@ -129,7 +148,10 @@ def test_baselines_differ_from_drpo_only_in_the_policy_loss(baseline):
 
 
 def test_fp8_rollout_differs_from_bf16_only_in_rollout_precision():
-    bf16, fp8 = _algorithm_free("qwen3_30b_a3b_base_drpo.yaml"), _algorithm_free("qwen3_30b_a3b_base_drpo_fp8_rollout.yaml")
+    bf16, fp8 = (
+        _algorithm_free("qwen3_30b_a3b_base_drpo.yaml"),
+        _algorithm_free("qwen3_30b_a3b_base_drpo_fp8_rollout.yaml"),
+    )
     assert (bf16["rollout"].pop("quantization"), fp8["rollout"].pop("quantization")) == (None, "fp8")
     assert bf16 == fp8
 

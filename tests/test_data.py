@@ -11,7 +11,9 @@ class FakeTokenizer:
     """Whitespace tokenizer with a recognisable chat template (the real one is tested elsewhere)."""
 
     def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=True):
-        return "".join(f"<{m['role']}> {m['content']} " for m in messages) + ("<assistant>" if add_generation_prompt else "")
+        return "".join(f"<{m['role']}> {m['content']} " for m in messages) + (
+            "<assistant>" if add_generation_prompt else ""
+        )
 
     def __call__(self, text, add_special_tokens=False):
         return {"input_ids": [len(w) for w in text.split()]}
@@ -64,6 +66,26 @@ def test_missing_file_and_wrong_type(tmp_path):
     bad.write_text("prompt,answer\n")
     with pytest.raises(DataError, match="unsupported file type"):
         load_problems([str(bad)], FakeTokenizer())
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        (
+            '{"prompt": "a", "answer": "1"}\n{"prompt": "b", "answer": 2\n',
+            "line 2: not valid JSON (Expecting ',' delimiter",
+        ),
+        ('{"prompt": "a", "answer": "1"}\n\n[1, 2]\n', "line 3: a JSON list, not an object with fields"),
+        ("", "the file is empty (no rows)"),
+        ("\n  \n", "the file is empty (no rows)"),
+    ],
+)
+def test_broken_jsonl_names_the_line(tmp_path, text, expected):
+    p = tmp_path / "broken.jsonl"
+    p.write_text(text)
+    with pytest.raises(DataError) as e:
+        load_problems([str(p)], FakeTokenizer())
+    assert str(p) in str(e.value) and expected in str(e.value)
 
 
 def test_parquet_files_load(tmp_path):

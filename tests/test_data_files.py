@@ -30,8 +30,9 @@ def _rows(name: str) -> list[dict]:
 
 
 def test_generator_reproduces_committed_files_byte_for_byte(tmp_path):
-    subprocess.run([sys.executable, str(DATA / "make_synthetic.py"), "--out-dir", str(tmp_path)], check=True,
-                   capture_output=True)
+    subprocess.run(
+        [sys.executable, str(DATA / "make_synthetic.py"), "--out-dir", str(tmp_path)], check=True, capture_output=True
+    )
     for name in FILES:
         assert (tmp_path / name).read_bytes() == (DATA / name).read_bytes(), name
 
@@ -74,7 +75,7 @@ def test_prompts_and_solutions_are_short(tiny_model_dir):
 DAPO_PROMPT = (
     "Solve the following math problem step by step. The last line of your response should be of the form "
     "Answer: $Answer (without quotes) where $Answer is the answer to the problem.\n\n"
-    "What is $1+2$?\n\nRemember to put your answer on its own line after \"Answer:\"."
+    'What is $1+2$?\n\nRemember to put your answer on its own line after "Answer:".'
 )
 
 
@@ -86,8 +87,11 @@ def _fake_dapo_rows():
         "reward_model": {"ground_truth": "3", "style": "rule-lighteval/MATH_v2"},
         "extra_info": {"index": "a1"},
     }
-    other = dict(row, prompt=[{"content": "Find $\\frac{1}{2}+\\frac{1}{2}$.", "role": "user"}],
-                 reward_model={"ground_truth": "1", "style": "rule"})
+    other = dict(
+        row,
+        prompt=[{"content": "Find $\\frac{1}{2}+\\frac{1}{2}$.", "role": "user"}],
+        reward_model={"ground_truth": "1", "style": "rule"},
+    )
     return [row, row, other]  # the hub file repeats problems: the converter drops the duplicate
 
 
@@ -118,8 +122,12 @@ def test_convert_aime_both_column_layouts_and_parquet(tmp_path):
     conv = _load_module("convert_hub_datasets")
     # HuggingFaceH4/aime_2024 layout: lower-case columns, string answers.
     lower = tmp_path / "aime24.parquet"
-    pq.write_table(pa.Table.from_pylist([{"id": 60, "problem": "Find $x$.", "solution": "...", "answer": "204",
-                                          "url": "u", "year": "2024"}]), lower)
+    pq.write_table(
+        pa.Table.from_pylist(
+            [{"id": 60, "problem": "Find $x$.", "solution": "...", "answer": "204", "url": "u", "year": "2024"}]
+        ),
+        lower,
+    )
     # Maxwell-Jia/AIME_2024 layout: capitalised columns, integer answers.
     upper = tmp_path / "aime24b.jsonl"
     upper.write_text(json.dumps({"ID": "2024-I-1", "Problem": "Find $y$. ", "Solution": "...", "Answer": 25}) + "\n")

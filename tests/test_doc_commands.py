@@ -6,7 +6,7 @@ collects them):
   `runs/<name>/checkpoints/step_N` means the newest checkpoint of that run);
 - commands marked `# needs ...` (GPUs, the network), and paper configs whose model is on the hub,
   are parsed: `--print-config` for drpo-train (the config resolves and validates), `--help` for
-  scripts; `rollout.backend=vllm` is parsed here and run for real by tests/vllm;
+  scripts; `rollout.backend=vllm` is parsed here and run for real by tests/vllm_engine;
 - benchmarks run in `--help` mode (full runs are minutes); `data/make_synthetic.py` and the figure
   script write into the temporary directory and are compared with the bundled files.
 """
@@ -21,11 +21,15 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from doc_commands import REPO, DocCommand, collect, collect_all
 
-SHORT = ["trainer.max_steps=1", "eval.files={}", "checkpoint.export_final=false", "tracking.progress_bar=false",
-         "tracking.wandb.mode=disabled"]
+SHORT = [
+    "trainer.max_steps=1",
+    "eval.files={}",
+    "checkpoint.export_final=false",
+    "tracking.progress_bar=false",
+    "tracking.wandb.mode=disabled",
+]
 
 
 class DocRunner:
@@ -33,8 +37,14 @@ class DocRunner:
 
     def __init__(self, tmp: Path, cache_dir: str) -> None:
         self.tmp = tmp
-        self.env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-        self.env.update(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", DRPO_CACHE_DIR=cache_dir)
+        self.env = {
+            k: v
+            for k, v in os.environ.items()
+            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+        }
+        self.env.update(
+            HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", DRPO_CACHE_DIR=cache_dir
+        )
         self.runs: dict[str, Path] = {}  # documented output_dir -> where its last run went
         self.count = 0
 
@@ -67,7 +77,16 @@ class DocRunner:
             return self._run([sys.executable, "-m", "drpo_trainer.cli", *args, "--print-config"], 120)
         parse_only = bool(cmd.needs) or cfg.rollout.backend == "vllm" or not cfg.model.path.startswith("builtin:")
         if parse_only or "--print-config" in args:
-            res = self._run([sys.executable, "-m", "drpo_trainer.cli", *args, *([] if "--print-config" in args else ["--print-config"])], 120)
+            res = self._run(
+                [
+                    sys.executable,
+                    "-m",
+                    "drpo_trainer.cli",
+                    *args,
+                    *([] if "--print-config" in args else ["--print-config"]),
+                ],
+                120,
+            )
             assert res.returncode != 0 or "algorithm:" in res.stdout, res.stdout[-2000:]
             return res
         name = Path(cfg.output_dir).name
@@ -151,7 +170,9 @@ def test_paper_configs_are_marked_as_needing_gpus():
 @pytest.mark.parametrize("cmd", _unique(collect_all()), ids=lambda c: c.where)
 def test_documented_command_runs(runner, cmd):
     res = runner(cmd)
-    assert res.returncode == 0, f"{cmd.where}: `{' '.join(cmd.argv)}` failed:\n{res.stdout[-1500:]}\n{res.stderr[-3000:]}"
+    assert res.returncode == 0, (
+        f"{cmd.where}: `{' '.join(cmd.argv)}` failed:\n{res.stdout[-1500:]}\n{res.stderr[-3000:]}"
+    )
 
 
 def test_a_broken_readme_example_fails(runner, tmp_path):
@@ -171,8 +192,18 @@ def test_every_registry_loss_runs_from_the_command_line(runner, loss):
 
     assert loss in policy_loss_names()
     out = runner.tmp / f"loss_{loss}"
-    res = runner._run([sys.executable, "-m", "drpo_trainer.cli", "--config", "configs/tiny_cpu.yaml", f"algorithm.loss={loss}",
-                       f"output_dir={out}", *SHORT])
+    res = runner._run(
+        [
+            sys.executable,
+            "-m",
+            "drpo_trainer.cli",
+            "--config",
+            "configs/tiny_cpu.yaml",
+            f"algorithm.loss={loss}",
+            f"output_dir={out}",
+            *SHORT,
+        ]
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     resolved = yaml.safe_load((out / "config.yaml").read_text())["algorithm"]
     assert resolved["loss"] == loss and resolved["loss_params"] == loss_param_defaults(loss)  # not drpo's delta

@@ -25,7 +25,11 @@ def small_run_files(tmp_path_factory):
 
     d = tmp_path_factory.mktemp("e2e")
     model = build_random_model(d / "model", hidden_size=64, num_layers=2, seed=3)
-    rows = [{"prompt": f"Compute {a} + {b}. Put the final answer in \\boxed{{}}.", "answer": str(a + b)} for a in range(9) for b in range(4)]
+    rows = [
+        {"prompt": f"Compute {a} + {b}. Put the final answer in \\boxed{{}}.", "answer": str(a + b)}
+        for a in range(9)
+        for b in range(4)
+    ]
     return {
         "model": model,
         "train": _write_rows(d / "train.jsonl", rows),
@@ -35,10 +39,19 @@ def small_run_files(tmp_path_factory):
 
 
 def run_cli(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    }
     env.update(HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     return subprocess.run(
-        [sys.executable, "-m", "drpo_trainer.cli", *args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=timeout
+        [sys.executable, "-m", "drpo_trainer.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=timeout,
     )
 
 
@@ -67,8 +80,18 @@ def test_two_process_zero3_run(small_run_files):
     assert [r["step"] for r in rows] == [0, 1, 2]
     assert "eval/tiny/avg@2" in rows[0] and "eval/tiny/avg@2" in rows[2]
     step = rows[1]
-    for key in ("reward/mean", "reward/accuracy", "policy/ratio_mean", "policy/entropy", "mismatch/k3_kl",
-                "response/length_mean", "time/generate", "perf/tokens_per_s", "optim/lr", "sync/bytes"):
+    for key in (
+        "reward/mean",
+        "reward/accuracy",
+        "policy/ratio_mean",
+        "policy/entropy",
+        "mismatch/k3_kl",
+        "response/length_mean",
+        "time/generate",
+        "perf/tokens_per_s",
+        "optim/lr",
+        "sync/bytes",
+    ):
         assert key in step, key
     # two ranks, 2 prompts x 4 samples each, 2 mini-batches: mu is the pre-update policy
     assert step["policy/ratio_min"] <= 1.0 <= step["policy/ratio_max"]
@@ -82,16 +105,30 @@ def test_two_process_zero3_run(small_run_files):
 
 
 def test_bad_config_fails_fast_with_the_key(small_run_files):
-    res = run_cli([f"model.path={small_run_files['model']}", "trainer.prompts_per_step=3", "trainer.minibatches_per_step=2",
-                   "distributed.nproc_per_node=1", f"output_dir={small_run_files['dir'] / 'bad'}"])
+    res = run_cli(
+        [
+            f"model.path={small_run_files['model']}",
+            "trainer.prompts_per_step=3",
+            "trainer.minibatches_per_step=2",
+            "distributed.nproc_per_node=1",
+            f"output_dir={small_run_files['dir'] / 'bad'}",
+        ]
+    )
     assert res.returncode == 2
     assert "trainer.prompts_per_step=3 must be divisible" in res.stderr
 
 
 def test_malformed_data_fails_with_file_and_row(small_run_files, tmp_path):
     bad = _write_rows(tmp_path / "bad.jsonl", [{"prompt": "ok", "answer": "1"}, {"prompt": "no answer"}])
-    res = run_cli([f"model.path={small_run_files['model']}", f"data.train_files=[{bad}]", "distributed.nproc_per_node=1",
-                   f"output_dir={tmp_path / 'run'}", "eval.files={}"])
+    res = run_cli(
+        [
+            f"model.path={small_run_files['model']}",
+            f"data.train_files=[{bad}]",
+            "distributed.nproc_per_node=1",
+            f"output_dir={tmp_path / 'run'}",
+            "eval.files={}",
+        ]
+    )
     assert res.returncode == 2
     assert f"{bad}, row 2: missing field 'answer'" in res.stderr
 
@@ -100,9 +137,19 @@ def test_default_job_learns(warm_model_dir, tmp_path):
     """The embedded default config, shortened: training reward and eval avg@4 rise, and the
     engine and the learner agree on every sampled token's log-prob (fp32 on both sides)."""
     out = tmp_path / "learn"
-    res = run_cli(["--config", "configs/tiny_cpu.yaml", f"output_dir={out}", f"model.path={warm_model_dir}",
-                   "trainer.max_steps=20", "eval.every_steps=0", "checkpoint.export_final=false", "tracking.progress_bar=false"],
-                  timeout=600)
+    res = run_cli(
+        [
+            "--config",
+            "configs/tiny_cpu.yaml",
+            f"output_dir={out}",
+            f"model.path={warm_model_dir}",
+            "trainer.max_steps=20",
+            "eval.every_steps=0",
+            "checkpoint.export_final=false",
+            "tracking.progress_bar=false",
+        ],
+        timeout=600,
+    )
     assert res.returncode == 0, res.stderr[-4000:]
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     evals = [r["eval/synthetic/avg@4"] for r in rows if "eval/synthetic/avg@4" in r]

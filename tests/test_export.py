@@ -11,9 +11,9 @@ from __future__ import annotations
 import json
 
 import pytest
+import resume_helpers as h
 import torch
 
-import resume_helpers as h
 from drpo_trainer.cli import main as cli_main
 
 PROMPTS = ["Compute 3 + 4. Put the final answer in \\boxed{}.", "Compute 12 * 7. Put the final answer in \\boxed{}."]
@@ -23,7 +23,10 @@ def _batch(model_dir):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
-    texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True) for p in PROMPTS]
+    texts = [
+        tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+        for p in PROMPTS
+    ]
     return tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
 
 

@@ -37,7 +37,10 @@ def test_detects_launchers():
     assert launched_externally({}) is None
     torchrun = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "TORCHELASTIC_RUN_ID": "x"}
     assert launched_externally(torchrun) == "torchrun"
-    assert launched_externally({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "ACCELERATE_USE_DEEPSPEED": "true"}) == "accelerate"
+    assert (
+        launched_externally({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "ACCELERATE_USE_DEEPSPEED": "true"})
+        == "accelerate"
+    )
     assert launched_externally({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}) is not None
     # an sbatch shell (no job step) is not a launcher: drpo-train then starts its own processes
     assert launched_externally({"SLURM_PROCID": "0", "SLURM_NTASKS": "8"}) is None
@@ -74,7 +77,9 @@ def test_local_launch_command_gives_workers_time_to_checkpoint_and_forwards_sigu
 
 
 def test_multinode_command_is_valid_torchrun_with_c10d_rendezvous():
-    cmd = build_multinode_command(["--config", "x.yaml", "trainer.max_steps=5"], nnodes=2, rdzv_endpoint="node-001:29500")
+    cmd = build_multinode_command(
+        ["--config", "x.yaml", "trainer.max_steps=5"], nnodes=2, rdzv_endpoint="node-001:29500"
+    )
     assert cmd == [
         "torchrun",
         "--nnodes=2",
@@ -92,15 +97,26 @@ def test_multinode_command_is_valid_torchrun_with_c10d_rendezvous():
         "trainer.max_steps=5",
     ]
     args = _torchrun_args(cmd[1:])
-    assert (args.nnodes, args.nproc_per_node, args.rdzv_backend, args.rdzv_endpoint) == ("2", "gpu", "c10d", "node-001:29500")
+    assert (args.nnodes, args.nproc_per_node, args.rdzv_backend, args.rdzv_endpoint) == (
+        "2",
+        "gpu",
+        "c10d",
+        "node-001:29500",
+    )
     assert args.no_python and args.max_restarts == 0 and args.shutdown_timeout == 1800
-    assert args.training_script == "drpo-train" and args.training_script_args == ["--config", "x.yaml", "trainer.max_steps=5"]
+    assert args.training_script == "drpo-train" and args.training_script_args == [
+        "--config",
+        "x.yaml",
+        "trainer.max_steps=5",
+    ]
     # the argv reaches drpo-train's own parser unchanged
     from drpo_trainer.cli import _parser
 
     parsed = _parser().parse_args(args.training_script_args)
     assert parsed.config == "x.yaml" and parsed.overrides == ["trainer.max_steps=5"]
-    assert "--nproc-per-node=4" in build_multinode_command([], nnodes=3, rdzv_endpoint="10.0.0.1:1234", nproc_per_node=4)
+    assert "--nproc-per-node=4" in build_multinode_command(
+        [], nnodes=3, rdzv_endpoint="10.0.0.1:1234", nproc_per_node=4
+    )
 
 
 @pytest.mark.parametrize(
@@ -128,7 +144,9 @@ def test_planned_world_size():
 def test_multinode_script_runs_exactly_the_builder_command():
     env = {**os.environ, "RDZV_HOST": "node-001", "NNODES": "2", "DRY_RUN": "1"}
     user = ["--config", "configs/qwen3_30b_a3b_base_drpo.yaml", "trainer.max_steps=3"]
-    out = subprocess.run(["bash", str(ROOT / "launch/torchrun_multinode.sh"), *user], env=env, capture_output=True, text=True)
+    out = subprocess.run(
+        ["bash", str(ROOT / "launch/torchrun_multinode.sh"), *user], env=env, capture_output=True, text=True
+    )
     assert out.returncode == 0, out.stderr
     want = build_multinode_command(["--resume", "auto", *user], nnodes=2, rdzv_endpoint="node-001:29500")
     assert out.stdout.splitlines() == want
@@ -136,7 +154,12 @@ def test_multinode_script_runs_exactly_the_builder_command():
 
 def test_multinode_script_names_the_missing_variable():
     env = {k: v for k, v in os.environ.items() if k not in ("RDZV_HOST", "NNODES")}
-    out = subprocess.run(["bash", str(ROOT / "launch/torchrun_multinode.sh"), "--config", "x.yaml"], env=env, capture_output=True, text=True)
+    out = subprocess.run(
+        ["bash", str(ROOT / "launch/torchrun_multinode.sh"), "--config", "x.yaml"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode != 0 and "RDZV_HOST" in out.stderr
 
 
@@ -167,7 +190,9 @@ def test_multinode_script_exit_code_follows_the_preempted_marker(tmp_path, stale
         "STUB_PREEMPT": "1" if preempt else "0", "STUB_EXIT": str(stub_exit),
     }  # fmt: skip
     user = ["--config", str(ROOT / "configs/tiny_cpu.yaml"), f"output_dir={out_dir}"]
-    res = subprocess.run(["bash", str(ROOT / "launch/torchrun_multinode.sh"), *user], env=env, capture_output=True, text=True)
+    res = subprocess.run(
+        ["bash", str(ROOT / "launch/torchrun_multinode.sh"), *user], env=env, capture_output=True, text=True
+    )
     assert res.returncode == want_rc, res.stderr
     assert (tmp_path / "torchrun_args").read_text().splitlines()[-5:] == ["--resume", "auto", *user]
 
@@ -183,7 +208,8 @@ _WORKER = textwrap.dedent(
     while not stop:
         time.sleep(0.05)
     time.sleep(3)  # "finishing the step": longer than the 1 s default shutdown timeout set below
-    (out / f"stopped{rank}").write_text(f"{launched_externally()} {os.environ['WORLD_SIZE']} {os.environ['LOCAL_RANK']}")
+    env = os.environ
+    (out / f"stopped{rank}").write_text(f"{launched_externally()} {env['WORLD_SIZE']} {env['LOCAL_RANK']}")
     sys.exit(75)
     """
 )
@@ -207,7 +233,9 @@ def test_torchrun_forwards_sigusr1_and_waits_for_the_checkpoint(tmp_path):
     try:
         deadline = time.monotonic() + 60
         while not all((tmp_path / f"ready{r}").exists() for r in (0, 1)):
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() is not None else "timeout"
+            assert proc.poll() is None and time.monotonic() < deadline, (
+                proc.stderr.read() if proc.poll() is not None else "timeout"
+            )
             time.sleep(0.1)
         proc.send_signal(signal.SIGUSR1)
         proc.wait(timeout=60)
@@ -226,10 +254,17 @@ def test_torchrun_forwards_sigusr1_and_waits_for_the_checkpoint(tmp_path):
 def test_deepspeed_command_parses_and_passes_no_local_rank():
     from deepspeed.launcher.runner import parse_args
 
-    cmd = build_deepspeed_command(["--config", "x.yaml"], hostfile="launch/hostfile", master_addr="node-001", num_gpus=8)
+    cmd = build_deepspeed_command(
+        ["--config", "x.yaml"], hostfile="launch/hostfile", master_addr="node-001", num_gpus=8
+    )
     assert cmd[0] == "deepspeed"
     args = parse_args(cmd[1:])
-    assert (args.hostfile, args.master_addr, args.master_port, args.num_gpus) == ("launch/hostfile", "node-001", 29500, 8)
+    assert (args.hostfile, args.master_addr, args.master_port, args.num_gpus) == (
+        "launch/hostfile",
+        "node-001",
+        29500,
+        8,
+    )
     # without --no_local_rank the launcher appends --local_rank=N, which drpo-train rejects
     assert args.no_local_rank and args.module and args.user_script == "drpo_trainer.cli"
     assert args.user_args == ["--config", "x.yaml"]
@@ -244,7 +279,9 @@ def test_hostfile_example_parses_and_its_command_matches_the_builder():
     m = re.search(r"#\s+(deepspeed .*?\\\n#\s+.*?)\n", text)
     shown = m.group(1).replace("\\\n#", " ").split()
     want = build_deepspeed_command(
-        ["--config", "configs/qwen3_30b_a3b_base_drpo.yaml", "--resume", "auto"], hostfile="launch/hostfile", master_addr="node-001"
+        ["--config", "configs/qwen3_30b_a3b_base_drpo.yaml", "--resume", "auto"],
+        hostfile="launch/hostfile",
+        master_addr="node-001",
     )
     assert shown == want
     assert (ROOT / "configs/qwen3_30b_a3b_base_drpo.yaml").is_file()
@@ -256,7 +293,8 @@ def test_hostfile_example_parses_and_its_command_matches_the_builder():
 
 def test_srun_command():
     assert build_srun_command(["--config", "x.yaml"], nnodes=2) == [
-        "srun", "--nodes=2", "--ntasks-per-node=8", "--ntasks=16", "--kill-on-bad-exit=1", "drpo-train", "--config", "x.yaml",
+        "srun", "--nodes=2", "--ntasks-per-node=8", "--ntasks=16", "--kill-on-bad-exit=1",
+        "drpo-train", "--config", "x.yaml",
     ]  # fmt: skip
     with pytest.raises(ValueError, match="gpus_per_node=0"):
         build_srun_command([], nnodes=1, gpus_per_node=0)
@@ -313,7 +351,9 @@ def test_sbatch_forwards_sigusr1_and_requeues_after_the_checkpoint(tmp_path):
     assert (tmp_path / "signal").read_text().strip() == "USR1"  # reached the job step
     assert calls == ["show hostnames gpu[07-08]", "requeue 4242"]
     srun_args = (tmp_path / "srun_args").read_text().splitlines()
-    assert ["srun", *srun_args] == build_srun_command(["--resume", "auto", "--config", "c.yaml", "trainer.max_steps=9"], nnodes=2)
+    assert ["srun", *srun_args] == build_srun_command(
+        ["--resume", "auto", "--config", "c.yaml", "trainer.max_steps=9"], nnodes=2
+    )
     # rank 0's host from scontrol; port 20000 + 4242 % 20000 = 24242
     assert (tmp_path / "master").read_text().strip() == "gpu07:24242"
 

@@ -9,6 +9,7 @@ the rollout engine with exactly the learner's weights.
 from __future__ import annotations
 
 import copy
+import math
 import os
 
 import pytest
@@ -123,8 +124,12 @@ def test_rollout_mu_reports_engine_mismatch(model_dir, ctx, samples):
 def test_micro_batch_split_does_not_change_the_update(model_dir, ctx, samples, stage):
     results = []
     for budget in (4096, 40):  # one micro-batch vs one or two sequences per micro-batch
-        cfg = make_cfg(model_dir, f"trainer.micro_batch_tokens_per_gpu={budget}", "trainer.minibatches_per_step=1",
-                       f"distributed.zero_stage={stage}")
+        cfg = make_cfg(
+            model_dir,
+            f"trainer.micro_batch_tokens_per_gpu={budget}",
+            "trainer.minibatches_per_step=1",
+            f"distributed.zero_stage={stage}",
+        )
         learner = Learner(cfg, model_dir, total_optimizer_steps=1)
         batch = fresh(samples)
         learner.recompute_logprobs(batch)
@@ -199,8 +204,15 @@ def test_learner_mu_is_the_engines_sampling_logprob(model_dir, ctx, temperature,
     prompts = [engine.tokenizer(f"Compute {a} + {a}.")["input_ids"] for a in (3, 14)]
     spec = SamplingSpec(n=G, temperature=temperature, top_k=top_k, top_p=top_p, max_new_tokens=12, seed=2)
     comps = engine.generate(prompts, spec)
-    batch = [TrainSample(input_ids=c.prompt_ids + c.completion_ids, prompt_len=len(c.prompt_ids), advantage=0.0,
-                         rollout_logprobs=torch.tensor(c.rollout_logprobs)) for c in comps]
+    batch = [
+        TrainSample(
+            input_ids=c.prompt_ids + c.completion_ids,
+            prompt_len=len(c.prompt_ids),
+            advantage=0.0,
+            rollout_logprobs=torch.tensor(c.rollout_logprobs),
+        )
+        for c in comps
+    ]
     learner.recompute_logprobs(batch)
     rollout = torch.cat([s.rollout_logprobs for s in batch])
     mu = torch.cat([s.old_logprobs for s in batch])
@@ -212,9 +224,25 @@ def test_learner_mu_is_the_engines_sampling_logprob(model_dir, ctx, temperature,
         ids = torch.tensor([c.prompt_ids + c.completion_ids])
         with torch.no_grad():
             logits = full.model(input_ids=ids).logits[0, len(c.prompt_ids) - 1 : -1]
-        untruncated.append(torch.log_softmax(logits / temperature, -1).gather(-1, ids[0, len(c.prompt_ids):, None])[:, 0])
+        untruncated.append(
+            torch.log_softmax(logits / temperature, -1).gather(-1, ids[0, len(c.prompt_ids) :, None])[:, 0]
+        )
     gap = (rollout - torch.cat(untruncated)).min()
     if top_k or top_p < 1:
         assert gap > 1e-3  # renormalisation over the kept set raises every sampled token's log-prob
     else:
         assert gap.abs() < 1e-5
+
+
+@pytest.mark.parametrize("stage", [0, 3])
+@pytest.mark.parametrize("overrides", [["model.dtype=bfloat16"], ["optim.grad_clip=0"]], ids=["bf16", "clip0"])
+def test_grad_norm_is_finite_at_every_stage_and_dtype(model_dir, ctx, samples, stage, overrides):
+    cfg = make_cfg(
+        model_dir, "trainer.minibatches_per_step=1", f"distributed.single_process_zero_stage={stage}", *overrides
+    )
+    learner = Learner(cfg, model_dir, total_optimizer_steps=1)
+    assert learner.zero_stage == stage
+    batch = fresh(samples)
+    learner.recompute_logprobs(batch)
+    norm = learner.update(batch)["optim/grad_norm"]
+    assert math.isfinite(norm) and norm > 0, norm

@@ -94,7 +94,9 @@ def test_chunked_equals_naive_values_and_grads(chunk_tokens):
 def test_ignored_positions_are_zero_and_log_probs_are_proper():
     model = tiny_qwen3()
     _, batch = random_batch([9, 6], prompt_lengths=[4, 1])
-    lp, ent = token_logprobs(model, batch.input_ids, batch.position_ids, batch.targets, chunk_tokens=3, with_entropy=True)
+    lp, ent = token_logprobs(
+        model, batch.input_ids, batch.position_ids, batch.targets, chunk_tokens=3, with_entropy=True
+    )
     ignored = batch.targets == IGNORE_INDEX
     # sequence 0: prompt 4 -> positions 0..2 and the last (8) ignored; sequence 1: only its last (14)
     assert ignored[0].nonzero().squeeze(-1).tolist() == [0, 1, 2, 8, 14]
@@ -299,7 +301,9 @@ def _zero3_worker() -> None:
         for step, batch in enumerate(mbs):
             lp_ref, _ = naive_token_logprobs(reference, batch.input_ids, batch.position_ids, batch.targets)
             total = total + (lp_ref * weights[r][step]).sum() / 4
-    reference_grads = dict(zip([n for n, _ in reference.named_parameters()], torch.autograd.grad(total, list(reference.parameters()))))
+    reference_grads = dict(
+        zip([n for n, _ in reference.named_parameters()], torch.autograd.grad(total, list(reference.parameters())))
+    )
     for name, param in engine.module.named_parameters():
         full = safe_get_full_grad(param)
         assert_grads_close(full, reference_grads[name], name)

@@ -40,8 +40,9 @@ def _two_token_batch():
 
 
 def _close(a, b, tol=1e-9):
-    torch.testing.assert_close(torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64),
-                               rtol=tol, atol=tol)
+    torch.testing.assert_close(
+        torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64), rtol=tol, atol=tol
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -234,8 +235,7 @@ def test_binary_kl_is_stricter_than_tv_for_rare_tokens():
 def test_dppo_truncation_cap():
     # Corrective move (A < 0, pi up), r = 0.6 / 0.2 = 3 > C = 2: gradient -A min(r, C) = 2 * 2 = 4.
     lp, old = torch.tensor([[LN(0.6)]], dtype=torch.float64), torch.tensor([[LN(0.2)]], dtype=torch.float64)
-    loss, grad, met = _grad("dppo_tv", lp, old, torch.tensor([-2.0], dtype=torch.float64), torch.ones(1, 1),
-                            clip_c=2.0)
+    loss, grad, met = _grad("dppo_tv", lp, old, torch.tensor([-2.0], dtype=torch.float64), torch.ones(1, 1), clip_c=2.0)
     _close(grad, [[4.0]])
     _close(loss, 4.0)  # value -A M min(r, C)
     _close(met["dppo/truncated_fraction"], 1.0)
@@ -301,8 +301,7 @@ def _mismatch_batch():
 
 def test_tis_caps_the_weight():
     lp, old, adv, mask, rollout = _mismatch_batch()
-    loss, grad, met = _grad("pg", lp, old, adv, mask, rollout_logprobs=rollout, mismatch_correction="tis",
-                            tis_cap=2.0)
+    loss, grad, met = _grad("pg", lp, old, adv, mask, rollout_logprobs=rollout, mismatch_correction="tis", tis_cap=2.0)
     # weights min(3, 2) = 2 and 0.5: loss = (-2 - 0.5) / 2 = -1.25 ; grads -2 / 2, -0.5 / 2
     _close(loss, -1.25)
     _close(grad, [[-1.0, -0.25]])
@@ -311,8 +310,9 @@ def test_tis_caps_the_weight():
 
 def test_mis_masks_outside_band_and_keeps_counts():
     lp, old, adv, mask, rollout = _mismatch_batch()
-    loss, grad, met = _grad("pg", lp, old, adv, mask, rollout_logprobs=rollout, mismatch_correction="mis",
-                            mis_lower=0.5, mis_upper=2.0)
+    loss, grad, met = _grad(
+        "pg", lp, old, adv, mask, rollout_logprobs=rollout, mismatch_correction="mis", mis_lower=0.5, mis_upper=2.0
+    )
     # rho = 3 is outside [0.5, 2] -> weight 0 ; rho = 0.5 is on the band's edge -> kept ; N stays 2
     _close(loss, -0.5)
     _close(grad, [[0.0, -0.5]])
@@ -341,11 +341,21 @@ def test_metrics_are_detached_scalars_with_the_expected_keys(name):
     lp, old, adv, mask = _random_batch(7)
     lp.requires_grad_(True)
     _, met = compute_policy_loss(name, lp, old, adv, mask, rollout_logprobs=old, mismatch_correction="tis")
-    expected = {"policy/ratio_mean", "policy/ratio_max", "policy/ratio_min", "policy/approx_kl_k3",
-                "policy/abs_pi_minus_mu_mean", "policy/abs_pi_minus_mu_max", "mismatch/tis_weight_mean"}
-    expected |= {"drpo": {"drpo/weight_mean", "drpo/weight_min", "drpo/weight_max", "drpo/negative_weight_fraction"},
-                 "dppo_tv": {"dppo/masked_fraction"}, "dppo_kl": {"dppo/masked_fraction"},
-                 "grpo": {"grpo/clip_fraction"}}.get(name, set())
+    expected = {
+        "policy/ratio_mean",
+        "policy/ratio_max",
+        "policy/ratio_min",
+        "policy/approx_kl_k3",
+        "policy/abs_pi_minus_mu_mean",
+        "policy/abs_pi_minus_mu_max",
+        "mismatch/tis_weight_mean",
+    }
+    expected |= {
+        "drpo": {"drpo/weight_mean", "drpo/weight_min", "drpo/weight_max", "drpo/negative_weight_fraction"},
+        "dppo_tv": {"dppo/masked_fraction"},
+        "dppo_kl": {"dppo/masked_fraction"},
+        "grpo": {"grpo/clip_fraction"},
+    }.get(name, set())
     assert expected <= set(met)
     for key, value in met.items():
         assert value.dim() == 0 and not value.requires_grad and value.dtype == torch.float32, key
@@ -379,8 +389,15 @@ def test_unknown_parameter_lists_the_valid_ones():
         compute_policy_loss("drpo", lp, old, adv, mask, clip_low=0.1)
 
 
-@pytest.mark.parametrize("name,params", [("drpo", {"delta": 0.0}), ("spo", {"epsilon": -1.0}),
-                                         ("grpo", {"clip_low": 1.0}), ("dppo_tv", {"clip_c": float("nan")})])
+@pytest.mark.parametrize(
+    "name,params",
+    [
+        ("drpo", {"delta": 0.0}),
+        ("spo", {"epsilon": -1.0}),
+        ("grpo", {"clip_low": 1.0}),
+        ("dppo_tv", {"clip_c": float("nan")}),
+    ],
+)
 def test_out_of_range_parameters_are_rejected(name, params):
     with pytest.raises(ValueError, match=list(params)[0]):
         validate_loss_params(name, params)

@@ -66,8 +66,12 @@ def test_packed_logprobs_equal_unpacked(attn, row_tokens):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     config = transformers.Qwen3Config(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=256,
     )
     config._attn_implementation = attn
     model = transformers.Qwen3ForCausalLM(config).float().eval()

@@ -23,8 +23,10 @@ def test_bf16_engine_gap_sits_between_the_fp32_and_bf16_thresholds(warm_model_di
     learner_side = HFEngine(warm_model_dir, dtype="float32").score(probe)
     same = parity_metrics(HFEngine(warm_model_dir, dtype="float32").score(probe), learner_side)
     bf16 = parity_metrics(HFEngine(warm_model_dir, dtype="bfloat16").score(probe), learner_side)
-    print(f"fp32 engine: mean {same['parity/mean_abs_logprob_diff']:.2e}; "
-          f"bf16 engine: mean {bf16['parity/mean_abs_logprob_diff']:.2e}, max {bf16['parity/max_abs_logprob_diff']:.2e}")
+    print(
+        f"fp32 engine: mean {same['parity/mean_abs_logprob_diff']:.2e}; "
+        f"bf16 engine: mean {bf16['parity/mean_abs_logprob_diff']:.2e}, max {bf16['parity/max_abs_logprob_diff']:.2e}"
+    )
     assert same["parity/mean_abs_logprob_diff"] < 1e-6
     check_parity(bf16, default_threshold("float32", "bfloat16"))  # passes at the bf16 default
     with pytest.raises(RuntimeError, match="disagree"):

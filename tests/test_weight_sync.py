@@ -48,7 +48,11 @@ def test_plan_invariants_on_random_sizes():
 
 @pytest.mark.parametrize(
     "sizes, budget, match",
-    [([("a", 1)], 0, "bucket_bytes must be > 0"), ([("a", 1), ("a", 2)], 8, "listed twice"), ([("a", -1)], 8, "negative")],
+    [
+        ([("a", 1)], 0, "bucket_bytes must be > 0"),
+        ([("a", 1), ("a", 2)], 8, "listed twice"),
+        ([("a", -1)], 8, "negative"),
+    ],
 )
 def test_plan_rejects_bad_input(sizes, budget, match):
     with pytest.raises(ValueError, match=match):
@@ -152,8 +156,16 @@ def zero3_results(tmp_path_factory):
     budget = 100_000
     env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-        str(REPO / "tests" / "dist_weight_sync_worker.py"), str(out), str(budget),
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(_free_port()),
+        str(REPO / "tests" / "dist_weight_sync_worker.py"),
+        str(out),
+        str(budget),
     ]
     # First DeepSpeed start on a machine compiles a CPU comm op (~40 s); cached afterwards.
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)

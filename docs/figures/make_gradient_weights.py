@@ -36,8 +36,9 @@ def gradient_weight(loss: str, params: dict, pi: torch.Tensor, mu: float, adv: f
     old = torch.full_like(lp, mu).log()
     advantages = torch.full((len(pi),), adv, dtype=torch.float64)
     # seq-mean-token-sum: each point's gradient is its own token's, divided by P; undo that.
-    loss_value, _ = compute_policy_loss(loss, lp, old, advantages, torch.ones_like(lp),
-                                        loss_agg_mode="seq-mean-token-sum", **params)
+    loss_value, _ = compute_policy_loss(
+        loss, lp, old, advantages, torch.ones_like(lp), loss_agg_mode="seq-mean-token-sum", **params
+    )
     loss_value.backward()
     ratio = pi.double() / mu
     return (lp.grad[:, 0] * len(pi) / (-adv * ratio)).detach()

@@ -7,9 +7,12 @@ each worker handed a small chunk of samples at a time and reporting each result 
 and this parent enforces a wall-clock deadline per sample:
 ``timeout_s`` inside the worker (a timer that interrupts Python code, leaving the worker alive),
 then ``timeout_s + KILL_GRACE_S`` here, after which the worker is killed and replaced. The sample
-scores 0 and is counted as a timeout; a worker that dies (segfault, memory) scores its sample 0
-as an error; the samples of its chunk not yet scored go back to the queue, and the other workers
-go on meanwhile, so a hung sample delays the batch by at most its own deadline.
+scores 0 and is counted as a timeout. A worker that dies (killed from outside, segfault, memory)
+is replaced and its sample scored again; a sample that takes down a worker twice scores 0 as an
+error. The samples of its chunk not yet scored go back to the queue, and the other workers go on
+meanwhile, so a hung sample delays the batch by at most its own deadline. Workers run in their
+own session and ignore SIGINT/SIGTERM: a signal to the trainer's whole process group (a
+scheduler's preemption, Ctrl-C) reaches the trainer, which stops them when it is done.
 
 Workers are fresh interpreters started with ``subprocess`` (the equivalent of a 'spawn' start,
 but without re-importing the launching script), so a trainer process holding torch threads and a
@@ -40,6 +43,7 @@ logger = logging.getLogger(__name__)
 KILL_GRACE_S = 0.5  # parent-side margin over timeout_s before a worker is killed
 STARTUP_TIMEOUT_S = 120.0  # a worker that has not said 'ready' by then is broken (or the machine is)
 _MAX_START_FAILURES = 3
+MAX_ATTEMPTS = 2  # a sample whose worker dies is scored again once; a second death makes it an error
 _MAX_CHUNK = 16  # samples per message to a worker (amortises the pipe round trip)
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])  # the folder holding drpo_trainer/
 _LIVE_SCORERS: "weakref.WeakSet[RewardScorer]" = weakref.WeakSet()
@@ -60,6 +64,7 @@ class _Worker:
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,  # a print in a reward must not go anywhere surprising
                 env=env,
+                start_new_session=True,  # signals to the trainer's process group (SLURM, Ctrl-C) skip us
             )
         finally:
             os.close(to_child_r)
@@ -272,7 +277,13 @@ class RewardScorer:
         """A worker's pipe closed: it crashed (segfault, memory) or was killed from outside."""
         code = w.proc.wait()
         if w.tasks:
-            self._settle(batch, w.tasks.popleft(), "error", f"worker exited with code {code}")
+            index = w.tasks.popleft()
+            batch.attempts[index] += 1
+            if batch.attempts[index] < MAX_ATTEMPTS:  # killed from outside, most likely: score it again
+                logger.warning("reward worker exited with code %s on sample %d; scoring it again", code, index)
+                batch.queue.appendleft(index)
+            else:  # it took down a worker every time: the sample itself is the problem
+                self._settle(batch, index, "error", f"worker exited with code {code}, {MAX_ATTEMPTS} times")
             self._give_back(w, batch)
         elif not w.ready:
             self._start_failures += 1
@@ -292,6 +303,7 @@ class _Batch:
         self.completions, self.answers = completions, answers
         self.queue: collections.deque[int] = collections.deque(range(len(completions)))
         self.outcomes: list[Optional[tuple[float, str, bool]]] = [None] * len(completions)
+        self.attempts = [0] * len(completions)  # worker deaths while scoring each sample
 
 
 def _log_failure(status: str, index: int, detail: str, completion: str) -> None:

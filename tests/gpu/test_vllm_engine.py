@@ -33,7 +33,13 @@ def engine(model_dir):
     from drpo_trainer.config import RolloutConfig
     from drpo_trainer.rollout.vllm_engine import VLLMEngine
 
-    for k, v in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29533"}.items():
+    for k, v in {
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "WORLD_SIZE": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": "29533",
+    }.items():
         os.environ.setdefault(k, v)
     cfg = RolloutConfig(backend="vllm", gpu_memory_utilization=0.3, enable_sleep_mode=True)
     return VLLMEngine(model_dir, cfg, seed=0, max_model_len=256, dtype="float32")

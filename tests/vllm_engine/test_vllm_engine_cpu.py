@@ -24,8 +24,11 @@ FP32_SYNC = 1e-4  # a correct fp32 sync agrees to ~1e-6; a stale engine is off b
 def checks(request, tmp_path_factory):
     out = tmp_path_factory.mktemp(request.param) / "checks.json"
     proc = subprocess.run(
-        [sys.executable, str(REPO / "tests/vllm/engine_checks.py"), request.param, str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
+        [sys.executable, str(REPO / "tests/vllm_engine/engine_checks.py"), request.param, str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return json.loads(out.read_text())

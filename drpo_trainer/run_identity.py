@@ -1,0 +1,96 @@
+"""What may not change silently when a run resumes: its resolved config and its training data.
+
+A checkpoint holds the resolved config (`config.yaml`) and a fingerprint of the training files'
+contents (`data_fingerprint` in `loop_state.json`). Before anything heavy is loaded, the CLI
+compares them with the run being started: a change refuses to resume, naming every changed key,
+unless the user allows it (`--allow-config-change trainer.max_steps,optim`), and the run then
+says which changes take effect. Keys that cannot change what is trained (tracking, eval,
+checkpoint cadence, the run directory) are reported but always allowed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from drpo_trainer.config import Config, ConfigError, dump_config
+
+DATA_KEY = "data.contents"  # the pseudo-key of the training files' contents
+ALWAYS_ALLOWED = (
+    "output_dir",  # a run directory may be moved or copied
+    "tracking.",
+    "eval.",
+    "checkpoint.every_steps",
+    "checkpoint.keep_last",
+    "checkpoint.export_final",
+)
+
+
+def data_fingerprint(files: list[str]) -> str:
+    """sha256 over the training files' names, sizes and contents, in order."""
+    total = hashlib.sha256()
+    for f in files:
+        h = hashlib.sha256()
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+        total.update(f"{Path(f).name}:{Path(f).stat().st_size}:{h.hexdigest()}\n".encode())
+    return total.hexdigest()
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        return {prefix[:-1]: tree}
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        out.update(_flatten(v, f"{prefix}{k}."))
+    return out
+
+
+def config_changes(saved_yaml: str, current: Config) -> dict[str, tuple[Any, Any]]:
+    """{key: (checkpoint's value, this run's value)} for every key that differs."""
+    old, new = _flatten(yaml.safe_load(saved_yaml) or {}), _flatten(yaml.safe_load(dump_config(current)))
+    return {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)}
+
+
+def _allowed(key: str, allowed: list[str]) -> bool:
+    return any(key == a or key.startswith(a.rstrip(".") + ".") for a in allowed) or key.startswith(ALWAYS_ALLOWED)
+
+
+def newest_checkpoint_files(resume: str, output_dir: str) -> Optional[Path]:
+    """The checkpoint a resume will most likely use (newest step with its config), unverified: cheap."""
+    if resume != "auto":
+        path = Path(resume)
+        return path if (path / "config.yaml").is_file() else None
+    root = Path(output_dir) / "checkpoints"
+    steps = sorted(root.glob("step_*"), key=lambda p: int(p.name.split("_")[1]) if p.name[5:].isdigit() else -1)
+    for path in reversed(steps):
+        if (path / "config.yaml").is_file() and (path / "loop_state.json").is_file():
+            return path
+    return None
+
+
+def check_resume(cfg: Config, resume: Optional[str], allowed: list[str]) -> list[str]:
+    """Raise ConfigError if resuming `cfg` would silently change the config or the data; else return
+    the lines describing the changes that take effect (allowed ones)."""
+    path = newest_checkpoint_files(resume, cfg.output_dir) if resume else None
+    if path is None:
+        return []
+    changes = config_changes((path / "config.yaml").read_text(), cfg)
+    saved_data = json.loads((path / "loop_state.json").read_text()).get("data_fingerprint")
+    if saved_data is not None and saved_data != data_fingerprint(cfg.data.train_files):
+        changes[DATA_KEY] = ("the checkpoint's training data", "other contents")
+    refused = [k for k in changes if not _allowed(k, allowed)]
+    described = [f"{k}: {old!r} -> {new!r}" for k, (old, new) in changes.items()]
+    if refused:
+        raise ConfigError(
+            f"resume from {path}: this run differs from the checkpoint's in "
+            + "; ".join(d for k, d in zip(changes, described) if k in refused)
+            + f". Fix: resume with the checkpoint's config (its config.yaml), or allow the change with "
+            f"--allow-config-change {','.join(refused)}"
+        )
+    return described

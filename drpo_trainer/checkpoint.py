@@ -156,8 +156,22 @@ def _prune(root: Path, keep_last: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def verify_checkpoint(path: Path, *, hashes: bool = True) -> Optional[str]:
-    """None when every file of the manifest is there with its size (and hash); else the problem."""
+def verify_checkpoint(path: Path, *, hashes: bool = True, shared: bool = False) -> Optional[str]:
+    """None when every file of the manifest is there with its size (and hash); else the problem.
+
+    shared=True is a collective of all ranks: each checks every size but hashes only its
+    round-robin share of the files, and all return the same answer (at 30B scale one rank alone
+    would hash for minutes while the others wait)."""
+    rank, world = _rank_world() if shared else (0, 1)
+    problem = _verify_share(path, hashes, rank, world)
+    if world == 1:
+        return problem
+    problems: list = [None] * world
+    torch.distributed.all_gather_object(problems, problem)
+    return next((p for p in problems if p is not None), None)
+
+
+def _verify_share(path: Path, hashes: bool, rank: int, world: int) -> Optional[str]:
     mf = path / MANIFEST
     if not mf.is_file():
         return "no MANIFEST.json (the write did not finish)"
@@ -165,18 +179,18 @@ def verify_checkpoint(path: Path, *, hashes: bool = True) -> Optional[str]:
         files = json.loads(mf.read_text())["files"]
     except (json.JSONDecodeError, KeyError) as exc:
         return f"unreadable manifest: {exc}"
-    for rel, (size, digest) in files.items():
+    for i, (rel, (size, digest)) in enumerate(sorted(files.items())):
         p = path / rel
         if not p.is_file():
             return f"missing file {rel}"
         if p.stat().st_size != size:
             return f"{rel} has {p.stat().st_size} bytes, the manifest says {size}"
-        if hashes and _sha256(p) != digest:
+        if hashes and i % world == rank and _sha256(p) != digest:
             return f"{rel} does not match its sha256"
     return None
 
 
-def find_checkpoint(output_dir: str) -> Optional[Path]:
+def find_checkpoint(output_dir: str, *, shared: bool = False) -> Optional[Path]:
     """The newest valid checkpoint, warning about each newer one skipped.
 
     Ranked by step, not by the `latest` pointer: a crash between the publishing rename and the
@@ -186,10 +200,11 @@ def find_checkpoint(output_dir: str) -> Optional[Path]:
     if not root.is_dir():
         return None
     for cand in _step_dirs(root):
-        problem = verify_checkpoint(cand)
+        problem = verify_checkpoint(cand, shared=shared)
         if problem is None:
             return cand
-        warnings.warn(f"skipping checkpoint {cand}: {problem}; falling back to an older one", stacklevel=2)
+        if not shared or _rank_world()[0] == 0:
+            warnings.warn(f"skipping checkpoint {cand}: {problem}; falling back to an older one", stacklevel=2)
     return None
 
 
@@ -212,14 +227,15 @@ def load_checkpoint(engine, path: Path) -> dict:
     return state
 
 
-def resolve_resume(resume: Optional[str], output_dir: str) -> Optional[Path]:
-    """--resume auto | <path> | None -> a verified checkpoint directory or None (fresh start)."""
+def resolve_resume(resume: Optional[str], output_dir: str, *, shared: bool = False) -> Optional[Path]:
+    """--resume auto | <path> | None -> a verified checkpoint directory or None (fresh start).
+    shared=True: every rank calls it and verifies a share of the files (see verify_checkpoint)."""
     if resume is None:
         return None
     if resume == "auto":
-        return find_checkpoint(output_dir)
+        return find_checkpoint(output_dir, shared=shared)
     path = Path(resume)
-    problem = verify_checkpoint(path) if path.is_dir() else "no such directory"
+    problem = verify_checkpoint(path, shared=shared) if path.is_dir() else "no such directory"
     if problem:
         raise FileNotFoundError(f"--resume {resume}: {problem}. Fix: pass --resume auto or a step_* directory")
     return path
@@ -227,28 +243,6 @@ def resolve_resume(resume: Optional[str], output_dir: str) -> Optional[Path]:
 
 # ---------------------------------------------------------------------------------------------
 # The trainer's side: what a Run saves and restores, and the stop request.
-
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGUSR1 after writing a checkpoint
-PREEMPTED_MARKER = "PREEMPTED"  # in output_dir: the step of the checkpoint a stop request wrote
-
-
-class StopFlag:
-    """SIGTERM / SIGUSR1 ask for a checkpoint at the next step boundary, then exit 75."""
-
-    def __init__(self) -> None:
-        import signal
-
-        self.requested = False
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, _frame) -> None:
-        self.requested = True
-
-    def any_rank(self) -> bool:
-        from drpo_trainer.metrics import all_reduce_max
-
-        return all_reduce_max([float(self.requested)])[0] > 0
 
 
 def save_run(run) -> None:
@@ -273,13 +267,10 @@ def save_run(run) -> None:
 
 
 def restore_run(run, resume: Optional[str]) -> Optional[Path]:
-    """Rank 0 picks the checkpoint (verifying it), every rank loads it."""
+    """All ranks pick the checkpoint together (each verifies a share of its files), every rank loads it."""
     from drpo_trainer.data import SamplerState
 
-    chosen = [resolve_resume(resume, run.cfg.output_dir) if run.ctx.is_main else None]
-    if run.ctx.world_size > 1:
-        torch.distributed.broadcast_object_list(chosen, src=0)
-    path = chosen[0]
+    path = resolve_resume(resume, run.cfg.output_dir, shared=True)  # every rank hashes a share
     if path is None:
         return None
     state = load_checkpoint(run.learner.engine, Path(path))

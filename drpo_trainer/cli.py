@@ -62,6 +62,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     from drpo_trainer.distributed import build_launch_command, free_port, launched_externally, resolve_nproc
 
     nproc = resolve_nproc(cfg.distributed.nproc_per_node)
+    trains_here = launched_externally() is not None or nproc == 1
+    if trains_here:  # from now on a SIGTERM asks for a clean stop instead of killing the start-up
+        from drpo_trainer.stop import StopFlag
+
+        stop = StopFlag()
     world = int(os.environ["WORLD_SIZE"]) if "WORLD_SIZE" in os.environ else nproc * cfg.distributed.nnodes
     try:
         cfg.check_world(world)  # before any heavy import or process start
@@ -76,9 +81,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     except ConfigError as err:
         print(f"drpo-train: {err}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
-    if changes and int(os.environ.get("RANK", 0)) == 0 and (launched_externally() or nproc == 1):
+    if changes and int(os.environ.get("RANK", 0)) == 0 and trains_here:
         print("drpo-train: resuming with changed settings: " + "; ".join(changes), file=sys.stderr)
-    if launched_externally() is None and nproc > 1:
+    if not trains_here:
         cmd = build_launch_command(nproc, argv, master_port=free_port())
         return _run_children(cmd, cfg.output_dir)
 
@@ -86,7 +91,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     from drpo_trainer.trainer import train
 
     try:
-        train(cfg, resume=args.resume)
+        train(cfg, resume=args.resume, stop=stop)
     except (ConfigError, DataError) as err:
         print(f"drpo-train: {err}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
@@ -109,7 +114,7 @@ def _run_children(cmd: list[str], output_dir: str) -> int:
     import signal
     from pathlib import Path
 
-    from drpo_trainer.checkpoint import EXIT_PREEMPTED, PREEMPTED_MARKER
+    from drpo_trainer.stop import EXIT_PREEMPTED, PREEMPTED_MARKER
 
     proc = subprocess.Popen(cmd)
     stopping = []

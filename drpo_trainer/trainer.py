@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 
 from drpo_trainer.advantages import group_advantages
-from drpo_trainer.checkpoint import EXIT_PREEMPTED, PREEMPTED_MARKER, StopFlag, restore_run, save_run
+from drpo_trainer.checkpoint import restore_run, save_run
 from drpo_trainer.config import Config
 from drpo_trainer.data import Problem, PromptSampler, load_problems
 from drpo_trainer.distributed import DistContext, setup_distributed
@@ -30,6 +30,7 @@ from drpo_trainer.learner import Learner, TrainSample
 from drpo_trainer.losses import mismatch_metrics
 from drpo_trainer.metrics import MetricAccumulator, all_reduce_sum
 from drpo_trainer.rollout import SamplingSpec
+from drpo_trainer.stop import EXIT_PREEMPTED, PREEMPTED_MARKER, StopFlag
 from drpo_trainer.tracking import Tracker, write_resolved_config
 
 
@@ -267,10 +268,10 @@ def build_run(cfg: Config, ctx: DistContext) -> Run:
     return run
 
 
-def train(cfg: Config, *, resume: Optional[str] = None) -> dict[str, float]:
+def train(cfg: Config, *, resume: Optional[str] = None, stop: Optional[StopFlag] = None) -> dict[str, float]:
     """Run (or continue) training; returns the last step's metrics on rank 0."""
+    stop = stop or StopFlag()
     ctx = setup_distributed(cfg.distributed.backend)
-    stop = StopFlag()
     torch.manual_seed(cfg.trainer.seed + ctx.rank)
     if ctx.is_main:
         write_resolved_config(cfg)
@@ -285,7 +286,19 @@ def train(cfg: Config, *, resume: Optional[str] = None) -> dict[str, float]:
         tracker.message(f"dropped {run.extra['data/prompts_dropped_too_long']} prompts over data.max_prompt_tokens")
     last: dict[str, float] = {}
     ck = cfg.checkpoint
+
+    def stop_if_requested(phase: str) -> None:
+        """Between phases nothing is lost: the newest checkpoint (if any) is the run's state."""
+        if stop.any_rank():
+            tracker.message(
+                f"stop requested {phase}: newest checkpoint is step {run.step}, exiting with {EXIT_PREEMPTED}"
+            )
+            if ctx.is_main:
+                (Path(cfg.output_dir) / PREEMPTED_MARKER).write_text(str(run.step))
+            raise SystemExit(EXIT_PREEMPTED)
+
     try:
+        stop_if_requested("while loading")
         start_sync = sync_engine(run)  # the engine starts from the learner's weights (also after a resume)
         if cfg.rollout.parity_check_at_start and not cfg.rollout.parity_check:
             start_sync.update(check_engine_parity(run))  # a broken sync stops the run before any step
@@ -296,6 +309,7 @@ def train(cfg: Config, *, resume: Optional[str] = None) -> dict[str, float]:
             )
         if cfg.eval.at_start and run.step == 0 and cfg.eval.files:
             tracker.log(0, evaluate(run, 0))
+            stop_if_requested("during the step-0 evaluation")
         for step in range(run.step + 1, cfg.trainer.max_steps + 1):
             last = run_step(run, step)
             run.step = step
@@ -311,6 +325,7 @@ def train(cfg: Config, *, resume: Optional[str] = None) -> dict[str, float]:
                 if ctx.is_main:
                     (Path(cfg.output_dir) / PREEMPTED_MARKER).write_text(str(step))
                 raise SystemExit(EXIT_PREEMPTED)
+        stop_if_requested("before the final export")  # a resumed run at the last step exports again
         if ck.export_final:
             from drpo_trainer.export import export_live
 

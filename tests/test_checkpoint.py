@@ -16,13 +16,13 @@ import torch
 
 from drpo_trainer.checkpoint import (
     MANIFEST,
-    StopFlag,
     find_checkpoint,
     load_checkpoint,
     resolve_resume,
     save_checkpoint,
     verify_checkpoint,
 )
+from drpo_trainer.stop import StopFlag
 
 
 class FakeEngine:
@@ -112,6 +112,20 @@ def test_resume_falls_back_past_a_damaged_checkpoint_with_a_warning(tmp_path, da
     assert engine.value == 1.0 and state["step"] == 1 and state["sampler"]["index"] == 1
 
 
+def test_ranks_share_the_hashing_of_a_resume_and_together_catch_corruption(tmp_path):
+    from drpo_trainer.checkpoint import _verify_share
+
+    path = _save(tmp_path, 1)
+    names = sorted(json.loads((path / MANIFEST).read_text())["files"])
+    assert len(names) >= 4  # config, loop state, shard, rng: something to split
+    _flip_last_byte(path / "ds/state/shard.pt")
+    found = [_verify_share(path, True, rank, 2) for rank in (0, 1)]
+    owner = names.index("ds/state/shard.pt") % 2
+    assert found[owner] == "ds/state/shard.pt does not match its sha256"  # the rank that hashes it
+    assert found[1 - owner] is None  # the other rank only checked its size
+    assert _verify_share(path, False, 0, 1) is None  # sizes alone cannot see a flipped byte
+
+
 def _flip_last_byte(path):
     data = bytearray(path.read_bytes())
     data[-1] ^= 0xFF
@@ -181,6 +195,8 @@ def test_stop_flag_is_set_by_sigterm_and_sigusr1():
             assert not flag.requested and not flag.any_rank()
             os.kill(os.getpid(), sig)  # handled synchronously in the main thread
             assert flag.requested and flag.any_rank()
+            flag.restore()
+            assert signal.getsignal(sig) == old[sig]  # the handlers it replaced are back
     finally:
         for sig, handler in old.items():
             signal.signal(sig, handler)

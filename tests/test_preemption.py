@@ -20,7 +20,8 @@ import pytest
 import resume_helpers as h
 import torch
 
-from drpo_trainer.checkpoint import EXIT_PREEMPTED, find_checkpoint, verify_checkpoint
+from drpo_trainer.checkpoint import find_checkpoint, verify_checkpoint
+from drpo_trainer.stop import EXIT_PREEMPTED
 
 RESUMED = re.compile(r"resumed from (\S+) at step (\d+)")
 
@@ -167,3 +168,28 @@ def test_sigkill_at_random_moments_one_process(tmp_path):
 @pytest.mark.distributed
 def test_sigkill_at_random_moments_two_processes(tmp_path):
     _crash_trials(tmp_path, nproc=2, trials=6, seed=2)
+
+
+def _catches(pid: int, sig: int) -> bool:
+    """True once the process has a handler for `sig` (the SigCgt mask of /proc/<pid>/status)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    mask = int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:")), 16)
+    return bool(mask & (1 << (sig - 1)))
+
+
+def test_sigterm_while_loading_stops_before_any_step(tmp_path):
+    """A stop request during start-up (imports, model, data) is honoured at the first safe point,
+    before step 1, not after a whole step; nothing is lost (there is no step to lose)."""
+    out = tmp_path / "run"
+    cfg = h.write_config(tmp_path / "c.yaml", h.workspace(), out)
+    log = tmp_path / "log"
+    proc = h.start(cfg, log=log)
+    assert h.wait_for(lambda: _catches(proc.pid, signal.SIGTERM), timeout=60), log.read_text()[-3000:]
+    proc.send_signal(signal.SIGTERM)  # the CLI has its handler: the run is still loading
+    rc = proc.wait(timeout=120)
+    assert rc == EXIT_PREEMPTED, log.read_text()[-3000:]
+    assert "stop requested while loading: newest checkpoint is step 0" in log.read_text()
+    assert (out / "PREEMPTED").read_text() == "0" and _steps_logged(out) == 0

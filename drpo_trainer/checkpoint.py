@@ -208,22 +208,26 @@ def find_checkpoint(output_dir: str, *, shared: bool = False) -> Optional[Path]:
     return None
 
 
-def load_checkpoint(engine, path: Path) -> dict:
-    """Every rank calls this; restores engine (model, optimizer, scheduler) and this rank's RNG."""
+def load_checkpoint(engine, path: Path, *, universal_dir: Optional[Path] = None) -> dict:
+    """Every rank calls this; restores engine (model, optimizer, scheduler) and this rank's RNG.
+
+    `universal_dir`: load the engine state from DeepSpeed's universal conversion of the checkpoint
+    (another world size, see drpo_trainer.universal); ranks the checkpoint had no RNG state for
+    keep their freshly seeded streams."""
     rank, world = _rank_world()
     state = json.loads((path / "loop_state.json").read_text())
-    if state["world_size"] != world:
+    if state["world_size"] != world and universal_dir is None:
         raise RuntimeError(
-            f"checkpoint {path} was written by {state['world_size']} processes, this run has {world}. "
-            f"Resume with the same number of processes, or convert the ZeRO shards to a universal checkpoint: "
-            f"python -m deepspeed.checkpoint.ds_to_universal --input_folder {path}/ds/{STATE_TAG} "
-            f"--output_folder {path}/ds/{STATE_TAG}_universal, then start a new run from the exported model "
-            f"(drpo-train export {path} <dir>; model.path=<dir>)."
+            f"checkpoint {path} was written by {state['world_size']} processes, this run has {world}: "
+            "resume through drpo_trainer.universal (drpo-train does this when the world size changes)"
         )
-    load_path, _ = engine.load_checkpoint(str(path / "ds"), tag=STATE_TAG)
+    load_dir = universal_dir if universal_dir is not None else path / "ds"
+    load_path, _ = engine.load_checkpoint(str(load_dir), tag=STATE_TAG)
     if load_path is None:
-        raise RuntimeError(f"DeepSpeed could not load {path}/ds/{STATE_TAG}")
-    set_rng_state(torch.load(path / "rng" / f"rank_{rank:05d}.pt", weights_only=False))
+        raise RuntimeError(f"DeepSpeed could not load {load_dir}/{STATE_TAG}")
+    rng = path / "rng" / f"rank_{rank:05d}.pt"
+    if rng.is_file():
+        set_rng_state(torch.load(rng, weights_only=False))
     return state
 
 
@@ -266,14 +270,13 @@ def save_run(run) -> None:
     )
 
 
-def restore_run(run, resume: Optional[str]) -> Optional[Path]:
-    """All ranks pick the checkpoint together (each verifies a share of its files), every rank loads it."""
+def restore_run(run, path: Optional[Path], *, universal_dir: Optional[Path] = None) -> Optional[Path]:
+    """Every rank loads the chosen checkpoint (resolve_resume(..., shared=True) picked it)."""
     from drpo_trainer.data import SamplerState
 
-    path = resolve_resume(resume, run.cfg.output_dir, shared=True)  # every rank hashes a share
     if path is None:
         return None
-    state = load_checkpoint(run.learner.engine, Path(path))
+    state = load_checkpoint(run.learner.engine, Path(path), universal_dir=universal_dir)
     run.step = state["step"]
     pos = dict(state["sampler"])
     run.sampler.seed = pos.pop("seed", run.sampler.seed)  # the permutation the saved position indexes

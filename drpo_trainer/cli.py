@@ -74,10 +74,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         from drpo_trainer.preflight import preflight
 
         preflight(cfg, int(os.environ.get("LOCAL_WORLD_SIZE", nproc)))
-        from drpo_trainer.run_identity import check_resume
+        from drpo_trainer.run_identity import check_resume, check_world_change
 
         allowed = [k.strip() for k in args.allow_config_change.split(",") if k.strip()]
         changes = check_resume(cfg, args.resume, allowed)
+        check_world_change(cfg, args.resume, world)
     except ConfigError as err:
         print(f"drpo-train: {err}", file=sys.stderr)
         return EXIT_CONFIG_ERROR

@@ -58,8 +58,9 @@ def lr_lambda(schedule: str, warmup_steps: int, total_steps: int):
     return fn
 
 
-def deepspeed_config(cfg: Config, world_size: int = 1) -> dict:
-    stage = cfg.effective_zero_stage(world_size)
+def deepspeed_config(cfg: Config, world_size: int = 1, *, load_universal: bool = False, zero3: bool = False) -> dict:
+    # a universal or ZeRO-3 checkpoint loads only into ZeRO-3, also with one process (drpo_trainer.universal)
+    stage = 3 if (load_universal or zero3) else cfg.effective_zero_stage(world_size)
     zero: dict = {"stage": stage}
     if stage == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = False
@@ -78,6 +79,8 @@ def deepspeed_config(cfg: Config, world_size: int = 1) -> dict:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+    if load_universal:
+        ds["checkpoint"] = {"load_universal": True}
     if cfg.distributed.deepspeed_config:
         import json
 
@@ -95,13 +98,21 @@ def _deep_update(base: dict, over: dict) -> dict:
 
 
 class Learner:
-    def __init__(self, cfg: Config, model_path: str, *, total_optimizer_steps: int) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        model_path: str,
+        *,
+        total_optimizer_steps: int,
+        load_universal: bool = False,
+        zero3: bool = False,
+    ) -> None:
         import deepspeed
         from transformers import AutoModelForCausalLM
 
         self.cfg = cfg
         self.world_size = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-        ds_config = deepspeed_config(cfg, self.world_size)
+        ds_config = deepspeed_config(cfg, self.world_size, load_universal=load_universal, zero3=zero3)
         self.zero_stage = ds_config["zero_optimization"]["stage"]
         hf_ds_config = None
         if self.zero_stage == 3:

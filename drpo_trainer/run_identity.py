@@ -74,6 +74,17 @@ def newest_checkpoint_files(resume: str, output_dir: str) -> Optional[Path]:
     return None
 
 
+def check_world_change(cfg: Config, resume: Optional[str], world_size: int) -> None:
+    """A checkpoint of another process count must be convertible (ZeRO-3): say so before loading."""
+    path = newest_checkpoint_files(resume, cfg.output_dir) if resume else None
+    if path is None or not (path / "loop_state.json").is_file():
+        return
+    from drpo_trainer import universal
+
+    if universal.saved_world_size(path) != world_size:
+        universal.check_convertible(path, world_size)
+
+
 def check_resume(cfg: Config, resume: Optional[str], allowed: list[str]) -> list[str]:
     """Raise ConfigError if resuming `cfg` would silently change the config or the data; else return
     the lines describing the changes that take effect (allowed ones)."""

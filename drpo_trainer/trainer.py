@@ -13,6 +13,7 @@ Everything else here is set-up (`build_run`), evaluation and bookkeeping.
 
 from __future__ import annotations
 
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from typing import Optional
 import torch
 
 from drpo_trainer.advantages import group_advantages
-from drpo_trainer.checkpoint import restore_run, save_run
+from drpo_trainer.checkpoint import resolve_resume, restore_run, save_run
 from drpo_trainer.config import Config
 from drpo_trainer.data import Problem, PromptSampler, load_problems
 from drpo_trainer.distributed import DistContext, setup_distributed
@@ -232,7 +233,24 @@ def evaluate(run: Run, step: int) -> dict[str, float]:
     return out
 
 
-def build_run(cfg: Config, ctx: DistContext) -> Run:
+def _universal_resume(ckpt: Path, ctx: DistContext) -> Optional[Path]:
+    """A checkpoint of another world size: DeepSpeed's universal conversion to load (else None)."""
+    from drpo_trainer import universal
+
+    if universal.saved_world_size(ckpt) == ctx.world_size:
+        return None
+    universal.check_convertible(ckpt, ctx.world_size)
+    if ctx.is_main:
+        print(
+            f"drpo-train: {ckpt} was written by {universal.saved_world_size(ckpt)} process(es); resuming with "
+            f"{ctx.world_size} through DeepSpeed's universal checkpoint (ZeRO-3)",
+            file=sys.stderr,
+            flush=True,
+        )
+    return universal.prepare(ckpt, is_main=ctx.is_main)
+
+
+def build_run(cfg: Config, ctx: DistContext, *, load_universal: bool = False, zero3: bool = False) -> Run:
     from transformers import AutoTokenizer
 
     from drpo_trainer.rewards import make_reward_scorer
@@ -257,7 +275,13 @@ def build_run(cfg: Config, ctx: DistContext) -> Run:
     train_set, stats = load_problems(d.train_files, tokenizer, **load)
     eval_sets = {name: load_problems([path], tokenizer, **load)[0] for name, path in cfg.eval.files.items()}
     sampler = PromptSampler(len(train_set), cfg.trainer.prompts_per_step, seed=d.seed, shuffle=d.shuffle)
-    learner = Learner(cfg, model_path, total_optimizer_steps=cfg.trainer.max_steps * cfg.trainer.minibatches_per_step)
+    learner = Learner(
+        cfg,
+        model_path,
+        total_optimizer_steps=cfg.trainer.max_steps * cfg.trainer.minibatches_per_step,
+        load_universal=load_universal,
+        zero3=zero3,
+    )
     engine = make_engine(
         cfg, model_path, tokenizer=tokenizer, device=ctx.device, seed=cfg.trainer.seed
     )  # engines derive per-rank seeds
@@ -276,8 +300,14 @@ def train(cfg: Config, *, resume: Optional[str] = None, stop: Optional[StopFlag]
     if ctx.is_main:
         write_resolved_config(cfg)
         (Path(cfg.output_dir) / PREEMPTED_MARKER).unlink(missing_ok=True)
-    run = build_run(cfg, ctx)
-    resumed = restore_run(run, resume)
+    resumed = resolve_resume(resume, cfg.output_dir, shared=True)  # every rank verifies a share
+    universal_dir = _universal_resume(resumed, ctx) if resumed is not None else None
+    from drpo_trainer.universal import saved_at_zero3
+
+    # a ZeRO-3 checkpoint (e.g. of a run that already changed size) loads into ZeRO-3 only
+    zero3 = resumed is not None and saved_at_zero3(resumed)
+    run = build_run(cfg, ctx, load_universal=universal_dir is not None, zero3=zero3)
+    restore_run(run, resumed, universal_dir=universal_dir)
     tracker = Tracker(cfg, enabled=ctx.is_main, run_id=run.extra.get("wandb_run_id"), start_step=run.step)
     run.extra["wandb_run_id"] = tracker.run_id
     if resumed is not None:

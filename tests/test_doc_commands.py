@@ -89,9 +89,9 @@ class DocRunner:
             )
             assert res.returncode != 0 or "algorithm:" in res.stdout, res.stdout[-2000:]
             return res
-        name = Path(cfg.output_dir).name
-        if cfg.distributed.nproc_per_node != 1:  # a resume in the docs continues the one-process run
-            name += f"@{cfg.distributed.nproc_per_node}"
+        # a documented resume or export of `runs/<name>` continues the run of the plain config, not
+        # one started with other overrides (a resume with another loss would rightly be refused)
+        name = Path(cfg.output_dir).name + "".join(f"|{o}" for o in sorted(overrides))
         if "--resume" in args:
             i = args.index("--resume") + 1
             if args[i] != "auto":

@@ -127,6 +127,7 @@ def test_micro_batch_split_does_not_change_the_update(model_dir, ctx, samples, s
         cfg = make_cfg(
             model_dir,
             f"trainer.micro_batch_tokens_per_gpu={budget}",
+            "data.max_prompt_tokens=20",  # prompt + 12 new tokens fit the 40-token budget
             "trainer.minibatches_per_step=1",
             f"distributed.zero_stage={stage}",
         )

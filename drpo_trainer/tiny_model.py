@@ -11,7 +11,7 @@ Build ahead of time: `python -m drpo_trainer.tiny_model [--out DIR] [--eval]`.
 
 Determinism: the build runs with fixed seeds and ONE torch thread, because CPU matmul reductions can
 differ with the thread count; with the same torch build the weights are then bit-identical. The cache
-folder is versioned (`tiny-math-v1`): change `BUILD_VERSION` whenever the recipe changes.
+folder is versioned (`tiny-math-v2`): change `BUILD_VERSION` whenever the recipe changes.
 """
 
 from __future__ import annotations

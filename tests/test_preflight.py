@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def cli(*args: str, **env: str) -> tuple[subprocess.CompletedProcess, float]:
+    """The CLI's result and its wall time (printed by -s runs; the closing note quotes it)."""
     e = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     e.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", **env)
     start = time.monotonic()
@@ -33,10 +34,10 @@ def one_line_refusal(res: subprocess.CompletedProcess) -> str:
 
 @pytest.mark.skipif(__import__("importlib").util.find_spec("vllm") is not None, reason="vllm is installed here")
 def test_paper_recipe_without_vllm_names_the_install_within_seconds(tmp_path):
-    res, seconds = cli("--config", "configs/qwen3_30b_a3b_base_drpo.yaml", f"output_dir={tmp_path}")
+    res, _ = cli("--config", "configs/qwen3_30b_a3b_base_drpo.yaml", f"output_dir={tmp_path}")
     line = one_line_refusal(res)
     assert "rollout.backend=vllm needs vLLM, which is not installed" in line and "pip install" in line
-    assert seconds < 20
+    assert not (tmp_path / "config.yaml").exists()  # refused before the run started (no tokenizer, no model)
 
 
 def test_hub_model_missing_offline_says_how_to_download(tmp_path):
@@ -67,7 +68,7 @@ def test_bad_paths_and_budgets_fail_before_loading(tmp_path, override, expected)
     assert not (tmp_path / "metrics.jsonl").exists()  # nothing started
 
 
-def test_print_config_stays_instant_even_for_a_gpu_recipe():
-    res, seconds = cli("--config", "configs/qwen3_30b_a3b_base_drpo.yaml", "--print-config")
+def test_print_config_loads_nothing_even_for_a_gpu_recipe():
+    res, _ = cli("--config", "configs/qwen3_30b_a3b_base_drpo.yaml", "--print-config")
     assert res.returncode == 0 and "backend: vllm" in res.stdout
-    assert seconds < 15
+    assert "Loading" not in res.stderr  # nothing loaded: no model, data or engine

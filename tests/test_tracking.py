@@ -62,22 +62,27 @@ def _closed_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("base_url", ["closed-port", "http://no-such-host.invalid"])
-def test_online_with_a_key_but_no_server_falls_back_to_offline_in_bounded_time(tmp_path, monkeypatch, capsys, base_url):
+def test_a_server_that_never_answers_is_given_up_after_the_timeout(monkeypatch):
+    import socket
     import time
 
+    from drpo_trainer import tracking
+
+    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: time.sleep(30))  # a hung DNS or connect
+    assert tracking._server_unreachable(0.2).endswith("no answer within 0.2 s")
+
+
+@pytest.mark.parametrize("base_url", ["closed-port", "http://no-such-host.invalid"])
+def test_online_with_a_key_but_no_server_falls_back_to_offline_in_bounded_time(tmp_path, monkeypatch, capsys, base_url):
     url = f"http://127.0.0.1:{_closed_port()}" if base_url == "closed-port" else base_url
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
     monkeypatch.setenv("WANDB_BASE_URL", url)
     monkeypatch.delenv("WANDB_MODE", raising=False)
     cfg = _cfg(tmp_path, "tracking.wandb.mode=online", "tracking.wandb.connect_timeout_s=3")
-    start = time.monotonic()
     t = Tracker(cfg, enabled=True, run_id="keepme01")
-    elapsed = time.monotonic() - start
     t.log(1, {"reward/mean": 0.5})
     t.close()
     err = capsys.readouterr().err
     assert err.count("server unreachable") == 1 and "logging offline instead" in err
-    assert elapsed < 3 + 20  # the probe's bound plus an offline wandb start
     offline = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
     assert len(offline) == 1 and "keepme01" in offline[0].name  # same id: `wandb sync` joins the online run

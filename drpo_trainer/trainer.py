@@ -233,12 +233,17 @@ def evaluate(run: Run, step: int) -> dict[str, float]:
     return out
 
 
-def _universal_resume(ckpt: Path, ctx: DistContext) -> Optional[Path]:
-    """A checkpoint of another world size: DeepSpeed's universal conversion to load (else None)."""
+def _checkpoint_layout(ckpt: Optional[Path], ctx: DistContext) -> tuple[Optional[Path], bool]:
+    """(universal dir to load or None, whether the learner must run ZeRO-3) for resuming `ckpt`.
+    A ZeRO-3 checkpoint loads only into ZeRO-3 (also with one process); one of another world size
+    loads through DeepSpeed's universal conversion."""
     from drpo_trainer import universal
 
+    if ckpt is None:
+        return None, False
+    zero3 = universal.saved_at_zero3(ckpt)
     if universal.saved_world_size(ckpt) == ctx.world_size:
-        return None
+        return None, zero3
     universal.check_convertible(ckpt, ctx.world_size)
     if ctx.is_main:
         print(
@@ -247,7 +252,7 @@ def _universal_resume(ckpt: Path, ctx: DistContext) -> Optional[Path]:
             file=sys.stderr,
             flush=True,
         )
-    return universal.prepare(ckpt, is_main=ctx.is_main)
+    return universal.prepare(ckpt, is_main=ctx.is_main), True
 
 
 def build_run(cfg: Config, ctx: DistContext, *, load_universal: bool = False, zero3: bool = False) -> Run:
@@ -282,9 +287,8 @@ def build_run(cfg: Config, ctx: DistContext, *, load_universal: bool = False, ze
         load_universal=load_universal,
         zero3=zero3,
     )
-    engine = make_engine(
-        cfg, model_path, tokenizer=tokenizer, device=ctx.device, seed=cfg.trainer.seed
-    )  # engines derive per-rank seeds
+    # the engines derive their per-rank seeds from the run's seed
+    engine = make_engine(cfg, model_path, tokenizer=tokenizer, device=ctx.device, seed=cfg.trainer.seed)
     scorer = make_reward_scorer(cfg.reward)
     run = Run(cfg, ctx, tokenizer, train_set, eval_sets, sampler, learner, engine, scorer)
     run.extra["data/prompts_dropped_too_long"] = stats.dropped_too_long
@@ -301,11 +305,7 @@ def train(cfg: Config, *, resume: Optional[str] = None, stop: Optional[StopFlag]
         write_resolved_config(cfg)
         (Path(cfg.output_dir) / PREEMPTED_MARKER).unlink(missing_ok=True)
     resumed = resolve_resume(resume, cfg.output_dir, shared=True)  # every rank verifies a share
-    universal_dir = _universal_resume(resumed, ctx) if resumed is not None else None
-    from drpo_trainer.universal import saved_at_zero3
-
-    # a ZeRO-3 checkpoint (e.g. of a run that already changed size) loads into ZeRO-3 only
-    zero3 = resumed is not None and saved_at_zero3(resumed)
+    universal_dir, zero3 = _checkpoint_layout(resumed, ctx)
     run = build_run(cfg, ctx, load_universal=universal_dir is not None, zero3=zero3)
     restore_run(run, resumed, universal_dir=universal_dir)
     tracker = Tracker(cfg, enabled=ctx.is_main, run_id=run.extra.get("wandb_run_id"), start_step=run.step)

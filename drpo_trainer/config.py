@@ -179,6 +179,17 @@ class TrainerConfig(Section):
         "own) unless model.attn_implementation is flash_attention_2: sdpa/eager attention costs row_length^2 per "
         "row. null = one row per micro-batch.",
     )
+    skip_zero_advantage: bool = Field(
+        True,
+        description="No forward or backward for samples whose advantage is exactly 0: every registry loss gives "
+        "them zero gradient and the normalisers still count them, so the update is unchanged (exact).",
+    )
+    reuse_first_minibatch_logprobs: bool = Field(
+        True,
+        description="Mini-batch 1 is trained before the policy moves: its behaviour log-probs are the update "
+        "forward's own (detached) log-probs instead of a separate no-grad pass (exact; not used when the model "
+        "has active dropout).",
+    )
     seed: int = Field(0, description="Seed of model-independent randomness (sampling, dropout).")
 
 

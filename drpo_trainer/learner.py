@@ -1,11 +1,19 @@
 """The learner: the policy on a DeepSpeed engine (ZeRO-3 by default).
 
-It owns three things the trainer calls in order each step:
+It owns two things the trainer calls in order each step:
   1. `recompute_logprobs(samples)`: log mu, the behaviour log-probs of every sampled token
      with the pre-update weights (no grad), frozen for the whole step;
   2. `update(minibatch)`: one optimizer step on one (possibly stale) mini-batch, split into
-     padding-free token-budget micro-batches; the loss comes from the registry;
-  3. `gathered_weights()`: full parameters in buckets for the rollout engine.
+     padding-free token-budget micro-batches; the loss comes from the registry.
+
+Two exact shortcuts (config `trainer.*`, both on by default; the update is unchanged):
+  - `skip_zero_advantage`: a sample with advantage exactly 0 has zero gradient under every
+    registry loss, so it gets no forward or backward; it still counts in the token and
+    sequence normalisers. Metrics measured on log-probs (entropy, ratio statistics) then cover
+    the trained samples only.
+  - `reuse_first_minibatch_logprobs`: mini-batch 1 is trained before the policy moves, so its
+    behaviour log-probs are its update forward's own log-probs, detached (the separate no-grad
+    pass computes the same numbers bitwise); only mini-batches 2..k are recomputed.
 
 Gradient accumulation is ours, not DeepSpeed's: `managed_gradient_accumulation: false`
 makes every `engine.step()` the boundary, so micro-batch counts may vary per step. Each
@@ -17,8 +25,8 @@ neither the micro-batch split nor the rank split changes the update.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Iterator, Optional
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -39,7 +47,6 @@ class TrainSample:
     advantage: float
     rollout_logprobs: torch.Tensor  # (Tc,) from the engine
     old_logprobs: Optional[torch.Tensor] = None  # (Tc,) learner recomputation with pre-update weights
-    meta: dict = field(default_factory=dict)
 
     @property
     def completion_len(self) -> int:
@@ -159,6 +166,8 @@ class Learner:
         self._grad_norm: Optional[float] = None
         if self.zero_stage == 0:
             self._record_stage0_grad_norm()
+        # with active dropout the update forward is not the policy mu was defined as (eval mode)
+        self.can_reuse_logprobs = not _has_dropout(model)
 
     def _record_stage0_grad_norm(self) -> None:
         """Without ZeRO, DeepSpeed clips with a torch optimizer but keeps no norm: record it."""
@@ -204,30 +213,38 @@ class Learner:
         )
         return packed.split_targets(lp), (packed.split_targets(ent) if ent is not None else [])
 
-    def _micro_batches(self, samples: list[TrainSample]) -> list[list[int]]:
+    def trained(self, samples: list[TrainSample]) -> list[TrainSample]:
+        """The samples that carry gradient (all of them unless trainer.skip_zero_advantage)."""
+        if not self.cfg.trainer.skip_zero_advantage:
+            return list(samples)
+        return [s for s in samples if s.advantage != 0.0]
+
+    def _micro_batches(self, samples: list[TrainSample], *, at_least_one: bool = False) -> list[list[int]]:
         """This rank's micro-batches, padded with empty ones to the max count over ranks."""
-        plan = plan_micro_batches([len(s.input_ids) for s in samples], self.cfg.trainer.micro_batch_tokens_per_gpu, 1)[
-            0
-        ]
+        budget = self.cfg.trainer.micro_batch_tokens_per_gpu
+        plan = plan_micro_batches([len(s.input_ids) for s in samples], budget, 1)[0] if samples else []
         (n_max,) = all_reduce_max([len(plan)])
-        return plan + [[] for _ in range(int(n_max) - len(plan))]
+        n_max = max(int(n_max), int(at_least_one))
+        return plan + [[] for _ in range(n_max - len(plan))]
 
     @torch.no_grad()
-    def recompute_logprobs(self, samples: list[TrainSample]) -> dict[str, float]:
-        """Fill `old_logprobs` of every sample with the current (pre-update) weights."""
+    def recompute_logprobs(self, samples: list[TrainSample], entropy: Optional[MetricAccumulator] = None) -> None:
+        """Fill `old_logprobs` of every trained sample with the current (pre-update) weights; the
+        tokens' policy entropy goes into `entropy` (token-weighted, not yet reduced over ranks)."""
         self.engine.eval()  # no dropout: mu must be the deterministic policy
-        acc = MetricAccumulator()
-        for mb in self._micro_batches(samples):
+        trained = self.trained(samples)
+        if entropy is not None:
+            entropy.add({"policy/entropy": 0.0}, weight=0.0)  # every rank reports the key, also with nothing to score
+        for mb in self._micro_batches(trained):
             if not mb:  # keep ZeRO-3 collectives in step with ranks that have more work
                 self._forward(samples[:1], with_entropy=False)
                 continue
-            lps, ents = self._forward([samples[i] for i in mb], with_entropy=True)
+            lps, ents = self._forward([trained[i] for i in mb], with_entropy=True)
             for i, lp, ent in zip(mb, lps, ents):
-                samples[i].old_logprobs = lp.float().cpu()
-                if ent.numel():
-                    acc.add({"policy/entropy": ent.float().mean()}, weight=ent.numel())
+                trained[i].old_logprobs = lp.float().cpu()
+                if entropy is not None and ent.numel():
+                    entropy.add({"policy/entropy": ent.float().mean()}, weight=ent.numel())
         self.engine.train()
-        return acc.result(all_reduce=True)
 
     @torch.no_grad()
     def score(self, sequences: list[list[int]]) -> list[list[float]]:
@@ -241,26 +258,48 @@ class Learner:
         return [lp.float().cpu().tolist() for lp in lps]
 
     # -- one optimizer step on one mini-batch -------------------------------------------------
-    def update(self, minibatch: list[TrainSample]) -> dict[str, float]:
+    def update(
+        self,
+        minibatch: list[TrainSample],
+        *,
+        behaviour_from_forward: bool = False,
+        entropy: Optional[MetricAccumulator] = None,
+    ) -> dict[str, float]:
+        """One optimizer step on `minibatch`. With `behaviour_from_forward` (mini-batch 1, weights not
+        yet moved) log mu is this forward's own detached log-probs, stored in `old_logprobs`, and the
+        entropy goes into `entropy`, as `recompute_logprobs` would have done."""
         a = self.cfg.algorithm
         use_rollout_mu = a.behaviour_logprobs == "rollout"
-        if not use_rollout_mu and any(s.old_logprobs is None for s in minibatch):
+        trained = self.trained(minibatch)
+        if behaviour_from_forward and not self.can_reuse_logprobs:
+            raise RuntimeError("behaviour_from_forward needs a model without active dropout; recompute instead")
+        if not (use_rollout_mu or behaviour_from_forward) and any(s.old_logprobs is None for s in trained):
             raise RuntimeError("update() before recompute_logprobs(): behaviour log-probs are missing")
+        # normalisers count every sample, also the skipped ones (their loss terms are exactly 0)
         num_tokens, num_seqs = all_reduce_sum([sum(s.completion_len for s in minibatch), len(minibatch)])
         acc = MetricAccumulator()
-        total_loss = 0.0
-        for mb in self._micro_batches(minibatch):
-            if not mb:
-                lps, _ = self._forward(minibatch[:1], with_entropy=False)
-                self.engine.backward(lps[0].sum() * 0.0)
-                continue
-            chosen = [minibatch[i] for i in mb]
-            lps, _ = self._forward(chosen, with_entropy=False)
+        total_loss = torch.zeros((), dtype=torch.float64, device=self.device)
+        # at least one backward: the optimizer step must see (zero) gradients, as without skipping
+        for mb in self._micro_batches(trained, at_least_one=True):
+            # an empty micro-batch (ZeRO-3 collectives in step with busier ranks) runs one sample at weight 0
+            chosen = [trained[i] for i in mb] or minibatch[:1]
+            lps, ents = self._forward(chosen, with_entropy=bool(mb) and behaviour_from_forward and entropy is not None)
             logprobs, mask = _pad(lps, self.device)
-            mu = [s.rollout_logprobs if use_rollout_mu else s.old_logprobs for s in chosen]
-            old, _ = _pad(mu, self.device)
+            if not mb:
+                mask.zero_()
+            if behaviour_from_forward and mb:
+                for s, lp, ent in zip(chosen, lps, ents or [None] * len(chosen)):
+                    s.old_logprobs = lp.detach().float().cpu()
+                    if ent is not None and ent.numel():
+                        entropy.add({"policy/entropy": ent.detach().float().mean()}, weight=ent.numel())
+            if use_rollout_mu:
+                old, _ = _pad([s.rollout_logprobs for s in chosen], self.device)
+            elif behaviour_from_forward or not mb:
+                old = logprobs.detach()
+            else:
+                old, _ = _pad([s.old_logprobs for s in chosen], self.device)
             rollout, _ = _pad([s.rollout_logprobs for s in chosen], self.device)
-            adv = torch.tensor([s.advantage for s in chosen], dtype=torch.float32, device=self.device)
+            adv = torch.tensor([s.advantage if mb else 0.0 for s in chosen], dtype=torch.float32, device=self.device)
             loss, metrics = compute_policy_loss(
                 a.loss,
                 logprobs.float(),
@@ -280,24 +319,27 @@ class Learner:
             )
             # losses are normalised by global counts; DeepSpeed averages grads over ranks
             self.engine.backward(loss * self.world_size)
-            total_loss += loss.item()
+            total_loss += loss.detach()
             acc.add(metrics, weight=float(mask.sum()))
         self._grad_norm = None
         self.engine.step()
         out = acc.result(all_reduce=True)
-        (out["loss/policy"],) = all_reduce_sum([total_loss])
+        (out["loss/policy"],) = all_reduce_sum([float(total_loss)])
         grad_norm = self.engine.get_global_grad_norm()  # ZeRO and DeepSpeed's bf16/fp16 optimizers keep it
         if grad_norm is None:
             grad_norm = self._grad_norm  # stage 0 with a torch optimizer: recorded by our clip hook
         out["optim/grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
         out["optim/lr"] = float(self.engine.get_lr()[0])
+        (trained_here, all_here) = all_reduce_sum([len(trained), len(minibatch)])
+        out["perf/skipped_sample_fraction"] = 1.0 - trained_here / max(all_here, 1)
         return out
 
-    # -- weights for the rollout engine -------------------------------------------------------
-    def gathered_weights(self, bucket_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
-        from drpo_trainer.weight_sync import iter_gathered_buckets
 
-        return iter_gathered_buckets(self.engine.module, bucket_bytes)
+def _has_dropout(model: torch.nn.Module) -> bool:
+    config = getattr(model, "config", None)
+    rates = [getattr(config, k, 0.0) or 0.0 for k in ("attention_dropout", "hidden_dropout", "dropout")]
+    modules = (m.p for m in model.modules() if isinstance(m, torch.nn.Dropout))
+    return any(float(r) > 0 for r in rates) or any(p > 0 for p in modules)
 
 
 def _pad(rows: list[torch.Tensor], device) -> tuple[torch.Tensor, torch.Tensor]:

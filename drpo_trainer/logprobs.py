@@ -174,6 +174,7 @@ class _ChunkedHeadLogprobs(torch.autograd.Function):
         # and backward (partitioned, then re-gathered before this backward runs).
         ctx.params, ctx.head_forward = params, head_forward
         ctx.sampling, ctx.chunk_tokens, ctx.with_entropy = sampling, chunk_tokens, with_entropy
+        ctx.set_materialize_grads(False)  # an entropy that feeds no loss costs no backward work
         return logprobs, entropy
 
     @staticmethod

@@ -2,11 +2,13 @@
 
 Convention (shared with `losses`): a key ending in `_max` is reduced by max, `_min` by
 min, anything else is a weighted mean (weights = the token or sample counts it was
-measured over). Reductions across ranks are one all-reduce per kind, not one per key.
+measured over; a mean over nothing is 0.0, an extremum over nothing NaN). Reductions across
+ranks are one all-reduce per kind, not one per key.
 """
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from typing import Mapping
 
@@ -31,10 +33,9 @@ class MetricAccumulator:
         for key, value in metrics.items():
             v = float(value)
             kind = _kind(key)
-            if kind == "mean":
-                if weight > 0:
-                    self.sums[key] += v * weight
-                    self.weights[key] += weight
+            if kind == "mean":  # weight 0 still registers the key: every rank reduces the same keys
+                self.sums[key] += v * weight if weight > 0 else 0.0
+                self.weights[key] += max(weight, 0.0)
             elif key not in self.extrema:
                 self.extrema[key] = v
             else:
@@ -63,9 +64,14 @@ class MetricAccumulator:
             sums, maxs = s.cpu(), m.cpu()
         n = len(mean_keys)
         out = {k: (sums[i] / sums[n + i]).item() if sums[n + i] > 0 else 0.0 for i, k in enumerate(mean_keys)}
-        out.update({k: maxs[i].item() for i, k in enumerate(max_keys)})
-        out.update({k: -maxs[len(max_keys) + i].item() for i, k in enumerate(min_keys)})
+        out.update({k: _measured(maxs[i].item()) for i, k in enumerate(max_keys)})
+        out.update({k: _measured(-maxs[len(max_keys) + i].item()) for i, k in enumerate(min_keys)})
         return out
+
+
+def _measured(extremum: float) -> float:
+    """An extremum over nothing (masked_max of an empty mask is -inf) is not a number."""
+    return extremum if math.isfinite(extremum) else float("nan")
 
 
 def _comm_device() -> torch.device:

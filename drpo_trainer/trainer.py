@@ -111,19 +111,22 @@ def run_step(run: Run, step: int) -> dict[str, float]:
         ]
 
         # 4. behaviour log-probs mu: the learner's pre-update weights, frozen for the step
-        #    (computed per mini-batch, so the packing matches the update's: r = 1 exactly in mini-batch 1)
+        #    (computed per mini-batch, so the packing matches the update's: r = 1 exactly in mini-batch 1).
+        #    Mini-batch 1 can take mu from its own update forward, before the weights move.
         minibatches = split_minibatches(samples, cfg.trainer.minibatches_per_step, G)
+        mu_from_update = cfg.trainer.reuse_first_minibatch_logprobs and run.learner.can_reuse_logprobs
         run.engine.sleep()
-        entropy = MetricAccumulator()
+        entropy = MetricAccumulator()  # over the trained tokens, with pre-update weights
         with timer("recompute"):
-            for minibatch in minibatches:
-                entropy.add(run.learner.recompute_logprobs(minibatch))
+            for minibatch in minibatches[1:] if mu_from_update else minibatches:
+                run.learner.recompute_logprobs(minibatch, entropy)
 
         # 5. minibatches_per_step optimizer steps; mini-batch k > 1 is stale
         updates = MetricAccumulator()
         with timer("update"):
-            for minibatch in minibatches:
-                updates.add(run.learner.update(minibatch))
+            for k, minibatch in enumerate(minibatches):
+                first = k == 0 and mu_from_update
+                updates.add(run.learner.update(minibatch, behaviour_from_forward=first, entropy=entropy))
 
         # 6. the engine samples the next step with the new weights (pushed while it sleeps)
         with timer("sync"):
@@ -167,12 +170,14 @@ def _rollout_metrics(completions, samples, rewards, reward_metrics, adv_metrics,
         },
         weight=n,
     )
-    old = [s.old_logprobs for s in samples]
-    roll = [s.rollout_logprobs for s in samples]
+    # the trained samples (skipped ones have no learner log-probs); an empty rank reports weight 0
+    scored = [s for s in samples if s.old_logprobs is not None]
+    old = [s.old_logprobs for s in scored]
+    roll = [s.rollout_logprobs for s in scored]
     width = max(1, max(lengths))
-    o = torch.zeros(n, width)
-    r = torch.zeros(n, width)
-    m = torch.zeros(n, width)
+    o = torch.zeros(max(1, len(scored)), width)
+    r = torch.zeros_like(o)
+    m = torch.zeros_like(o)
     for i, (a, b) in enumerate(zip(old, roll)):
         o[i, : a.numel()], r[i, : b.numel()], m[i, : a.numel()] = a, b, 1.0
     acc.add(mismatch_metrics(o, r, m), weight=float(m.sum()))

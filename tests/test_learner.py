@@ -21,7 +21,7 @@ from drpo_trainer.learner import Learner, TrainSample
 from drpo_trainer.rollout import SamplingSpec
 from drpo_trainer.rollout.hf_engine import HFEngine
 from drpo_trainer.trainer import split_minibatches
-from drpo_trainer.weight_sync import sync_weights
+from drpo_trainer.weight_sync import iter_gathered_buckets, sync_weights
 
 G = 4
 
@@ -87,7 +87,7 @@ def fresh(samples):
 
 def full_params(learner) -> dict[str, torch.Tensor]:
     out = {}
-    for bucket in learner.gathered_weights(1 << 20):
+    for bucket in iter_gathered_buckets(learner.module, 1 << 20):
         out.update({n: t.detach().clone() for n, t in bucket})
     return out
 
@@ -209,7 +209,7 @@ def test_learner_mu_is_the_engines_sampling_logprob(model_dir, ctx, temperature,
         TrainSample(
             input_ids=c.prompt_ids + c.completion_ids,
             prompt_len=len(c.prompt_ids),
-            advantage=0.0,
+            advantage=1.0,  # a sample with advantage 0 is not trained, so not scored
             rollout_logprobs=torch.tensor(c.rollout_logprobs),
         )
         for c in comps

@@ -25,6 +25,10 @@ def _assert_same_run(full, resumed, *, nproc: int) -> None:
     assert [r["step"] for r in rows_resumed] == [1, 2, 3, 4, 5, 6]
     for a, b in zip(rows_full[3:], rows_resumed[3:]):
         assert h.without_timings(a) == h.without_timings(b), f"step {a['step']} differs"
+    # samples.jsonl continues across the resume: the same completions, rewards and advantages, each step once
+    samples = (resumed / "samples.jsonl").read_text()
+    assert samples == (full / "samples.jsonl").read_text()
+    assert [json.loads(l)["step"] for l in samples.splitlines()] == [s for s in range(1, 7) for _ in range(4)]
     # the run learns (non-zero advantages move the weights), else equality would prove little
     assert all(r["advantage/abs_mean"] > 0 for r in rows_full)
     assert len({r["loss/policy"] for r in rows_full}) == 6

@@ -306,5 +306,5 @@ def make_report(
     if out.suffix.lower() == ".png":
         description = {"runs": [r.label for r in runs], "panels": [p.title for p, _ in chosen]}
         metadata = {"Title": "drpo-train plot", "Description": json.dumps(description), "Software": "drpo-trainer"}
-    fig.savefig(out, dpi=110, metadata=metadata)
+    fig.savefig(out, dpi=100, metadata=metadata)
     return fig

@@ -3,8 +3,10 @@
     drpo-train --config configs/tiny_cpu.yaml [key=value ...]      train (or continue: --resume auto)
     drpo-train --config X --print-config                           show the resolved config and exit
     drpo-train export <checkpoint> <dir>                           checkpoint -> HF safetensors model
+    drpo-train plot RUN_DIR [RUN_DIR ...] [-o report.png]          runs' metrics.jsonl -> one figure
 
-Exit codes: 0 done, 2 bad configuration, 75 stopped by SIGTERM/SIGUSR1 after a checkpoint.
+Exit codes: 0 done, 2 bad configuration (for plot: a directory that is not a run), 75 stopped by
+SIGTERM/SIGUSR1 after a checkpoint.
 
 On one machine it starts `distributed.nproc_per_node` processes itself, unless it was
 started by torchrun, the deepspeed launcher, accelerate launch or srun. Heavy libraries
@@ -49,6 +51,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["export"]:
         return _export(argv[1:])
+    if argv[:1] == ["plot"]:
+        return _plot(argv[1:])
     args = _parser().parse_intermixed_args(argv)  # overrides may come before and after options
     try:
         cfg = load_config(args.config, args.overrides)
@@ -148,6 +152,37 @@ def _export(argv: list[str]) -> int:
         print(f"drpo-train export: {err}", file=sys.stderr)
         return 1
     print(f"exported {args.checkpoint} -> {out}")
+    return 0
+
+
+def _plot(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="drpo-train plot",
+        description="One figure of the runs' metrics.jsonl against step: reward, eval, lengths, entropy, the "
+        "loss's trust-region metrics, train-inference mismatch, ratios, grad norm, lr, time per phase. "
+        "Works on a run that is still going.",
+    )
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="output_dir of a run (holds metrics.jsonl)")
+    p.add_argument("-o", "--out", default="report.png", help="image to write (.png, .pdf, .svg); default report.png")
+    p.add_argument("--labels", default=None, help="comma-separated line labels, one per RUN_DIR; default: dir names")
+    p.add_argument(
+        "--smooth",
+        type=int,
+        default=1,
+        metavar="N",
+        help="trailing moving average over the last N logged steps of the training metrics (eval points are "
+        "drawn as logged); default 1 = off",
+    )
+    args = p.parse_args(argv)
+    from drpo_trainer.plot import PlotError, make_report
+
+    labels = [s.strip() for s in args.labels.split(",")] if args.labels is not None else None
+    try:
+        fig = make_report(args.run_dirs, args.out, labels=labels, smooth=args.smooth)
+    except PlotError as err:
+        print(f"drpo-train plot: {err}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    print(f"wrote {args.out} ({len(fig.axes) - sum(not a.get_visible() for a in fig.axes)} panels)")
     return 0
 
 

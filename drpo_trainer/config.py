@@ -229,6 +229,16 @@ class WandbConfig(Section):
 class TrackingConfig(Section):
     wandb: WandbConfig = Field(default_factory=WandbConfig)
     progress_bar: bool = Field(True, description="Console progress bar with reward and step time.")
+    samples_per_step: int = Field(
+        4,
+        ge=0,
+        description="Completions written to output_dir/samples.jsonl (and a W&B Table) per sampled training step "
+        "and per eval set at every eval: prompt, completion, extracted and gold answer, reward, advantage. "
+        "Spread evenly over rank 0's batch. 0 = no samples.",
+    )
+    samples_every_steps: int = Field(
+        10, ge=0, description="Write training samples every N steps (0 = only eval samples)."
+    )
 
 
 class EvalConfig(Section):

@@ -1,4 +1,5 @@
-"""Where metrics go: `<output_dir>/metrics.jsonl`, Weights & Biases, and the console.
+"""Where metrics go: `<output_dir>/metrics.jsonl`, Weights & Biases, and the console
+(completion samples: `samples.py`, whose rows also go to W&B as Tables through `log_table`).
 
 Only rank 0 tracks. W&B never hangs or ends a run: `online` falls back to `offline` with one
 message when there is no API key, when the server cannot be reached within
@@ -66,6 +67,7 @@ class Tracker:
         self.run_id = run_id
         self.bar = None
         self.recent_rewards: list[float] = []
+        self.table_failed = False
         if not enabled:
             return
         out = Path(cfg.output_dir)
@@ -163,6 +165,26 @@ class Tracker:
                 post[k.split("/", 1)[1]] = f"{metrics[k]:.3f}"
             self.bar.n = step
             self.bar.set_postfix(post, refresh=True)
+
+    def log_table(self, step: int, key: str, rows: list[dict]) -> None:
+        """Rows (dicts with the same keys) as a W&B Table under `key`; nothing without W&B. A Table that
+        W&B refuses costs one message, never the run (samples.jsonl has the rows anyway)."""
+        if self.run is None or not rows:
+            return
+        try:
+            import wandb
+
+            columns = list(rows[0])
+            self.run.log(
+                {key: wandb.Table(columns=columns, data=[[r.get(c) for c in columns] for r in rows])}, step=step
+            )
+        except Exception as exc:  # noqa: BLE001 - a table is a convenience
+            if not self.table_failed:
+                self.message(
+                    f"wandb: could not log the table {key} ({type(exc).__name__}: {str(exc)[:200]}); "
+                    "samples stay in samples.jsonl"
+                )
+            self.table_failed = True
 
     def message(self, text: str) -> None:
         if not self.enabled:

@@ -31,6 +31,7 @@ from drpo_trainer.learner import Learner, TrainSample
 from drpo_trainer.losses import mismatch_metrics
 from drpo_trainer.metrics import MetricAccumulator, all_reduce_sum
 from drpo_trainer.rollout import SamplingSpec
+from drpo_trainer.samples import SampleLog, open_sample_log
 from drpo_trainer.stop import EXIT_PREEMPTED, PREEMPTED_MARKER, StopFlag
 from drpo_trainer.tracking import Tracker, write_resolved_config
 
@@ -64,6 +65,7 @@ class Run:
     scorer: object
     step: int = 0
     extra: dict = field(default_factory=dict)  # loop state saved in checkpoints (wandb id, ...)
+    samples: Optional[SampleLog] = None  # samples.jsonl writer (rank 0)
 
 
 def sampling_seed(base: int, step: int, rank: int, salt: int = 0) -> int:
@@ -140,6 +142,8 @@ def run_step(run: Run, step: int) -> dict[str, float]:
     metrics.update({k[: -len("_max")]: v for k, v in times.result(all_reduce=True).items()})  # slowest rank
     (total_tokens,) = all_reduce_sum([sum(len(s.input_ids) for s in samples)])
     metrics["perf/tokens_per_s"] = total_tokens / max(metrics["time/step"], 1e-9)
+    if run.samples is not None:  # a few completions with the rewards and advantages this step used
+        run.samples.train(step, prompts, completions, rewards, advantages)
     return metrics
 
 
@@ -233,6 +237,8 @@ def evaluate(run: Run, step: int) -> dict[str, float]:
             comps = run.engine.generate([p.prompt_ids for p in mine], spec)
             scores, _ = run.scorer.score([c.text for c in comps], [mine[c.prompt_index].answer for c in comps])
             correct = float(sum(scores))
+            if run.samples is not None:
+                run.samples.eval(step, name, mine, comps, scores)
         total_correct, total = all_reduce_sum([correct, len(mine) * cfg.eval.k])
         out[f"eval/{name}/avg@{cfg.eval.k}"] = total_correct / max(total, 1)
     return out
@@ -315,6 +321,7 @@ def train(cfg: Config, *, resume: Optional[str] = None, stop: Optional[StopFlag]
     restore_run(run, resumed, universal_dir=universal_dir)
     tracker = Tracker(cfg, enabled=ctx.is_main, run_id=run.extra.get("wandb_run_id"), start_step=run.step)
     run.extra["wandb_run_id"] = tracker.run_id
+    run.samples = open_sample_log(cfg, is_main=ctx.is_main, start_step=run.step, tracker=tracker)
     if resumed is not None:
         tracker.message(f"resumed from {resumed} at step {run.step}")
     if run.extra.get("data/prompts_dropped_too_long"):
@@ -372,5 +379,7 @@ def train(cfg: Config, *, resume: Optional[str] = None, stop: Optional[StopFlag]
             )
     finally:
         run.scorer.close()
+        if run.samples is not None:
+            run.samples.close()
         tracker.close()
     return last

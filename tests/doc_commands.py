@@ -37,7 +37,8 @@ class DocCommand:
     @property
     def kind(self) -> str:
         if self.argv[0] == "drpo-train":
-            return "export" if len(self.argv) > 1 and self.argv[1] == "export" else "train"
+            sub = self.argv[1] if len(self.argv) > 1 else ""
+            return sub if sub in ("export", "plot") else "train"
         if self.argv[1] == "-m":
             return "module"
         return "script"

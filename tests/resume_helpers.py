@@ -100,7 +100,7 @@ def write_config(path: Path, ws: dict, output_dir: Path, **overrides) -> Path:
         },
         "distributed": {"nproc_per_node": 1, "zero_stage": 3},
         "eval": {"files": {}, "at_start": False},
-        "tracking": {"progress_bar": False, "wandb": {"mode": "disabled"}},
+        "tracking": {"progress_bar": False, "wandb": {"mode": "disabled"}, "samples_every_steps": 1},
         "checkpoint": {"every_steps": 1, "keep_last": 3, "export_final": False},
     }
     for dotted, value in overrides.items():

@@ -2,8 +2,9 @@
 collects them):
 
 - `drpo-train` training commands run for real for one step (`trainer.max_steps=1`, eval off,
-  output under a temporary `runs/`); `--resume` and `export` act on those runs (a documented
-  `runs/<name>/checkpoints/step_N` means the newest checkpoint of that run);
+  output under a temporary `runs/`); `--resume`, `export` and `plot` act on those runs (a
+  documented `runs/<name>/checkpoints/step_N` means the newest checkpoint of that run; `plot`
+  writes its image into the temporary directory, not over the documented one);
 - commands marked `# needs ...` (GPUs, the network), and paper configs whose model is on the hub,
   are parsed: `--print-config` for drpo-train (the config resolves and validates), `--help` for
   scripts; `rollout.backend=vllm` is parsed here and run for real by tests/vllm_engine;
@@ -114,6 +115,21 @@ class DocRunner:
             assert (Path(args[1]) / "config.json").is_file()
         return res
 
+    def plot(self, cmd: DocCommand) -> subprocess.CompletedProcess:
+        args = list(cmd.argv[2:])
+        out = self.tmp / "report.png"
+        if "-o" in args:
+            i = args.index("-o") + 1
+            out = self.tmp / Path(args[i]).name
+            args[i] = str(out)
+        else:
+            args += ["-o", str(out)]
+        args = [self._mapped(a) if a.startswith("runs/") else a for a in args]
+        res = self._run([sys.executable, "-m", "drpo_trainer.cli", "plot", *args])
+        if res.returncode == 0:
+            assert out.stat().st_size > 10_000, f"{cmd.where}: {out} is too small to be the figure"
+        return res
+
     def python(self, cmd: DocCommand) -> subprocess.CompletedProcess:
         args = list(cmd.argv[1:])
         script = args[0]
@@ -132,7 +148,7 @@ class DocRunner:
         return self._run([sys.executable, *args])  # python -m drpo_trainer.<module> ...
 
     def __call__(self, cmd: DocCommand) -> subprocess.CompletedProcess:
-        return {"train": self.train, "export": self.export}.get(cmd.kind, self.python)(cmd)
+        return {"train": self.train, "export": self.export, "plot": self.plot}.get(cmd.kind, self.python)(cmd)
 
 
 @pytest.fixture(scope="module")
@@ -156,6 +172,7 @@ def test_collector_finds_the_documented_commands():
     assert "drpo-train --config configs/tiny_cpu.yaml trainer.max_steps=50 algorithm.loss=grpo" in text
     assert "python -m drpo_trainer.tiny_model" in text  # an inline code span
     assert any(c.argv[:2] == ("drpo-train", "export") for c in commands)
+    assert any(c.argv[:2] == ("drpo-train", "plot") for c in commands)
     assert any(c.where.startswith("docs/launch.md") and c.needs == "GPUs" for c in commands)  # torchrun line
     assert len(commands) >= 30
 

@@ -25,6 +25,10 @@ def _assert_same_run(full, resumed, *, nproc: int) -> None:
     assert [r["step"] for r in rows_resumed] == [1, 2, 3, 4, 5, 6]
     for a, b in zip(rows_full[3:], rows_resumed[3:]):
         assert h.without_timings(a) == h.without_timings(b), f"step {a['step']} differs"
+    # samples.jsonl continues across the resume: the same completions, rewards and advantages, each step once
+    samples = (resumed / "samples.jsonl").read_text()
+    assert samples == (full / "samples.jsonl").read_text()
+    assert [json.loads(l)["step"] for l in samples.splitlines()] == [s for s in range(1, 7) for _ in range(4)]
     # the run learns (non-zero advantages move the weights), else equality would prove little
     assert all(r["advantage/abs_mean"] > 0 for r in rows_full)
     assert len({r["loss/policy"] for r in rows_full}) == 6
@@ -60,13 +64,14 @@ def test_exact_resume_one_process(tmp_path):
 @pytest.mark.distributed
 def test_exact_resume_two_processes(tmp_path):
     """Resume from the step-3 checkpoint of the 2-process baseline, in a directory that holds
-    only that checkpoint and the baseline's metrics of steps 1-6 (4-6 must be dropped and redone)."""
+    only that checkpoint and the baseline's metrics and samples of steps 1-6 (4-6 must be dropped and redone)."""
     full, _ = h.baseline(2)
     out = tmp_path / "split"
     (out / "checkpoints").mkdir(parents=True)
     shutil.copytree(full / "checkpoints" / "step_000003", out / "checkpoints" / "step_000003")
     (out / "checkpoints" / "latest").write_text("step_000003")
     shutil.copy(full / "metrics.jsonl", out / "metrics.jsonl")
+    shutil.copy(full / "samples.jsonl", out / "samples.jsonl")
     cfg = h.write_config(tmp_path / "split.yaml", h.workspace(), out, **{"distributed.nproc_per_node": 2})
     resumed = h.train(cfg, "--resume", "auto")
     assert "at step 3" in resumed.stderr

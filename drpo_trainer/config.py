@@ -77,7 +77,12 @@ class RolloutConfig(Section):
     tensor_parallel_size: int = Field(1, ge=1, description="vllm: GPUs per engine (tensor parallel group).")
     gpu_memory_utilization: float = Field(0.5, gt=0, le=1, description="vllm: fraction of GPU memory for the engine.")
     enable_sleep_mode: bool = Field(True, description="vllm: free engine memory while the learner updates.")
-    quantization: Optional[Literal["fp8"]] = Field(None, description="vllm: 'fp8' for FP8 rollout.")
+    quantization: Optional[Literal["fp8"]] = Field(
+        None,
+        description="'fp8': FP8 rollout, the learner stays in full precision. vllm: online FP8 quantization "
+        "(CUDA). hf: linear-layer weights rounded to float8_e4m3fn and back with vLLM's per-tensor scales at "
+        "every sync (drpo_trainer/rollout/fp8.py), an FP8-style mismatch on CPU.",
+    )
     max_model_len: Optional[int] = Field(None, description="vllm: context length; default prompt + response.")
     kv_cache_gib: Optional[float] = Field(
         None,
@@ -287,8 +292,6 @@ class Config(Section):
                 f"of data.max_prompt_tokens + rollout.max_new_tokens = {need} tokens. "
                 f"Fix: set trainer.micro_batch_tokens_per_gpu >= {need}"
             )
-        if self.rollout.backend == "hf" and self.rollout.quantization is not None:
-            raise ValueError("rollout.quantization needs rollout.backend=vllm")
         return self
 
     def effective_zero_stage(self, world_size: int) -> int:

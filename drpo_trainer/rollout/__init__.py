@@ -21,6 +21,7 @@ def make_engine(cfg, model_path: str, *, tokenizer, device, seed: int) -> Rollou
             device=device,
             generation_batch_size=r.generation_batch_size,
             tokenizer=tokenizer,
+            quantization=r.quantization,
         )
     from drpo_trainer.rollout.vllm_engine import VLLMEngine
 

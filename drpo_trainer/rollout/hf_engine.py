@@ -6,6 +6,10 @@ Log-probs are of the sampling distribution, computed from the RAW logits (`outpu
 by `drpo_trainer.logprobs.sampling_logprobs`: log_softmax(logits / T), truncated to the top-k /
 top-p set and renormalised when those are on (the learner's and vLLM's definition).
 `output_scores` would also carry other processors (min-length EOS ban), so they are not used.
+
+With `quantization="fp8"` the engine's linear-projection weights are rounded to float8_e4m3fn and
+back after loading and after every sync, with vLLM's per-tensor scales (`drpo_trainer.rollout.fp8`):
+the learner stays in full precision, so the engine samples from an FP8-style policy.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import torch
 
 from drpo_trainer.logprobs import sampling_logprobs
 from drpo_trainer.rollout.base import Completion, SamplingSpec
+from drpo_trainer.rollout.fp8 import fake_quantize_params, fp8_scale_group, fp8_scale_groups
 
 
 class HFEngine:
@@ -28,6 +33,7 @@ class HFEngine:
         generation_batch_size: int = 64,
         tokenizer=None,
         show_progress: bool = False,
+        quantization: Optional[str] = None,
     ) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -45,6 +51,24 @@ class HFEngine:
         self.pad_id = (
             self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else next(iter(self.eos_ids))
         )
+        self._fp8_groups = self._fp8_setup(quantization, model_path)
+        self._fp8_arrived: dict[str, set[str]] = {}  # group -> members synced since it was last quantized
+
+    def _fp8_setup(self, quantization: Optional[str], model_path: str) -> dict[str, list[str]]:
+        if quantization is None:
+            return {}
+        if quantization != "fp8":
+            raise ValueError(f"HFEngine: unknown quantization {quantization!r}; use 'fp8' or None")
+        groups = fp8_scale_groups([n for n, _ in self.model.named_parameters(remove_duplicate=False)])
+        if not groups:
+            raise ValueError(
+                f"rollout.quantization=fp8: {model_path} has no linear projections named like "
+                "'model.layers.N.self_attn.q_proj.weight' to quantize; drop rollout.quantization for this model"
+            )
+        fake_quantize_params(
+            dict(self.model.named_parameters(remove_duplicate=False)), groups
+        )  # the checkpoint, as vLLM loads it
+        return groups
 
     # -- weights ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -54,6 +78,22 @@ class HFEngine:
             if name not in params:
                 raise KeyError(f"weight sync: the rollout model has no parameter '{name}'")
             params[name].copy_(tensor.to(params[name].device, params[name].dtype))
+            group = fp8_scale_group(name) if self._fp8_groups else None
+            if group is not None:
+                self._fp8_arrived.setdefault(group, set()).add(name)
+        # a fused group is quantized once all its members are in (one scale over q, k and v)
+        self._quantize_arrived(lambda group, names: names == set(self._fp8_groups[group]))
+
+    def finish_weight_update(self) -> None:
+        """End of a sync: quantize any group only part of which was sent."""
+        self._quantize_arrived(lambda group, names: True)
+
+    def _quantize_arrived(self, ready) -> None:
+        done = {g: self._fp8_groups[g] for g, names in self._fp8_arrived.items() if ready(g, names)}
+        if done:
+            fake_quantize_params(dict(self.model.named_parameters(remove_duplicate=False)), done)
+            for group in done:
+                del self._fp8_arrived[group]
 
     @torch.no_grad()
     def score(self, sequences: list[list[int]]) -> list[list[float]]:

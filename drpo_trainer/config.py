@@ -177,12 +177,11 @@ class TrainerConfig(Section):
     logprob_chunk_tokens: int = Field(
         1024, gt=0, description="Tokens per chunk of the log-prob head (no B*T*V logits)."
     )
-    packed_row_tokens: Optional[int] = Field(
-        512,
-        gt=0,
-        description="Pack a micro-batch into rows of at most this many tokens (a longer sequence gets a row of its "
-        "own) unless model.attn_implementation is flash_attention_2: sdpa/eager attention costs row_length^2 per "
-        "row. null = one row per micro-batch.",
+    packed_row_tokens: Optional[int | Literal["longest"]] = Field(
+        "longest",
+        description="Pack a micro-batch into rows of at most this many tokens, or of at most its longest sequence "
+        "('longest'; a longer sequence always gets a row of its own), unless model.attn_implementation is "
+        "flash_attention_2: sdpa/eager attention costs row_length^2 per row. null = one row per micro-batch.",
     )
     skip_zero_advantage: bool = Field(
         True,

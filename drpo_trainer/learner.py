@@ -162,7 +162,8 @@ class Learner:
         self.engine.train()
         # varlen flash-attention attends within each packed sequence; other kernels pay row_length^2
         varlen = cfg.model.attn_implementation == "flash_attention_2"
-        self.row_tokens = None if varlen else cfg.trainer.packed_row_tokens
+        rows = cfg.trainer.packed_row_tokens
+        self.row_tokens = None if varlen else (0 if rows == "longest" else rows)  # 0: rows as wide as the longest
         self._grad_norm: Optional[float] = None
         if self.zero_stage == 0:
             self._record_stage0_grad_norm()

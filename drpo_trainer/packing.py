@@ -81,7 +81,8 @@ def pack_sequences(
         prompt_lengths: optional prompt length per sequence; targets are then live only for
             the response tokens. Without it every next token is a target.
         row_tokens: None = one row. Otherwise sequences fill rows in order, a row closing when the
-            next sequence would pass ``max(row_tokens, longest sequence)``; rows are padded at the
+            next sequence would pass ``max(row_tokens, longest sequence)`` (0: rows no wider than the
+            longest sequence, the cheapest for sdpa when sequences are short); rows are padded at the
             end to the longest row with a pad segment of its own (positions from 0, no targets).
             Attention kernels without variable-length support (sdpa, eager) cost (row length)^2
             per row, so bounded rows make them linear in the micro-batch instead of quadratic.

@@ -27,6 +27,13 @@ def test_pack_layout_by_hand():
     assert [v.tolist() for v in batch.split_targets(values)] == [[1.0], [], [4.0]]
 
 
+def test_rows_as_wide_as_the_longest_sequence_by_hand():
+    # row_tokens=0: capacity = longest (4): [a a] + [b b] fill row 0, [c c c c] row 1, [d] + [e e] row 2
+    p = pack_sequences([[1, 2], [3, 4], [5, 6, 7, 8], [9], [10, 11]], row_tokens=0)
+    assert p.input_ids.tolist() == [[1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11, 0]]
+    assert p.position_ids.tolist() == [[0, 1, 0, 1], [0, 1, 2, 3], [0, 0, 1, 0]]
+
+
 def test_pack_into_bounded_rows_by_hand():
     # capacity max(5, longest 4) = 5: [a a a] + [b b] fills row 0 (5), [c c c c] row 1 (4, +1 pad)
     p = pack_sequences([[1, 2, 3], [4, 5], [6, 7, 8, 9]], prompt_lengths=[1, 1, 2], row_tokens=5)

@@ -82,3 +82,22 @@ def test_summarize_drops_warmup_and_takes_medians():
 def test_ratio_line_names_the_verdict():
     assert ratio_line(0.25, "<= 0.5", True) == "ratio = 0.250 (target: <= 0.5) -> met"
     assert ratio_line(2.5, "<= 2", False).endswith("NOT met")
+
+
+def test_zero_advantage_summary_times_until_the_first_eval_crossing():
+    from benchmarks.bench_zero_advantage import summarize as summarize_skip
+
+    rows = [
+        {"step": 0, "eval/synthetic/avg@4": 0.1},
+        {"step": 1, "time/step": 2.0, "perf/skipped_sample_fraction": 0.5},
+        {"step": 2, "time/step": 4.0, "perf/skipped_sample_fraction": 0.25, "eval/synthetic/avg@4": 0.15},
+        {"step": 3, "time/step": 3.0, "perf/skipped_sample_fraction": 0.0},
+        {"step": 4, "time/step": 1.0, "perf/skipped_sample_fraction": 0.25, "eval/synthetic/avg@4": 0.25},
+        {"step": 5, "time/step": 9.0, "perf/skipped_sample_fraction": 0.0, "eval/synthetic/avg@4": 0.3},
+    ]
+    s = summarize_skip(rows, target=0.2)
+    assert s["reached_step"] == 4  # first eval >= 0.2, not the best one
+    assert s["seconds_to_target"] == 2.0 + 4.0 + 3.0 + 1.0
+    assert s["step_s"] == 3.0  # median of 2, 4, 3, 1, 9
+    assert s["skipped"] == 0.2
+    assert summarize_skip(rows, target=0.5)["seconds_to_target"] is None

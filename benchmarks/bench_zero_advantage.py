@@ -14,7 +14,8 @@ The shortcuts are exact, so all three learn the same curve (eval avg@4 at every 
 printed: it must agree up to float reassociation); only time differs. Reported per setting: the
 median `time/step`, the mean fraction of samples skipped, and the wall time until eval avg@4 first
 reaches --target (0.2), counted as the sum of `time/step` up to that step (evaluation and
-checkpoint time, equal in all three, are left out). Ratio: default / no skipping (skipping's gain).
+checkpoint time, equal in all three, are left out), and the median seconds of each phase of a
+step (generate, score, recompute, update, sync). Ratio: default / no skipping (skipping's gain).
 """
 
 from __future__ import annotations
@@ -59,7 +60,9 @@ def summarize(rows: list[dict], target: float) -> dict:
     evals = {r["step"]: v for r in rows for k, v in r.items() if k.startswith("eval/")}
     reached = next((s for s, v in sorted(evals.items()) if v >= target), None)
     until = None if reached is None else sum(r["time/step"] for r in steps if r["step"] <= reached)
+    phases = ("generate", "score", "recompute", "update", "sync")
     return {
+        "phases": {p: median([r.get(f"time/{p}", 0.0) for r in steps]) for p in phases},
         "step_s": median([r["time/step"] for r in steps]),
         "skipped": sum(r.get("perf/skipped_sample_fraction", 0.0) for r in steps) / len(steps),
         "evals": evals,
@@ -98,6 +101,12 @@ def main() -> None:
         f"default job, {args.steps} steps, {args.rounds} round(s)",
         ["setting", "median step s", "skipped fraction", f"first step eval >= {args.target}", "step time until then s"],
         rows,
+    )
+    phases = list(results["default"][0]["phases"])
+    print_table(
+        "where a step's time goes (median seconds per phase over the run's steps)",
+        ["setting", *phases],
+        [[name, *(median([x["phases"][p] for x in runs]) for p in phases)] for name, runs in results.items()],
     )
     for name, runs in results.items():  # the curves must agree: the shortcuts are exact
         print(f"{name} eval: " + " ".join(f"{s}:{v:.3f}" for s, v in sorted(runs[0]["evals"].items())))

@@ -101,3 +101,4 @@ def test_zero_advantage_summary_times_until_the_first_eval_crossing():
     assert s["step_s"] == 3.0  # median of 2, 4, 3, 1, 9
     assert s["skipped"] == 0.2
     assert summarize_skip(rows, target=0.5)["seconds_to_target"] is None
+    assert s["phases"]["update"] == 0.0  # phases a row lacks count as 0

@@ -258,8 +258,9 @@ def table_rows(results: dict[RunSpec, dict], args: argparse.Namespace) -> list[d
 
 def write_table(rows: list[dict], args: argparse.Namespace) -> str:
     head = (
-        f"| setting | loss | final eval, mean [min, max] | best eval | first step with eval >= {args.target} "
-        "(per seed) | collapsed | final reward (10-step mean) |\n| --- | --- | --- | --- | --- | --- | --- |\n"
+        "| setting | loss | final eval, mean [min, max] | best eval (mean of seeds) | "
+        f"first step with eval >= {args.target} (per seed) | collapsed | final reward (10-step mean) |\n"
+        "| --- | --- | --- | --- | --- | --- | --- |\n"
     )
     body = "".join(
         f"| {SETTINGS[r['setting']][0]} | {r['loss']} | {_fmt(r['final'])} [{_fmt(r['final_min'])}, "

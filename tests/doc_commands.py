@@ -7,6 +7,8 @@ Collected: `drpo-train ...` (also inside `torchrun`/`deepspeed`/`accelerate` lau
 fenced shell blocks and from inline code spans. A trailing comment with `needs ...`
 (`# needs GPUs`, `# needs the network`) marks a command that
 cannot run on a CPU machine without network: it is only parsed (`--print-config` / `--help`).
+A trailing `# takes ~N min` (or `h`) marks one that runs on a CPU but too long for the suite (the
+full loss comparison); it is parsed the same way.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ DOC_FILES = [
 ]
 SHELL_FENCES = {"", "bash", "sh", "shell", "console"}
 NEEDS = re.compile(r"#.*?\bneeds (.+)$")  # "# needs GPUs", "# needs the network", "# offline; needs your own ..."
+TAKES = re.compile(r"#.*?\btakes (~?\d+(?:\.\d+)? ?(?:min|h)\w*)")  # "# takes ~40 min on 2 cores"
 SCRIPT_DIRS = ("data/", "benchmarks/", "experiments/", "docs/figures/")
 
 
@@ -75,8 +78,9 @@ def _to_command(text: str, where: str, comment: str) -> DocCommand:
     argv = shlex.split(text)
     if argv[0] == "python3":
         argv[0] = "python"
-    needs = NEEDS.search(comment)
-    return DocCommand(where, tuple(argv), needs.group(1).strip() if needs else "")
+    needs, takes = NEEDS.search(comment), TAKES.search(comment)
+    what = needs.group(1).strip() if needs else (f"{takes.group(1)} of CPU time" if takes else "")
+    return DocCommand(where, tuple(argv), what)
 
 
 def collect(path: Path, text: str | None = None) -> list[DocCommand]:

@@ -5,11 +5,13 @@ collects them):
   output under a temporary `runs/`); `--resume`, `export` and `plot` act on those runs (a
   documented `runs/<name>/checkpoints/step_N` means the newest checkpoint of that run; `plot`
   writes its image into the temporary directory, not over the documented one);
-- commands marked `# needs ...` (GPUs, the network), and paper configs whose model is on the hub,
-  are parsed: `--print-config` for drpo-train (the config resolves and validates), `--help` for
-  scripts; `rollout.backend=vllm` is parsed here and run for real by tests/vllm_engine;
+- commands marked `# needs ...` (GPUs, the network) or `# takes ~N min`, and paper configs whose
+  model is on the hub, are parsed: `--print-config` for drpo-train (the config resolves and
+  validates), `--help` for scripts; `rollout.backend=vllm` is parsed here and run for real by
+  tests/vllm_engine;
 - benchmarks run in `--help` mode (full runs are minutes); `data/make_synthetic.py` and the figure
-  script write into the temporary directory and are compared with the bundled files.
+  script write into the temporary directory and are compared with the bundled files; `experiments/`
+  scripts run for real with `--results-dir` in the temporary directory.
 """
 
 from __future__ import annotations
@@ -140,6 +142,10 @@ class DocRunner:
             for f in ("synthetic_math_train.jsonl", "synthetic_math_eval.jsonl"):  # byte-identical, as documented
                 assert filecmp.cmp(self.tmp / "data" / f, REPO / "data" / f, shallow=False), f
             return res
+        if script.startswith("experiments/"):
+            return self._run(
+                [sys.executable, *args, "--results-dir", str(self.tmp / "experiments" / Path(script).stem)]
+            )
         if script.startswith("docs/figures/"):
             out = self.tmp / Path(script).with_suffix(".png").name
             res = self._run([sys.executable, *args, "--out", str(out)])
@@ -175,6 +181,14 @@ def test_collector_finds_the_documented_commands():
     assert any(c.argv[:2] == ("drpo-train", "plot") for c in commands)
     assert any(c.where.startswith("docs/launch.md") and c.needs == "GPUs" for c in commands)  # torchrun line
     assert len(commands) >= 30
+
+
+def test_a_long_command_is_marked_to_be_parsed_only(tmp_path):
+    text = "```bash\npython experiments/loss_comparison.py  # takes ~40 min on 2 cores\n```\n"
+    (long,) = collect(tmp_path / "x.md", text)
+    assert long.needs == "~40 min of CPU time"
+    (short,) = collect(tmp_path / "x.md", text.replace("  # takes ~40 min on 2 cores", ""))
+    assert short.needs == ""
 
 
 def test_paper_configs_are_marked_as_needing_gpus():

@@ -154,9 +154,10 @@ def test_engine_weights_differ_from_the_learner_by_exactly_the_fp8_error(tiny_mo
         assert torch.equal(mine[name], theirs[name]), name
 
 
-def _train(out: Path, model_dir: str, *extra: str) -> tuple[list[dict], str]:
+def _start_training(out: Path, model_dir: str, *extra: str) -> subprocess.Popen:
+    """A 2-step run of the tiny job in the background, on one torch thread."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    env.update(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env.update(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
     args = [
         "--config",
         "configs/tiny_cpu.yaml",
@@ -171,16 +172,24 @@ def _train(out: Path, model_dir: str, *extra: str) -> tuple[list[dict], str]:
         "tracking.progress_bar=false",
         *extra,
     ]
-    res = subprocess.run(
-        [sys.executable, "-m", "drpo_trainer.cli", *args], cwd=ROOT, env=env, capture_output=True, text=True
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()], res.stderr
+    cmd = [sys.executable, "-m", "drpo_trainer.cli", *args]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def _finish(proc: subprocess.Popen, out: Path) -> tuple[list[dict], str]:
+    _, log = proc.communicate(timeout=600)
+    assert proc.returncode == 0, log[-3000:]
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()], log
 
 
 def test_fp8_engine_opens_a_mismatch_the_fp32_engine_does_not(tmp_path, warm_model_dir):
-    fp32, _ = _train(tmp_path / "fp32", warm_model_dir)
-    fp8, log = _train(tmp_path / "fp8", warm_model_dir, "rollout.quantization=fp8")
+    # the same job twice, side by side: the same prompts, an fp32 engine and an FP8-style one
+    runs = {
+        name: _start_training(tmp_path / name, warm_model_dir, *extra)
+        for name, extra in (("fp32", ()), ("fp8", ("rollout.quantization=fp8",)))
+    }
+    fp32, _ = _finish(runs["fp32"], tmp_path / "fp32")
+    fp8, log = _finish(runs["fp8"], tmp_path / "fp8")
     assert [r["step"] for r in fp8] == [1, 2]
     assert "parity before the first step" in log  # the start-of-run gate ran and passed at its fp8 default
     for a, b in zip(fp32, fp8):

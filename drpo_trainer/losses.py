@@ -27,6 +27,8 @@ from drpo_trainer.aggregation import aggregate_loss, masked_max, masked_mean, ma
 LossFn = Callable[..., tuple[torch.Tensor, dict]]
 
 POLICY_LOSSES: dict[str, LossFn] = {}
+# Each loss's parameters (its keyword-only arguments) and their defaults, read once at registration.
+_PARAM_DEFAULTS: dict[str, dict[str, float]] = {}
 # Open interval (low, high) of each parameter; parameters not listed must be > 0.
 _PARAM_BOUNDS: dict[str, dict[str, tuple[float, float]]] = {}
 
@@ -38,6 +40,8 @@ def register_policy_loss(name: str, bounds: Optional[dict[str, tuple[float, floa
         if name in POLICY_LOSSES:
             raise ValueError(f"policy loss {name!r} is already registered")
         POLICY_LOSSES[name] = fn
+        params = inspect.signature(fn).parameters.values()
+        _PARAM_DEFAULTS[name] = {p.name: p.default for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
         _PARAM_BOUNDS[name] = dict(bounds or {})
         return fn
 
@@ -51,8 +55,7 @@ def policy_loss_names() -> list[str]:
 def loss_param_defaults(name: str) -> dict[str, float]:
     """The parameters of a registered loss and their defaults, e.g. {'delta': 12.5} for drpo."""
     _check_name(name)
-    sig = inspect.signature(POLICY_LOSSES[name])
-    return {p.name: p.default for p in sig.parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    return dict(_PARAM_DEFAULTS[name])
 
 
 def validate_loss_params(name: str, params: dict) -> dict[str, float]:

@@ -16,10 +16,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from drpo_trainer.tiny_model import Problem, eval_problems, problem_row, train_problems  # noqa: E402
+from drpo_trainer.tiny_model import ArithmeticProblem, eval_problems, problem_row, train_problems  # noqa: E402
 
 
-def write_jsonl(path: Path, problems: list[Problem]) -> None:
+def write_jsonl(path: Path, problems: list[ArithmeticProblem]) -> None:
     # Fixed key order, ASCII escapes and "\n" line ends keep the bytes identical on every platform.
     lines = [json.dumps(problem_row(p), ensure_ascii=True) + "\n" for p in problems]
     with open(path, "w", encoding="utf-8", newline="\n") as f:

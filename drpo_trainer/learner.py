@@ -30,7 +30,7 @@ from typing import Optional
 
 import torch
 
-from drpo_trainer.config import Config
+from drpo_trainer.config import Config, merge_dicts
 from drpo_trainer.losses import compute_policy_loss
 from drpo_trainer.metrics import MetricAccumulator, all_reduce_max, all_reduce_sum
 from drpo_trainer.packing import pack_sequences, plan_micro_batches
@@ -93,15 +93,8 @@ def deepspeed_config(cfg: Config, world_size: int = 1, *, load_universal: bool =
 
         with open(cfg.distributed.deepspeed_config) as f:
             user = json.load(f)
-        ds = _deep_update(ds, user)
+        ds = merge_dicts(ds, user)
     return ds
-
-
-def _deep_update(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _deep_update(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
 
 
 class Learner:

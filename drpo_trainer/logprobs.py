@@ -49,7 +49,8 @@ from typing import Callable, Iterator, Optional
 import torch
 from torch import Tensor, nn
 
-IGNORE_INDEX = -100
+from drpo_trainer.packing import IGNORE_INDEX
+
 OUT_OF_SUPPORT_LOGPROB = -1e4  # log-prob of a token the truncated sampling distribution excludes
 
 

@@ -25,7 +25,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-IGNORE_INDEX = -100  # same value as drpo_trainer.logprobs.IGNORE_INDEX and torch's cross_entropy
+IGNORE_INDEX = -100  # a position with no target (the value torch's cross_entropy ignores)
 
 
 @dataclass(frozen=True)

@@ -50,7 +50,7 @@ PROMPT_RE = re.compile(r"^Compute (\d+) ([-+*]) (\d+)\. Put the final answer in 
 
 
 @dataclass(frozen=True)
-class Problem:
+class ArithmeticProblem:
     """`a op b` with a non-negative integer result."""
 
     a: int
@@ -70,7 +70,7 @@ class Problem:
         return f"{self.a} {self.op} {self.b} = {self.answer}. \\boxed{{{self.answer}}}"
 
     @classmethod
-    def from_prompt(cls, prompt: str) -> "Problem":
+    def from_prompt(cls, prompt: str) -> "ArithmeticProblem":
         m = PROMPT_RE.match(prompt)
         if m is None:
             raise ValueError(f"not a synthetic arithmetic prompt: {prompt!r}")
@@ -80,20 +80,20 @@ class Problem:
 ADD_MAX, MUL_MAX = 20, 9  # a + b and a - b with 0 <= b, a <= ADD_MAX; a * b with 2 <= a, b <= MUL_MAX
 
 
-def sample_problem(rng: random.Random) -> Problem:
+def sample_problem(rng: random.Random) -> ArithmeticProblem:
     """Sums and non-negative differences of 0..20, products of 2..9 (736 problems in all): a short
     supervised pass learns most products and part of the sums and differences, so sampled answers
     are a mix of right and wrong."""
     op = rng.choice("+-*")
     if op == "+":
-        return Problem(rng.randint(0, ADD_MAX), op, rng.randint(0, ADD_MAX))
+        return ArithmeticProblem(rng.randint(0, ADD_MAX), op, rng.randint(0, ADD_MAX))
     if op == "-":
         a = rng.randint(0, ADD_MAX)
-        return Problem(a, op, rng.randint(0, a))  # no negative results
-    return Problem(rng.randint(2, MUL_MAX), op, rng.randint(2, MUL_MAX))
+        return ArithmeticProblem(a, op, rng.randint(0, a))  # no negative results
+    return ArithmeticProblem(rng.randint(2, MUL_MAX), op, rng.randint(2, MUL_MAX))
 
 
-def sample_problems(n: int, seed: int, exclude: Iterable[Problem] = ()) -> list[Problem]:
+def sample_problems(n: int, seed: int, exclude: Iterable[ArithmeticProblem] = ()) -> list[ArithmeticProblem]:
     """`n` distinct problems drawn in a fixed order from `seed`, none of them in `exclude`."""
     rng, seen, out = random.Random(seed), set(exclude), []
     for _ in range(1000 * (n + 10)):
@@ -111,15 +111,15 @@ def sample_problems(n: int, seed: int, exclude: Iterable[Problem] = ()) -> list[
     return out
 
 
-def eval_problems() -> list[Problem]:
+def eval_problems() -> list[ArithmeticProblem]:
     return sample_problems(EVAL_SIZE, EVAL_SEED)
 
 
-def train_problems() -> list[Problem]:
+def train_problems() -> list[ArithmeticProblem]:
     return sample_problems(TRAIN_SIZE, TRAIN_SEED, exclude=eval_problems())
 
 
-def problem_row(p: Problem) -> dict[str, str]:
+def problem_row(p: ArithmeticProblem) -> dict[str, str]:
     """One line of the bundled JSONL files (the data schema: `prompt`, `answer`)."""
     return {"prompt": p.prompt, "answer": str(p.answer)}
 
@@ -252,11 +252,11 @@ def encode_example(tokenizer, prompt: str, completion: Optional[str] = None) -> 
     return prompt_ids, tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
 
 
-def _unboxed(p: Problem) -> str:
+def _unboxed(p: ArithmeticProblem) -> str:
     return f"{p.a} {p.op} {p.b} = {p.answer}."
 
 
-def _sft_batch(tokenizer, problems: list[tuple[Problem, bool]]):
+def _sft_batch(tokenizer, problems: list[tuple[ArithmeticProblem, bool]]):
     """Right-padded (B, T) input ids, attention mask and labels (-100 outside the completion)."""
     import torch
 
@@ -273,7 +273,7 @@ def _sft_batch(tokenizer, problems: list[tuple[Problem, bool]]):
     return ids, mask, labels
 
 
-def _sft_stream(recipe: WarmStartRecipe) -> Iterable[list[tuple[Problem, bool]]]:
+def _sft_stream(recipe: WarmStartRecipe) -> Iterable[list[tuple[ArithmeticProblem, bool]]]:
     """Batches of problems drawn from the whole family. The eval problems are NOT held out: the
     family is small, and the eval set measures how reliably the model samples right answers to
     problems of the family (what RL improves), not generalisation to unseen operand pairs."""
@@ -317,16 +317,10 @@ def warm_start(model, tokenizer, recipe: WarmStartRecipe, progress: bool = True)
     return loss_value
 
 
-def last_boxed(text: str) -> Optional[str]:
-    """Content of the last \\boxed{...} (no nested braces: the synthetic answers are integers)."""
-    found = re.findall(r"\\boxed\{([^{}]*)\}", text)
-    return found[-1].strip() if found else None
-
-
 def sample_accuracy(
     model,
     tokenizer,
-    problems: list[Problem],
+    problems: list[ArithmeticProblem],
     *,
     temperature: float,
     seed: int = 0,
@@ -336,6 +330,8 @@ def sample_accuracy(
     """(fraction answered correctly, fraction with a \\boxed{}) over `problems`, one sample each;
     temperature 0 means greedy. Sampling is unrestricted (top_k=0, top_p=1)."""
     import torch
+
+    from drpo_trainer.rewards.extract import last_boxed  # the reward's own extraction
 
     correct = boxed = 0
     torch.manual_seed(seed)

@@ -31,7 +31,7 @@ from typing import Optional
 import torch
 
 from drpo_trainer.config import Config, merge_dicts
-from drpo_trainer.losses import compute_policy_loss
+from drpo_trainer.losses import compute_policy_loss, metric_reductions
 from drpo_trainer.metrics import MetricAccumulator, all_reduce_max, all_reduce_sum
 from drpo_trainer.packing import pack_sequences, plan_micro_batches
 
@@ -313,7 +313,7 @@ class Learner:
             # losses are normalised by global counts; DeepSpeed averages grads over ranks
             self.engine.backward(loss * self.world_size)
             total_loss += loss.detach()
-            acc.add(metrics, weight=float(mask.sum()))
+            acc.add(metrics, weight=float(mask.sum()), reduce=metric_reductions(a.loss))
         self._grad_norm = None
         self.engine.step()
         out = acc.result(all_reduce=True)

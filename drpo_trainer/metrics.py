@@ -1,26 +1,22 @@
 """Combining metrics over micro-batches, mini-batches and ranks.
 
-Convention (shared with `losses`): a key ending in `_max` is reduced by max, `_min` by
-min, anything else is a weighted mean (weights = the token or sample counts it was
-measured over; a mean over nothing is 0.0, an extremum over nothing NaN). Reductions across
-ranks are one all-reduce per kind, not one per key.
+Each metric is combined the way its producer says when it is added: a weighted mean (the
+default; weights = the token or sample counts it was measured over), or a max or a min
+(``add(..., reduce="max")``, or a mapping key -> reduction for a dict that mixes them, such as
+``losses.metric_reductions(loss)``). A mean over nothing is 0.0, an extremum over nothing NaN.
+Reductions across ranks are one all-reduce per kind, not one per key.
 """
 
 from __future__ import annotations
 
 import math
 from collections import defaultdict
-from typing import Mapping
+from typing import Literal, Mapping, Union
 
 import torch
 
-
-def _kind(key: str) -> str:
-    if key.endswith("_max"):
-        return "max"
-    if key.endswith("_min"):
-        return "min"
-    return "mean"
+Reduction = Literal["mean", "max", "min"]
+REDUCTIONS: tuple[Reduction, ...] = ("mean", "max", "min")
 
 
 class MetricAccumulator:
@@ -28,11 +24,26 @@ class MetricAccumulator:
         self.sums: dict[str, float] = defaultdict(float)
         self.weights: dict[str, float] = defaultdict(float)
         self.extrema: dict[str, float] = {}
+        self.reductions: dict[str, Reduction] = {}
 
-    def add(self, metrics: Mapping[str, float | torch.Tensor], weight: float = 1.0) -> None:
+    def add(
+        self,
+        metrics: Mapping[str, float | torch.Tensor],
+        weight: float = 1.0,
+        *,
+        reduce: Union[Reduction, Mapping[str, Reduction]] = "mean",
+    ) -> None:
+        """Add one measurement of each metric. `reduce`: how every key combines (over calls and
+        ranks), or a mapping key -> reduction (keys it does not name are means). `weight` weighs
+        the means; a key keeps the reduction it was first added with."""
         for key, value in metrics.items():
+            kind = reduce if isinstance(reduce, str) else reduce.get(key, "mean")
+            if kind not in REDUCTIONS:
+                raise ValueError(f"metric {key!r}: reduce={kind!r} is not one of {', '.join(REDUCTIONS)}")
+            known = self.reductions.setdefault(key, kind)
+            if known != kind:
+                raise ValueError(f"metric {key!r} was added with reduce={known!r}, now with reduce={kind!r}")
             v = float(value)
-            kind = _kind(key)
             if kind == "mean":  # weight 0 still registers the key: every rank reduces the same keys
                 self.sums[key] += v * weight if weight > 0 else 0.0
                 self.weights[key] += max(weight, 0.0)
@@ -46,8 +57,8 @@ class MetricAccumulator:
 
         Every rank must hold the same keys (the trainer guarantees this: same code path)."""
         mean_keys = sorted(self.sums)
-        max_keys = sorted(k for k in self.extrema if _kind(k) == "max")
-        min_keys = sorted(k for k in self.extrema if _kind(k) == "min")
+        max_keys = sorted(k for k in self.extrema if self.reductions[k] == "max")
+        min_keys = sorted(k for k in self.extrema if self.reductions[k] == "min")
         sums = torch.tensor(
             [self.sums[k] for k in mean_keys] + [self.weights[k] for k in mean_keys], dtype=torch.float64
         )

@@ -22,13 +22,13 @@ from typing import Optional
 
 import torch
 
-from drpo_trainer.advantages import group_advantages
+from drpo_trainer.advantages import ADVANTAGE_METRIC_REDUCTIONS, group_advantages
 from drpo_trainer.checkpoint import resolve_resume, restore_run, save_run
 from drpo_trainer.config import Config
 from drpo_trainer.data import Problem, PromptSampler, load_problems
 from drpo_trainer.distributed import DistContext, setup_distributed
 from drpo_trainer.learner import Learner, TrainSample
-from drpo_trainer.losses import mismatch_metrics
+from drpo_trainer.losses import MISMATCH_METRIC_REDUCTIONS, metric_reductions, mismatch_metrics
 from drpo_trainer.metrics import MetricAccumulator, all_reduce_sum
 from drpo_trainer.rollout import SamplingSpec
 from drpo_trainer.samples import SampleLog, open_sample_log
@@ -128,7 +128,8 @@ def run_step(run: Run, step: int) -> dict[str, float]:
         with timer("update"):
             for k, minibatch in enumerate(minibatches):
                 first = k == 0 and mu_from_update
-                updates.add(run.learner.update(minibatch, behaviour_from_forward=first, entropy=entropy))
+                update = run.learner.update(minibatch, behaviour_from_forward=first, entropy=entropy)
+                updates.add(update, reduce=metric_reductions(cfg.algorithm.loss))  # extrema over mini-batches
 
         # 6. the engine samples the next step with the new weights (pushed while it sleeps)
         with timer("sync"):
@@ -138,8 +139,8 @@ def run_step(run: Run, step: int) -> dict[str, float]:
     metrics = {**updates.result(), **entropy.result(), **sync_metrics}
     metrics.update(_rollout_metrics(completions, samples, rewards, reward_metrics, adv_metrics, cfg))
     times = MetricAccumulator()
-    times.add({f"{k}_max": v for k, v in timer.metrics().items()})
-    metrics.update({k[: -len("_max")]: v for k, v in times.result(all_reduce=True).items()})  # slowest rank
+    times.add(timer.metrics(), reduce="max")  # the slowest rank's
+    metrics.update(times.result(all_reduce=True))
     (total_tokens,) = all_reduce_sum([sum(len(s.input_ids) for s in samples)])
     metrics["perf/tokens_per_s"] = total_tokens / max(metrics["time/step"], 1e-9)
     if run.samples is not None:  # a few completions with the rewards and advantages this step used
@@ -164,7 +165,7 @@ def _rollout_metrics(completions, samples, rewards, reward_metrics, adv_metrics,
     n = len(completions)
     counts = {k: v for k, v in reward_metrics.items() if k in ("reward/timeouts", "reward/errors")}
     acc.add({k: v for k, v in reward_metrics.items() if k not in counts}, weight=n)
-    acc.add(adv_metrics, weight=n)
+    acc.add(adv_metrics, weight=n, reduce=ADVANTAGE_METRIC_REDUCTIONS)
     lengths = [len(c.completion_ids) for c in completions]
     acc.add(
         {
@@ -173,6 +174,7 @@ def _rollout_metrics(completions, samples, rewards, reward_metrics, adv_metrics,
             "response/truncated_fraction": sum(c.finish_reason == "length" for c in completions) / n,
         },
         weight=n,
+        reduce={"response/length_max": "max"},
     )
     # the trained samples (skipped ones have no learner log-probs); an empty rank reports weight 0
     scored = [s for s in samples if s.old_logprobs is not None]
@@ -184,7 +186,7 @@ def _rollout_metrics(completions, samples, rewards, reward_metrics, adv_metrics,
     m = torch.zeros_like(o)
     for i, (a, b) in enumerate(zip(old, roll)):
         o[i, : a.numel()], r[i, : b.numel()], m[i, : a.numel()] = a, b, 1.0
-    acc.add(mismatch_metrics(o, r, m), weight=float(m.sum()))
+    acc.add(mismatch_metrics(o, r, m), weight=float(m.sum()), reduce=MISMATCH_METRIC_REDUCTIONS)
     out = acc.result(all_reduce=True)
     out.update(dict(zip(counts, all_reduce_sum(list(counts.values())))))
     return out

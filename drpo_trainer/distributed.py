@@ -126,16 +126,50 @@ def build_launch_command(
     ]
 
 
-@dataclass
+@dataclass(frozen=True)
 class DistContext:
+    """This process's place in the run: what the learner, checkpoints, export and metric reductions
+    are given instead of each asking the default process group. Collectives run on that group."""
+
     rank: int
     world_size: int
     local_rank: int
     device: "object"  # torch.device
+    backend: str = "gloo"  # of the process group: which device collectives of host values go through
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def comm_device(self) -> "object":
+        """Where a tensor must be for a collective: the current GPU under nccl, else the CPU."""
+        import torch
+
+        return torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else torch.device("cpu")
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            import torch
+
+            torch.distributed.barrier()
+
+    @classmethod
+    def current(cls) -> "DistContext":
+        """The context of the initialised default process group, or of a lone process without one
+        (tools and tests that call a rank-aware function outside a run)."""
+        import torch
+
+        if not torch.distributed.is_initialized():
+            return cls(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+        cuda = torch.cuda.is_available()
+        return cls(
+            rank=torch.distributed.get_rank(),
+            world_size=torch.distributed.get_world_size(),
+            local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+            device=torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu"),
+            backend=torch.distributed.get_backend(),
+        )
 
 
 def setup_distributed(backend: str = "auto") -> DistContext:
@@ -168,4 +202,5 @@ def setup_distributed(backend: str = "auto") -> DistContext:
         world_size=torch.distributed.get_world_size(),
         local_rank=local_rank,
         device=device,
+        backend=torch.distributed.get_backend(),
     )

@@ -31,6 +31,7 @@ from typing import Optional
 import torch
 
 from drpo_trainer.config import Config, merge_dicts
+from drpo_trainer.distributed import DistContext
 from drpo_trainer.losses import compute_policy_loss, metric_reductions
 from drpo_trainer.metrics import MetricAccumulator, all_reduce_max, all_reduce_sum
 from drpo_trainer.packing import pack_sequences, plan_micro_batches
@@ -104,6 +105,7 @@ class Learner:
         model_path: str,
         *,
         total_optimizer_steps: int,
+        ctx: Optional[DistContext] = None,
         load_universal: bool = False,
         zero3: bool = False,
     ) -> None:
@@ -111,7 +113,8 @@ class Learner:
         from transformers import AutoModelForCausalLM
 
         self.cfg = cfg
-        self.world_size = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        self.ctx = ctx or DistContext.current()  # the ranks that train together (the default process group)
+        self.world_size = self.ctx.world_size
         ds_config = deepspeed_config(cfg, self.world_size, load_universal=load_universal, zero3=zero3)
         self.zero_stage = ds_config["zero_optimization"]["stage"]
         hf_ds_config = None

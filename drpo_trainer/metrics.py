@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from typing import Literal, Mapping, Union
+from typing import Literal, Mapping, Optional, Union
 
 import torch
+
+from drpo_trainer.distributed import DistContext
 
 Reduction = Literal["mean", "max", "min"]
 REDUCTIONS: tuple[Reduction, ...] = ("mean", "max", "min")
@@ -52,8 +54,9 @@ class MetricAccumulator:
             else:
                 self.extrema[key] = max(self.extrema[key], v) if kind == "max" else min(self.extrema[key], v)
 
-    def result(self, all_reduce: bool = False) -> dict[str, float]:
-        """Means and extrema; with all_reduce=True, over every rank of the default group.
+    def result(self, all_reduce: bool = False, *, ctx: Optional[DistContext] = None) -> dict[str, float]:
+        """Means and extrema; with all_reduce=True, over every rank of `ctx` (default: the
+        initialised process group, `DistContext.current()`).
 
         Every rank must hold the same keys (the trainer guarantees this: same code path)."""
         mean_keys = sorted(self.sums)
@@ -65,14 +68,9 @@ class MetricAccumulator:
         maxs = torch.tensor(
             [self.extrema[k] for k in max_keys] + [-self.extrema[k] for k in min_keys], dtype=torch.float64
         )
-        if all_reduce and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-            dist = torch.distributed
-            dev = _comm_device()
-            s, m = sums.to(dev), maxs.to(dev)
-            dist.all_reduce(s, op=dist.ReduceOp.SUM)
-            if m.numel():
-                dist.all_reduce(m, op=dist.ReduceOp.MAX)
-            sums, maxs = s.cpu(), m.cpu()
+        if all_reduce:
+            sums = _all_reduce(sums, "sum", ctx)
+            maxs = _all_reduce(maxs, "max", ctx) if maxs.numel() else maxs
         n = len(mean_keys)
         out = {k: (sums[i] / sums[n + i]).item() if sums[n + i] > 0 else 0.0 for i, k in enumerate(mean_keys)}
         out.update({k: _measured(maxs[i].item()) for i, k in enumerate(max_keys)})
@@ -85,24 +83,22 @@ def _measured(extremum: float) -> float:
     return extremum if math.isfinite(extremum) else float("nan")
 
 
-def _comm_device() -> torch.device:
-    if torch.distributed.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+def _all_reduce(t: torch.Tensor, op: str, ctx: Optional[DistContext]) -> torch.Tensor:
+    ctx = ctx or DistContext.current()
+    if ctx.world_size == 1:
+        return t
+    t = t.to(ctx.comm_device)
+    torch.distributed.all_reduce(
+        t, op=torch.distributed.ReduceOp.SUM if op == "sum" else torch.distributed.ReduceOp.MAX
+    )
+    return t.cpu()
 
 
-def all_reduce_sum(values: list[float]) -> list[float]:
-    """Sum a few numbers over all ranks (identity when not distributed)."""
-    t = torch.tensor(values, dtype=torch.float64)
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        t = t.to(_comm_device())
-        torch.distributed.all_reduce(t)
-    return t.cpu().tolist()
+def all_reduce_sum(values: list[float], ctx: Optional[DistContext] = None) -> list[float]:
+    """Sum a few numbers over the ranks of `ctx` (default: the initialised process group, if any)."""
+    return _all_reduce(torch.tensor(values, dtype=torch.float64), "sum", ctx).tolist()
 
 
-def all_reduce_max(values: list[float]) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64)
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        t = t.to(_comm_device())
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    return t.cpu().tolist()
+def all_reduce_max(values: list[float], ctx: Optional[DistContext] = None) -> list[float]:
+    """Max of a few numbers over the ranks of `ctx` (default: the initialised process group, if any)."""
+    return _all_reduce(torch.tensor(values, dtype=torch.float64), "max", ctx).tolist()

@@ -6,8 +6,9 @@ import os
 import pytest
 import torch
 
+from drpo_trainer.distributed import DistContext
 from drpo_trainer.losses import compute_policy_loss, metric_reductions, policy_loss_names
-from drpo_trainer.metrics import MetricAccumulator
+from drpo_trainer.metrics import MetricAccumulator, all_reduce_max, all_reduce_sum
 
 
 def test_means_are_weighted_and_extrema_ignore_weights():
@@ -64,12 +65,19 @@ def _two_rank_worker(rank: int, port: int, out: dict) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
     try:
+        ctx = DistContext.current()
+        assert (ctx.rank, ctx.world_size, ctx.backend, str(ctx.comm_device)) == (rank, 2, "gloo", "cpu")
         acc = MetricAccumulator()
         # rank 0: mean 1 over 1 token, max 2; rank 1: mean 4 over 3 tokens, max 8, and nothing for "e"
         acc.add({"m": [1.0, 4.0][rank], "x": [2.0, 8.0][rank], "n": [5.0, 3.0][rank]}, [1.0, 3.0][rank],
                 reduce={"x": "max", "n": "min"})  # fmt: skip
         acc.add({"e": 7.0}, weight=[0.0, 0.0][rank])
-        out[rank] = acc.result(all_reduce=True)
+        out[rank] = {
+            **acc.result(all_reduce=True, ctx=ctx),
+            "sum": all_reduce_sum([rank + 1.0], ctx)[0],
+            "max": all_reduce_max([10.0 - rank], ctx)[0],
+            "alone": acc.result()["m"],  # without all_reduce: this rank's own mean
+        }
     finally:
         torch.distributed.destroy_process_group()
 
@@ -85,4 +93,8 @@ def test_reductions_over_two_ranks():
         mp.spawn(_two_rank_worker, args=(free_port(), out), nprocs=2)
         results = dict(out)
     # m: (1 * 1 + 4 * 3) / (1 + 3) = 3.25; x: max(2, 8); n: min(5, 3); e: weight 0 on both ranks
-    assert results[0] == results[1] == {"m": 3.25, "x": 8.0, "n": 3.0, "e": 0.0}
+    shared = {"m": 3.25, "x": 8.0, "n": 3.0, "e": 0.0, "sum": 3.0, "max": 10.0}
+    assert results[0] == {**shared, "alone": 1.0} and results[1] == {**shared, "alone": 4.0}
+    # outside any process group a context is one lone process, and reductions are the identity
+    alone = DistContext.current()
+    assert (alone.rank, alone.world_size, alone.is_main) == (0, 1, True) and all_reduce_sum([2.5], alone) == [2.5]

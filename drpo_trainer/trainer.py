@@ -260,7 +260,7 @@ def build_run(cfg: Config, ctx: DistContext, *, load_universal: bool = False, ze
     cfg.check_world(ctx.world_size)
     model_path = cfg.model.path
     if model_path.startswith("builtin:"):  # the embedded tiny model, built and cached on first use
-        from drpo_trainer.tiny_model import resolve_model_path
+        from drpo_trainer.builtin.tiny_model import resolve_model_path
 
         model_path = resolve_model_path(model_path)
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)

@@ -12,7 +12,7 @@ import pytest
 def tiny_model_dir(tmp_path_factory) -> str:
     """A randomly initialised tiny Qwen3 (hidden 64, 2 layers) + tokenizer, saved with save_pretrained.
     Builds in seconds; use it wherever the weights need not know anything."""
-    from drpo_trainer.tiny_model import build_random_model
+    from drpo_trainer.builtin.tiny_model import build_random_model
 
     return build_random_model(tmp_path_factory.mktemp("tiny_random_model"))
 
@@ -20,8 +20,8 @@ def tiny_model_dir(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def warm_model_dir(tmp_path_factory) -> str:
     """The warm-started `builtin:tiny-math` model. Reuses $DRPO_CACHE_DIR when set (build once with
-    `python -m drpo_trainer.tiny_model`), else builds it once per session under pytest's tmp dir."""
-    from drpo_trainer.tiny_model import BUILD_VERSION, ensure_built, resolve_model_path
+    `python -m drpo_trainer.builtin.tiny_model`), else builds it once per session under pytest's tmp dir."""
+    from drpo_trainer.builtin.tiny_model import BUILD_VERSION, ensure_built, resolve_model_path
 
     if os.environ.get("DRPO_CACHE_DIR"):
         return resolve_model_path("builtin:tiny-math")

@@ -70,7 +70,8 @@ def baseline(nproc: int) -> tuple[Path, str]:
 
 def make_workspace(root: Path, *, num_train: int = 32) -> dict:
     """A random tiny model and a JSONL training file under `root`; returns their paths."""
-    from drpo_trainer.tiny_model import build_random_model, problem_row, train_problems
+    from drpo_trainer.builtin.arithmetic import problem_row, train_problems
+    from drpo_trainer.builtin.tiny_model import build_random_model
 
     root.mkdir(parents=True, exist_ok=True)
     model_dir = root / "model"

@@ -61,7 +61,8 @@ def test_train_and_eval_are_disjoint_and_unique():
 def test_prompts_and_solutions_are_short(tiny_model_dir):
     from transformers import AutoTokenizer
 
-    from drpo_trainer.tiny_model import ArithmeticProblem, encode_example
+    from drpo_trainer.builtin.arithmetic import ArithmeticProblem
+    from drpo_trainer.builtin.tiny_model import encode_example
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     for row in _rows(FILES[1]):

@@ -21,7 +21,7 @@ def _write_rows(path: Path, rows: list[dict]) -> str:
 
 @pytest.fixture(scope="module")
 def small_run_files(tmp_path_factory):
-    from drpo_trainer.tiny_model import build_random_model
+    from drpo_trainer.builtin.tiny_model import build_random_model
 
     d = tmp_path_factory.mktemp("e2e")
     model = build_random_model(d / "model", hidden_size=64, num_layers=2, seed=3)

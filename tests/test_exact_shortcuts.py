@@ -31,7 +31,7 @@ import exact_update_worker as w  # noqa: E402
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from drpo_trainer.tiny_model import build_random_model
+    from drpo_trainer.builtin.tiny_model import build_random_model
 
     return build_random_model(tmp_path_factory.mktemp("exact_model"), hidden_size=64, num_layers=2, seed=3)
 

@@ -28,7 +28,7 @@ G = 4
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from drpo_trainer.tiny_model import build_random_model
+    from drpo_trainer.builtin.tiny_model import build_random_model
 
     return build_random_model(tmp_path_factory.mktemp("learner_model"), hidden_size=64, num_layers=2, seed=1)
 

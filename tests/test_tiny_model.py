@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from drpo_trainer import tiny_model as tm
+from drpo_trainer.builtin import tiny_model as tm
+from drpo_trainer.builtin.arithmetic import ArithmeticProblem
 from drpo_trainer.rewards.extract import last_boxed
 
 
@@ -19,15 +20,15 @@ def tokenizer():
 
 
 def test_problem_rendering_and_answers():
-    p = tm.ArithmeticProblem(17, "+", 25)
+    p = ArithmeticProblem(17, "+", 25)
     assert p.answer == 42  # 17 + 25
-    assert tm.ArithmeticProblem(91, "-", 38).answer == 53  # 91 - 38
-    assert tm.ArithmeticProblem(7, "*", 13).answer == 91  # 7 * 13
+    assert ArithmeticProblem(91, "-", 38).answer == 53  # 91 - 38
+    assert ArithmeticProblem(7, "*", 13).answer == 91  # 7 * 13
     assert p.prompt == "Compute 17 + 25. Put the final answer in \\boxed{}."
     assert p.solution == "17 + 25 = 42. \\boxed{42}"
-    assert tm.ArithmeticProblem.from_prompt(p.prompt) == p
+    assert ArithmeticProblem.from_prompt(p.prompt) == p
     with pytest.raises(ValueError, match="not a synthetic"):
-        tm.ArithmeticProblem.from_prompt("What is 2 + 2?")
+        ArithmeticProblem.from_prompt("What is 2 + 2?")
 
 
 def test_tokenizer_round_trips_through_save_and_load(tokenizer, tmp_path):

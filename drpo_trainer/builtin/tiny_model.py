@@ -1,13 +1,11 @@
-"""The embedded default model `builtin:tiny-math` and the synthetic arithmetic task it is trained on.
+"""The embedded default model `builtin:tiny-math`, trained on the synthetic task of `arithmetic`.
 
 Owns:
-- the synthetic problem family (`Compute 17 + 25. ...` -> `17 + 25 = 42. \\boxed{42}`), shared with
-  data/make_synthetic.py, which writes the bundled train/eval JSONL files from it;
 - a byte-level BPE tokenizer trained offline (`build_tokenizer`) and a tiny Qwen3 (`build_random_model`);
 - the warm start: a short supervised pass on synthetic solutions so the model solves part of the problems
   (RL needs a mix of right and wrong samples to learn from), built once and cached (`resolve_model_path`).
 
-Build ahead of time: `python -m drpo_trainer.tiny_model [--out DIR] [--eval]`.
+Build ahead of time: `python -m drpo_trainer.builtin.tiny_model [--out DIR] [--eval]`.
 
 Determinism: the build runs with fixed seeds and ONE torch thread, because CPU matmul reductions can
 differ with the thread count; with the same torch build the weights are then bit-identical. The cache
@@ -19,13 +17,19 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
 import shutil
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Optional
+
+from drpo_trainer.builtin.arithmetic import (
+    EVAL_SIZE,
+    ArithmeticProblem,
+    eval_problems,
+    sample_problem,
+)
 
 BUILTIN_NAME = "builtin:tiny-math"
 BUILD_VERSION = "tiny-math-v2"
@@ -39,90 +43,6 @@ CHAT_TEMPLATE = (
     r"{% endfor %}"
     r"{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
-
-# ----------------------------------------------------------------------------------------------
-# The synthetic task
-# ----------------------------------------------------------------------------------------------
-
-EVAL_SEED, EVAL_SIZE = 1, 128
-TRAIN_SEED, TRAIN_SIZE = 0, 500  # of the 736 problems of the family
-PROMPT_RE = re.compile(r"^Compute (\d+) ([-+*]) (\d+)\. Put the final answer in \\boxed\{\}\.$")
-
-
-@dataclass(frozen=True)
-class ArithmeticProblem:
-    """`a op b` with a non-negative integer result."""
-
-    a: int
-    op: str
-    b: int
-
-    @property
-    def answer(self) -> int:
-        return {"+": self.a + self.b, "-": self.a - self.b, "*": self.a * self.b}[self.op]
-
-    @property
-    def prompt(self) -> str:
-        return f"Compute {self.a} {self.op} {self.b}. Put the final answer in \\boxed{{}}."
-
-    @property
-    def solution(self) -> str:
-        return f"{self.a} {self.op} {self.b} = {self.answer}. \\boxed{{{self.answer}}}"
-
-    @classmethod
-    def from_prompt(cls, prompt: str) -> "ArithmeticProblem":
-        m = PROMPT_RE.match(prompt)
-        if m is None:
-            raise ValueError(f"not a synthetic arithmetic prompt: {prompt!r}")
-        return cls(int(m.group(1)), m.group(2), int(m.group(3)))
-
-
-ADD_MAX, MUL_MAX = 20, 9  # a + b and a - b with 0 <= b, a <= ADD_MAX; a * b with 2 <= a, b <= MUL_MAX
-
-
-def sample_problem(rng: random.Random) -> ArithmeticProblem:
-    """Sums and non-negative differences of 0..20, products of 2..9 (736 problems in all): a short
-    supervised pass learns most products and part of the sums and differences, so sampled answers
-    are a mix of right and wrong."""
-    op = rng.choice("+-*")
-    if op == "+":
-        return ArithmeticProblem(rng.randint(0, ADD_MAX), op, rng.randint(0, ADD_MAX))
-    if op == "-":
-        a = rng.randint(0, ADD_MAX)
-        return ArithmeticProblem(a, op, rng.randint(0, a))  # no negative results
-    return ArithmeticProblem(rng.randint(2, MUL_MAX), op, rng.randint(2, MUL_MAX))
-
-
-def sample_problems(n: int, seed: int, exclude: Iterable[ArithmeticProblem] = ()) -> list[ArithmeticProblem]:
-    """`n` distinct problems drawn in a fixed order from `seed`, none of them in `exclude`."""
-    rng, seen, out = random.Random(seed), set(exclude), []
-    for _ in range(1000 * (n + 10)):
-        if len(out) == n:
-            break
-        p = sample_problem(rng)
-        if p not in seen:
-            seen.add(p)
-            out.append(p)
-    if len(out) < n:
-        raise ValueError(
-            f"asked for {n} distinct problems but found only {len(out)} outside the {len(seen) - len(out)} "
-            "excluded ones: the family is too small; lower the count or widen ADD_MAX / MUL_MAX"
-        )
-    return out
-
-
-def eval_problems() -> list[ArithmeticProblem]:
-    return sample_problems(EVAL_SIZE, EVAL_SEED)
-
-
-def train_problems() -> list[ArithmeticProblem]:
-    return sample_problems(TRAIN_SIZE, TRAIN_SEED, exclude=eval_problems())
-
-
-def problem_row(p: ArithmeticProblem) -> dict[str, str]:
-    """One line of the bundled JSONL files (the data schema: `prompt`, `answer`)."""
-    return {"prompt": p.prompt, "answer": str(p.answer)}
-
 
 # ----------------------------------------------------------------------------------------------
 # Tokenizer and model
@@ -446,7 +366,7 @@ def ensure_built(target: Path, progress: bool = True) -> Path:
 def main(argv: Optional[list[str]] = None) -> int:
     import argparse
 
-    ap = argparse.ArgumentParser(prog="python -m drpo_trainer.tiny_model", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m drpo_trainer.builtin.tiny_model", description=__doc__.split("\n\n")[0])
     ap.add_argument(
         "--out", help=f"output directory (default: $DRPO_CACHE_DIR or ~/.cache/drpo-trainer, /{BUILD_VERSION})"
     )

@@ -318,6 +318,7 @@ class Learner:
             total_loss += loss.detach()
             acc.add(metrics, weight=float(mask.sum()), reduce=metric_reductions(a.loss))
         self._grad_norm = None
+        lr = float(self.engine.get_lr()[0])  # this step's; step() moves the schedule on to the next
         self.engine.step()
         out = acc.result(all_reduce=True)
         (out["loss/policy"],) = all_reduce_sum([float(total_loss)])
@@ -325,7 +326,7 @@ class Learner:
         if grad_norm is None:
             grad_norm = self._grad_norm  # stage 0 with a torch optimizer: recorded by our clip hook
         out["optim/grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
-        out["optim/lr"] = float(self.engine.get_lr()[0])
+        out["optim/lr"] = lr
         (trained_here, all_here) = all_reduce_sum([len(trained), len(minibatch)])
         out["perf/skipped_sample_fraction"] = 1.0 - trained_here / max(all_here, 1)
         return out

@@ -26,3 +26,34 @@ def warm_model_dir(tmp_path_factory) -> str:
     if os.environ.get("DRPO_CACHE_DIR"):
         return resolve_model_path("builtin:tiny-math")
     return str(ensure_built(Path(tmp_path_factory.mktemp("drpo_cache")) / BUILD_VERSION, progress=False))
+
+
+@pytest.fixture(scope="module")
+def one_process_ctx():
+    """A one-process gloo group (its DistContext) for a module of in-process learner tests. Torn
+    down through DeepSpeed, which keeps references to the groups it has seen (a plain torch
+    teardown would leave it holding a dead group for the next module), and the environment is
+    restored, so later tests that start `drpo-train` subprocesses inherit no RANK / MASTER_PORT."""
+    import deepspeed.comm
+    import torch
+
+    from drpo_trainer.distributed import setup_distributed
+
+    saved = dict(os.environ)
+    yield setup_distributed("gloo")
+    deepspeed.comm.destroy_process_group()
+    assert not torch.distributed.is_initialized()
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for tests made of many tiny ops (op overhead, not compute, is their cost);
+    the thread count is restored afterwards."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -99,6 +99,7 @@ def write_config(path: Path, ws: dict, output_dir: Path, **overrides) -> Path:
             "minibatches_per_step": 2,
             "micro_batch_tokens_per_gpu": 512,
         },
+        # ZeRO-3 with two processes; one process runs at single_process_zero_stage (0, unpartitioned)
         "distributed": {"nproc_per_node": 1, "zero_stage": 3},
         "eval": {"files": {}, "at_start": False},
         "tracking": {"progress_bar": False, "wandb": {"mode": "disabled"}, "samples_every_steps": 1},

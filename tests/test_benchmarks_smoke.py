@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -79,6 +80,15 @@ def test_summarize_drops_warmup_and_takes_medians():
     assert s["completion_len"] == 31
 
 
-def test_ratio_line_names_the_verdict():
-    assert ratio_line(0.25, "<= 0.5", True) == "ratio = 0.250 (target: <= 0.5) -> met"
-    assert ratio_line(2.5, "<= 2", False).endswith("NOT met")
+def test_ratio_line_reads_the_verdict_from_the_target():
+    assert ratio_line(0.25, "<= 0.5 of TRL's step time") == "ratio = 0.250 (target: <= 0.5 of TRL's step time) -> met"
+    assert ratio_line(0.5, "<= 0.5").endswith("-> met")  # the bound itself meets it
+    assert ratio_line(0.5001, "<= 0.5").endswith("-> NOT met")
+    assert ratio_line(1.05, "<= 2.0x a plain copy").endswith("-> met") and ratio_line(2.1, "<= 2x").endswith("NOT met")
+    assert ratio_line(0.523, ">= 0.5 of matmul FLOP/s").endswith("-> met")
+    assert ratio_line(0.374, ">= 0.5").endswith("-> NOT met")
+    assert ratio_line(1.22, "<= 0.5", False).endswith("NOT met")  # a caller's verdict that agrees is accepted
+    with pytest.raises(ValueError, match="the caller said True"):
+        ratio_line(1.22, "<= 0.5", True)
+    with pytest.raises(ValueError, match="must start with"):
+        ratio_line(1.0, "half of TRL")

@@ -121,9 +121,14 @@ def test_cli_does_not_import_heavy_modules_for_print_config():
     assert "HEAVY []" in out.stdout, out.stdout + out.stderr
 
 
-def test_resolve_nproc():
-    assert resolve_nproc(3) == 3
-    assert resolve_nproc("auto") >= 1
+def test_resolve_nproc(monkeypatch):
+    import torch
+
+    assert resolve_nproc(3) == 3 and resolve_nproc("2") == 2
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert resolve_nproc("auto") == 4  # one process per local GPU
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    assert resolve_nproc("auto") == 1  # a CPU machine: one process
 
 
 def test_cli_rejects_unknown_loss_param_and_reward_before_heavy_work():

@@ -218,7 +218,7 @@ class Learner:
     def _micro_batches(self, samples: list[TrainSample], *, at_least_one: bool = False) -> list[list[int]]:
         """This rank's micro-batches, padded with empty ones to the max count over ranks."""
         budget = self.cfg.trainer.micro_batch_tokens_per_gpu
-        plan = plan_micro_batches([len(s.input_ids) for s in samples], budget, 1)[0] if samples else []
+        plan = plan_micro_batches([len(s.input_ids) for s in samples], budget) if samples else []
         (n_max,) = all_reduce_max([len(plan)])
         n_max = max(int(n_max), int(at_least_one))
         return plan + [[] for _ in range(n_max - len(plan))]

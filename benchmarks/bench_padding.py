@@ -1,6 +1,6 @@
 """Padded fraction of learner micro-batch tokens: fixed-size padded micro-batches vs the learner's packing.
 
-Run:  python benchmarks/bench_padding.py [--seed 0] [--world-size 8] [--budget 16384] [--row-tokens 512]
+Run:  python benchmarks/bench_padding.py [--seed 0] [--world-size 8] [--budget 16384] [--row-tokens 0]
 
 Setting (the paper's Qwen3-4B recipe, one mini-batch): 32 prompts x 8 samples = 256
 sequences over 8 ranks; prompt lengths uniform in [50, 500]; response lengths lognormal
@@ -14,9 +14,10 @@ slice of the rollouts (whole prompt groups), as in training.
   own slice (``plan_micro_batches``: token budget, first-fit decreasing); ranks with fewer
   micro-batches than the busiest run padding micro-batches (one of their own samples again, at
   loss weight 0) so that ZeRO-3 collectives match; each micro-batch is packed by
-  ``pack_sequences``, in rows of at most ``--row-tokens`` (``trainer.packed_row_tokens``, sdpa
-  and eager attention) padded to the widest row, or in one row (``--row-tokens 0``:
-  flash_attention_2, no row padding).
+  ``pack_sequences``: with sdpa or eager attention in rows of at most
+  max(``--row-tokens``, its longest sequence) tokens (``trainer.packed_row_tokens``; 0 = as wide
+  as the longest sequence) padded to the widest row; with flash_attention_2 in one row (no row
+  padding). Both are printed.
 
 Padded fraction = tokens the forward passes compute beyond the real ones / all computed tokens,
 split into row padding and padding micro-batches. Prints both fractions, their ratio, and the
@@ -105,8 +106,8 @@ def main() -> None:
     parser.add_argument(
         "--row-tokens",
         type=int,
-        default=512,
-        help="trainer.packed_row_tokens (sdpa/eager); 0 = one row per micro-batch",
+        default=0,
+        help="trainer.packed_row_tokens (sdpa/eager rows); 0 = as wide as the longest sequence",
     )
     parser.add_argument("--padded-micro-batch", type=int, default=4, help="samples per padded micro-batch")
     args = parser.parse_args()
@@ -118,7 +119,8 @@ def main() -> None:
         f"{min(lengths)}/{sorted(lengths)[len(lengths) // 2]}/{max(lengths)}, {args.world_size} ranks"
     )
     print(f"padded micro-batches of {args.padded_micro_batch}: padded fraction {fixed:.1%}, {fixed_steps} micro-steps")
-    rows = {"rows of %d (sdpa)" % args.row_tokens: args.row_tokens or None, "one row (flash_attention_2)": None}
+    width = f"max({args.row_tokens}, longest)" if args.row_tokens else "the longest sequence"
+    rows = {f"sdpa, rows of {width}": args.row_tokens, "one row (flash_attention_2)": None}
     results = {}
     for name, row_tokens in rows.items():
         r = results[name] = learner_padding(lengths, args.world_size, args.budget, row_tokens)

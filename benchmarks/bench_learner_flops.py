@@ -174,7 +174,7 @@ def main() -> None:
     )
     print(f"attention FLOPs (not in 6ND) add {100 * fa / f6:.1f}% at this length")
     ratio = f6 / update / peak
-    print(ratio_line(ratio, f">= {TARGET} of matmul FLOP/s", ratio >= TARGET))
+    print(ratio_line(ratio, f">= {TARGET} of matmul FLOP/s"))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Verification throughput: score_math with 1 and 2 workers vs plain serial math-verify, same run.
+"""Verification throughput: the RewardScorer worker pool with 1 and 2 workers vs plain serial math-verify, same run.
 
     python benchmarks/bench_reward.py [--samples 800] [--group 8]
 
@@ -6,7 +6,7 @@ Prints verifications per second of:
   plain math-verify   ``verify(parse(gold), parse(completion))`` serially in this process
                       (the baseline: no worker, no wall-clock limit, no last-box rule)
   math_reward         this project's extraction + math-verify, serially in this process
-  score_math 1 / 2    the killable worker pool with 1 and 2 workers (started and warm before timing)
+  pool 1 / 2          the killable worker pool with 1 and 2 workers (started and warm before timing)
 and each one's ratio to the baseline. Every method gets its own freshly generated samples of the
 same distribution, so no method profits from math-verify's parse caches warmed by another.
 """
@@ -81,8 +81,8 @@ def main() -> None:
     rows = [
         ("plain math-verify (serial)", time_serial(plain_math_verify, *make_samples(n, g, seed=1))),
         ("math_reward (serial)", time_serial(math_reward, *make_samples(n, g, seed=2))),
-        ("score_math, 1 worker", time_pool(1, *make_samples(n, g, seed=3))),
-        ("score_math, 2 workers", time_pool(2, *make_samples(n, g, seed=4))),
+        ("worker pool, 1 worker", time_pool(1, *make_samples(n, g, seed=3))),
+        ("worker pool, 2 workers", time_pool(2, *make_samples(n, g, seed=4))),
     ]
     base = rows[0][1]
     print(f"{n} samples, groups of {g}, {os.cpu_count()} CPU cores")

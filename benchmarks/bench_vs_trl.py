@@ -10,7 +10,7 @@ Geometries (a random Qwen3 built by `tiny_model.build_random_model`, 512-token v
 
 Both trainers run in their own process (one process each, one after the other; `--rounds 2`
 alternates them twice), on the same model and tokenizer, the same synthetic arithmetic prompts
-(`tiny_model.train_problems`) through the same chat template, the same reward and the same batch
+(`builtin.arithmetic.train_problems`) through the same chat template, the same reward and the same batch
 geometry:
 
     prompts per rollout step        TRL: generation_batch_size = prompts x group
@@ -77,7 +77,7 @@ def varied_reward(completion: str, answer: str = "", **_: object) -> float:
 
 
 def write_problems(path: Path, n: int = 512) -> None:
-    from drpo_trainer.tiny_model import problem_row, train_problems
+    from drpo_trainer.builtin.arithmetic import problem_row, train_problems
 
     path.write_text("".join(json.dumps(problem_row(p)) + "\n" for p in train_problems()[:n]))
 
@@ -274,7 +274,7 @@ def main() -> None:
 def measure(name: str, args: argparse.Namespace) -> str:
     """Both trainers at one geometry; prints the table, returns the ratio line."""
     from benchmarks.common import print_table, ratio_line
-    from drpo_trainer.tiny_model import build_random_model
+    from drpo_trainer.builtin.tiny_model import build_random_model
 
     model, args.prompts, args.group, args.max_new_tokens = GEOMETRIES[name]
     with tempfile.TemporaryDirectory() as tmp:

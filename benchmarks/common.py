@@ -8,6 +8,7 @@ absolute figures are not. Imports only torch at module level (transformers where
 
 from __future__ import annotations
 
+import re
 import statistics
 import time
 from pathlib import Path
@@ -108,8 +109,23 @@ def _fmt(value: object) -> str:
     return str(value)
 
 
-def ratio_line(value: float, target: str, met: bool) -> str:
-    return f"ratio = {value:.3f} (target: {target}) -> {'met' if met else 'NOT met'}"
+_TARGET = re.compile(r"^(<=|>=)\s*([0-9.]+(?:[eE][-+]?[0-9]+)?)x?(?:\s|$)")
+
+
+def ratio_line(value: float, target: str, met: Optional[bool] = None) -> str:
+    """`ratio = X (target: T) -> met | NOT met`, the verdict read from `target`, which starts with
+    "<= BOUND" or ">= BOUND" (a trailing x allowed: "<= 2x a plain copy"). A `met` the caller
+    passes must agree with it."""
+    m = _TARGET.match(target)
+    if m is None:
+        raise ValueError(f"target {target!r} must start with '<= BOUND' or '>= BOUND'")
+    bound = float(m.group(2))
+    verdict = value <= bound if m.group(1) == "<=" else value >= bound
+    if met is not None and met != verdict:
+        raise ValueError(
+            f"ratio {value} against {target!r} is {'met' if verdict else 'not met'}, the caller said {met}"
+        )
+    return f"ratio = {value:.3f} (target: {target}) -> {'met' if verdict else 'NOT met'}"
 
 
 def init_single_process() -> None:

@@ -1,6 +1,6 @@
 """Writes the bundled synthetic arithmetic sets, data/synthetic_math_{train,eval}.jsonl.
 
-Deterministic: the problems come from fixed seeds in drpo_trainer.tiny_model (the same generator the
+Deterministic: the problems come from fixed seeds in drpo_trainer.builtin.arithmetic (the same generator the
 builtin model is warm-started on), so re-running this script reproduces the committed files byte for
 byte. The eval problems are drawn first and excluded from the train set and from the warm start.
 
@@ -16,10 +16,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from drpo_trainer.tiny_model import Problem, eval_problems, problem_row, train_problems  # noqa: E402
+from drpo_trainer.builtin.arithmetic import ArithmeticProblem, eval_problems, problem_row, train_problems  # noqa: E402
 
 
-def write_jsonl(path: Path, problems: list[Problem]) -> None:
+def write_jsonl(path: Path, problems: list[ArithmeticProblem]) -> None:
     # Fixed key order, ASCII escapes and "\n" line ends keep the bytes identical on every platform.
     lines = [json.dumps(problem_row(p), ensure_ascii=True) + "\n" for p in problems]
     with open(path, "w", encoding="utf-8", newline="\n") as f:

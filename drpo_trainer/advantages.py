@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import torch
 
+# How the stats combine over ranks: these by max / min, the others as sample-weighted means.
+ADVANTAGE_METRIC_REDUCTIONS = {"advantage/value_max": "max", "advantage/value_min": "min"}
+
 
 def group_advantages(
     rewards: torch.Tensor, group_size: int, *, normalize_by_std: bool = False, eps: float = 1e-6
@@ -24,7 +27,8 @@ def group_advantages(
 
     Stats (0-dim float32 tensors): advantage/zero_variance_group_fraction,
     advantage/reward_mean, advantage/reward_group_std_mean (mean over groups of the group's
-    reward std), advantage/abs_mean, advantage/value_max, advantage/value_min.
+    reward std), advantage/abs_mean, advantage/value_max, advantage/value_min (the extrema:
+    ADVANTAGE_METRIC_REDUCTIONS).
     """
     if rewards.dim() != 1:
         raise ValueError(f"rewards must be 1-D (N,), got shape {tuple(rewards.shape)}")

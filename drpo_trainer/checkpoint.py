@@ -1,4 +1,8 @@
-"""Checkpoints that never lose a run: atomic publish, verified resume, HF export.
+"""Checkpoint files that never lose a run: atomic publish, manifest, verified resume.
+
+What a trainer run puts in a checkpoint and takes back out is drpo_trainer.run (`save_run`,
+`restore_run`); the HF export is drpo_trainer.export. Functions that every rank calls take the
+run's `DistContext` (default: `DistContext.current()`).
 
 Layout of `<output_dir>/checkpoints/`:
 
@@ -32,19 +36,10 @@ from typing import Optional
 import numpy as np
 import torch
 
+from drpo_trainer.distributed import DistContext
+
 STATE_TAG = "state"
 MANIFEST = "MANIFEST.json"
-
-
-def _barrier() -> None:
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-
-
-def _rank_world() -> tuple[int, int]:
-    if torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
 
 
 def _fsync_dir(path: Path) -> None:
@@ -67,9 +62,9 @@ def _files(root: Path) -> list[str]:
     return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.name != MANIFEST)
 
 
-def _hash_share(root: Path, names: list[str]) -> dict[str, list]:
+def _hash_share(root: Path, names: list[str], ctx: DistContext) -> dict[str, list]:
     """This rank's share of the files (round robin), hashed; gathered on every rank."""
-    rank, world = _rank_world()
+    rank, world = ctx.rank, ctx.world_size
     mine = {n: [(root / n).stat().st_size, _sha256(root / n)] for n in names[rank::world]}
     if world == 1:
         return mine
@@ -93,10 +88,19 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(
-    engine, output_dir: str, step: int, loop_state: dict, *, config_yaml: str, hf_save=None, keep_last: int = 2
+    engine,
+    output_dir: str,
+    step: int,
+    loop_state: dict,
+    *,
+    config_yaml: str,
+    hf_save=None,
+    keep_last: int = 2,
+    ctx: Optional[DistContext] = None,
 ) -> Path:
     """Every rank calls this. Returns the published directory."""
-    rank, world = _rank_world()
+    ctx = ctx or DistContext.current()
+    rank, world = ctx.rank, ctx.world_size
     root = checkpoints_dir(output_dir)
     name = f"step_{step:06d}"
     tmp, final = root / f".tmp-{name}", root / name
@@ -105,7 +109,7 @@ def save_checkpoint(
         for debris in root.glob(".tmp-step_*"):  # of a crash during an earlier write
             shutil.rmtree(debris, ignore_errors=True)
         (tmp / "rng").mkdir(parents=True)
-    _barrier()
+    ctx.barrier()
     engine.save_checkpoint(str(tmp / "ds"), tag=STATE_TAG, save_latest=False)
     torch.save(rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
     if rank == 0:
@@ -113,8 +117,8 @@ def save_checkpoint(
         (tmp / "config.yaml").write_text(config_yaml)
         if hf_save is not None:
             hf_save(tmp / "hf")
-    _barrier()
-    manifest = _hash_share(tmp, _files(tmp))
+    ctx.barrier()
+    manifest = _hash_share(tmp, _files(tmp), ctx)
     if rank == 0:
         with open(tmp / MANIFEST, "w") as f:
             json.dump({"files": manifest}, f, indent=1)
@@ -130,7 +134,7 @@ def save_checkpoint(
         os.replace(pointer, root / "latest")
         _fsync_dir(root)
         _prune(root, keep_last)
-    _barrier()
+    ctx.barrier()
     return final
 
 
@@ -156,13 +160,16 @@ def _prune(root: Path, keep_last: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def verify_checkpoint(path: Path, *, hashes: bool = True, shared: bool = False) -> Optional[str]:
+def verify_checkpoint(
+    path: Path, *, hashes: bool = True, shared: bool = False, ctx: Optional[DistContext] = None
+) -> Optional[str]:
     """None when every file of the manifest is there with its size (and hash); else the problem.
 
-    shared=True is a collective of all ranks: each checks every size but hashes only its
+    shared=True is a collective of the ranks of `ctx`: each checks every size but hashes only its
     round-robin share of the files, and all return the same answer (at 30B scale one rank alone
     would hash for minutes while the others wait)."""
-    rank, world = _rank_world() if shared else (0, 1)
+    ctx = ctx or DistContext.current()
+    rank, world = (ctx.rank, ctx.world_size) if shared else (0, 1)
     problem = _verify_share(path, hashes, rank, world)
     if world == 1:
         return problem
@@ -190,7 +197,7 @@ def _verify_share(path: Path, hashes: bool, rank: int, world: int) -> Optional[s
     return None
 
 
-def find_checkpoint(output_dir: str, *, shared: bool = False) -> Optional[Path]:
+def find_checkpoint(output_dir: str, *, shared: bool = False, ctx: Optional[DistContext] = None) -> Optional[Path]:
     """The newest valid checkpoint, warning about each newer one skipped.
 
     Ranked by step, not by the `latest` pointer: a crash between the publishing rename and the
@@ -199,22 +206,26 @@ def find_checkpoint(output_dir: str, *, shared: bool = False) -> Optional[Path]:
     root = checkpoints_dir(output_dir)
     if not root.is_dir():
         return None
+    ctx = ctx or DistContext.current()
     for cand in _step_dirs(root):
-        problem = verify_checkpoint(cand, shared=shared)
+        problem = verify_checkpoint(cand, shared=shared, ctx=ctx)
         if problem is None:
             return cand
-        if not shared or _rank_world()[0] == 0:
+        if not shared or ctx.is_main:
             warnings.warn(f"skipping checkpoint {cand}: {problem}; falling back to an older one", stacklevel=2)
     return None
 
 
-def load_checkpoint(engine, path: Path, *, universal_dir: Optional[Path] = None) -> dict:
+def load_checkpoint(
+    engine, path: Path, *, universal_dir: Optional[Path] = None, ctx: Optional[DistContext] = None
+) -> dict:
     """Every rank calls this; restores engine (model, optimizer, scheduler) and this rank's RNG.
 
     `universal_dir`: load the engine state from DeepSpeed's universal conversion of the checkpoint
     (another world size, see drpo_trainer.universal); ranks the checkpoint had no RNG state for
     keep their freshly seeded streams."""
-    rank, world = _rank_world()
+    ctx = ctx or DistContext.current()
+    rank, world = ctx.rank, ctx.world_size
     state = json.loads((path / "loop_state.json").read_text())
     if state["world_size"] != world and universal_dir is None:
         raise RuntimeError(
@@ -231,57 +242,17 @@ def load_checkpoint(engine, path: Path, *, universal_dir: Optional[Path] = None)
     return state
 
 
-def resolve_resume(resume: Optional[str], output_dir: str, *, shared: bool = False) -> Optional[Path]:
+def resolve_resume(
+    resume: Optional[str], output_dir: str, *, shared: bool = False, ctx: Optional[DistContext] = None
+) -> Optional[Path]:
     """--resume auto | <path> | None -> a verified checkpoint directory or None (fresh start).
     shared=True: every rank calls it and verifies a share of the files (see verify_checkpoint)."""
     if resume is None:
         return None
     if resume == "auto":
-        return find_checkpoint(output_dir, shared=shared)
+        return find_checkpoint(output_dir, shared=shared, ctx=ctx)
     path = Path(resume)
-    problem = verify_checkpoint(path, shared=shared) if path.is_dir() else "no such directory"
+    problem = verify_checkpoint(path, shared=shared, ctx=ctx) if path.is_dir() else "no such directory"
     if problem:
         raise FileNotFoundError(f"--resume {resume}: {problem}. Fix: pass --resume auto or a step_* directory")
     return path
-
-
-# ---------------------------------------------------------------------------------------------
-# The trainer's side: what a Run saves and restores, and the stop request.
-
-
-def save_run(run) -> None:
-    """Checkpoint a trainer Run (every rank)."""
-    from drpo_trainer.config import dump_config
-
-    def hf_save(path: Path) -> None:
-        run.learner.module.config.save_pretrained(path)
-        run.tokenizer.save_pretrained(path)
-
-    sampler = {"epoch": run.sampler.state.epoch, "index": run.sampler.state.index, "seed": run.sampler.seed}
-    loop_state = {"sampler": sampler, **run.extra}
-    save_checkpoint(
-        run.learner.engine,
-        run.cfg.output_dir,
-        run.step,
-        loop_state,
-        config_yaml=dump_config(run.cfg),
-        hf_save=hf_save,
-        keep_last=run.cfg.checkpoint.keep_last,
-    )
-
-
-def restore_run(run, path: Optional[Path], *, universal_dir: Optional[Path] = None) -> Optional[Path]:
-    """Every rank loads the chosen checkpoint (resolve_resume(..., shared=True) picked it)."""
-    from drpo_trainer.data import SamplerState
-
-    if path is None:
-        return None
-    state = load_checkpoint(run.learner.engine, Path(path), universal_dir=universal_dir)
-    run.step = state["step"]
-    pos = dict(state["sampler"])
-    run.sampler.seed = pos.pop("seed", run.sampler.seed)  # the permutation the saved position indexes
-    run.sampler.state = SamplerState(**pos)
-    # this run's own data fingerprint stays: a change was allowed (or refused) before the run began
-    keep = ("step", "sampler", "world_size", "data_fingerprint")
-    run.extra.update({k: v for k, v in state.items() if k not in keep})
-    return Path(path)

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -161,10 +161,22 @@ class OptimConfig(Section):
     weight_decay: float = Field(0.01, ge=0, description="AdamW decoupled weight decay.")
     eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
     grad_clip: float = Field(1.0, ge=0, description="Global gradient-norm clip; 0 = off.")
-    schedule: Literal["constant", "warmup_constant", "warmup_cosine"] = Field(
-        "constant", description="Learning-rate schedule over optimizer steps."
+    schedule: Literal["constant", "warmup_cosine"] = Field(
+        "constant",
+        description="Learning-rate schedule over optimizer steps, both after the linear warm-up of warmup_steps: "
+        "constant, or cosine decay to 0 at the last step (warmup_cosine).",
     )
     warmup_steps: int = Field(0, ge=0, description="Linear warm-up length in optimizer steps.")
+
+    @field_validator("schedule", mode="before")
+    @classmethod
+    def _removed_schedules(cls, value: Any) -> Any:
+        if value == "warmup_constant":
+            raise ValueError(
+                "'warmup_constant' was removed: 'constant' already warms up linearly over optim.warmup_steps. "
+                "Fix: set optim.schedule=constant (same schedule)"
+            )
+        return value
 
 
 class TrainerConfig(Section):
@@ -346,11 +358,13 @@ def parse_overrides(args: list[str]) -> dict:
     return tree
 
 
-def _merge(base: dict, over: dict) -> dict:
+def merge_dicts(base: dict, over: dict, *, replace: tuple[str, ...] = ()) -> dict:
+    """`base` with `over` merged in key by key, recursively (neither is modified); a key in `replace`
+    takes `over`'s mapping whole (eval.files: the override names every eval set)."""
     out = dict(base)
     for k, v in over.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "files":
-            out[k] = _merge(out[k], v)
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k not in replace:
+            out[k] = merge_dicts(out[k], v, replace=replace)
         else:
             out[k] = v
     return out
@@ -405,7 +419,7 @@ def load_config(path: Optional[str | os.PathLike] = None, overrides: Optional[li
             raise ConfigError(f"{p} must hold a mapping of sections (model:, rollout:, ...), not {type(raw).__name__}")
     over = parse_overrides(overrides or [])
     _drop_params_of_a_switched_loss(raw, over)
-    raw = _merge(raw, over)
+    raw = merge_dicts(raw, over, replace=("files",))
     return config_from_dict(raw)
 
 
@@ -435,10 +449,3 @@ def config_from_dict(raw: dict) -> Config:
 
 def dump_config(cfg: Config) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
-
-
-def save_config(cfg: Config, path: str | os.PathLike) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(str(path) + ".tmp")
-    tmp.write_text(dump_config(cfg))
-    os.replace(tmp, path)

@@ -5,9 +5,9 @@
 the `deepspeed` launcher and `accelerate launch` set RANK / WORLD_SIZE / LOCAL_RANK;
 `srun` sets SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID, which we translate.
 
-It also owns the multi-node command lines (torchrun with c10d rendezvous, the DeepSpeed
-launcher with a hostfile, srun with one task per GPU) that launch/ runs and docs/launch.md
-shows, so that the scripts, the docs and the tests agree on one spelling.
+Multi-node command lines (torchrun with c10d rendezvous, srun with one task per GPU, the
+DeepSpeed launcher with a hostfile) are spelled once, in the launch/ scripts that users run;
+tests/test_launch.py checks them with the launchers' own argument parsers.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import os
 import socket
 import sys
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional
 
 LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 
@@ -126,140 +126,50 @@ def build_launch_command(
     ]
 
 
-# ---------------------------------------------------------------------------------------------
-# Multi-node command lines. World size = processes per node x nodes; nodes are assumed alike.
-
-GPUS_PER_NODE = 8  # what "auto" means when planning a run for a machine we are not on
-CLI_PROGRAM = "drpo-train"
-CLI_MODULE = "drpo_trainer.cli"
-
-
-def planned_world_size(nproc_per_node: int | str, nnodes: int, gpus_per_node: int = GPUS_PER_NODE) -> int:
-    """World size a config asks for on nodes with `gpus_per_node` GPUs ('auto' = one process per GPU)."""
-    if nnodes < 1 or gpus_per_node < 1:
-        raise ValueError(f"nnodes={nnodes} and gpus_per_node={gpus_per_node} must both be >= 1")
-    nproc = gpus_per_node if nproc_per_node == "auto" else int(nproc_per_node)
-    if nproc < 1:
-        raise ValueError(f"distributed.nproc_per_node={nproc_per_node!r} must be 'auto' or >= 1")
-    return nproc * nnodes
-
-
-def _torchrun_nproc(nproc_per_node: int | str) -> str:
-    # torchrun's own "auto" means the CPU count on a machine without CUDA; "gpu" fails loudly there instead.
-    if nproc_per_node == "auto":
-        return "gpu"
-    if int(nproc_per_node) < 1:
-        raise ValueError(f"nproc_per_node={nproc_per_node!r} must be 'auto' or >= 1")
-    return str(int(nproc_per_node))
-
-
-def _check_endpoint(endpoint: str, what: str) -> None:
-    host, _, port = endpoint.rpartition(":")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"{what}={endpoint!r} must be HOST:PORT (e.g. node-001:29500), HOST being node 0")
-
-
-def build_multinode_command(
-    argv: Sequence[str],
-    *,
-    nnodes: int,
-    rdzv_endpoint: str,
-    nproc_per_node: int | str = "auto",
-    rdzv_id: str = "drpo",
-    max_restarts: int = 0,
-    shutdown_timeout_s: int = STOP_GRACE_S,
-    torchrun: Sequence[str] = ("torchrun",),
-    program: str = CLI_PROGRAM,
-) -> list[str]:
-    """torchrun with c10d rendezvous, run identically on every node (no node rank needed).
-
-    `rdzv_endpoint` is HOST:PORT of any one node that all others can reach; `rdzv_id` must be
-    the same on all nodes and differ between concurrent jobs sharing an endpoint. Restarts stay
-    off: a failed rank is better handled by `--resume auto` than by an in-place restart, which
-    would re-initialise the vLLM engines while the old ones hold GPU memory. SIGTERM or SIGUSR1
-    to torchrun reaches every worker, which checkpoints and exits (see STOP_GRACE_S); torchrun's
-    own exit code is then not 75, so scripts look for output_dir/PREEMPTED instead.
-    """
-    if nnodes < 1:
-        raise ValueError(f"nnodes={nnodes} must be >= 1")
-    if max_restarts < 0:
-        raise ValueError(f"max_restarts={max_restarts} must be >= 0")
-    _check_endpoint(rdzv_endpoint, "rdzv_endpoint")
-    return [
-        *torchrun,
-        f"--nnodes={nnodes}",
-        f"--nproc-per-node={_torchrun_nproc(nproc_per_node)}",
-        "--rdzv-backend=c10d",
-        f"--rdzv-endpoint={rdzv_endpoint}",
-        f"--rdzv-id={rdzv_id}",
-        f"--max-restarts={max_restarts}",
-        f"--signals-to-handle={TORCHRUN_SIGNALS}",
-        f"--shutdown-timeout={shutdown_timeout_s}",
-        "--no-python",
-        program,
-        *argv,
-    ]
-
-
-def build_deepspeed_command(
-    argv: Sequence[str],
-    *,
-    hostfile: str,
-    master_addr: str,
-    master_port: int = 29500,
-    num_nodes: Optional[int] = None,
-    num_gpus: Optional[int] = None,
-    module: str = CLI_MODULE,
-) -> list[str]:
-    """The `deepspeed` launcher over an MPI-style hostfile (`host slots=8` lines; pdsh + ssh).
-
-    `--no_local_rank` matters: without it the launcher appends `--local_rank=N`, which is not
-    a drpo-train option (the rank comes from LOCAL_RANK in the environment). `--module` runs
-    the CLI with the launcher's own interpreter on every node, so the remote PATH need not
-    hold `drpo-train`.
-    """
-    if not 0 < master_port < 65536:
-        raise ValueError(f"master_port={master_port} must be in 1..65535")
-    cmd = ["deepspeed", f"--hostfile={hostfile}", f"--master_addr={master_addr}", f"--master_port={master_port}"]
-    if num_nodes is not None:
-        cmd.append(f"--num_nodes={num_nodes}")
-    if num_gpus is not None:
-        cmd.append(f"--num_gpus={num_gpus}")
-    return [*cmd, "--no_local_rank", "--module", module, *argv]
-
-
-def build_srun_command(
-    argv: Sequence[str], *, nnodes: int, gpus_per_node: int = GPUS_PER_NODE, program: str = CLI_PROGRAM
-) -> list[str]:
-    """srun with one task per GPU; each task sees all of its node's GPUs and picks LOCAL_RANK.
-
-    Tasks must not be bound to one GPU each (no --gpus-per-task): LOCAL_RANK indexes the
-    node's visible devices. `--kill-on-bad-exit=1` ends the step when any rank fails, instead
-    of leaving the others blocked in a collective until the time limit.
-    """
-    if nnodes < 1 or gpus_per_node < 1:
-        raise ValueError(f"nnodes={nnodes} and gpus_per_node={gpus_per_node} must both be >= 1")
-    return [
-        "srun",
-        f"--nodes={nnodes}",
-        f"--ntasks-per-node={gpus_per_node}",
-        f"--ntasks={nnodes * gpus_per_node}",
-        "--kill-on-bad-exit=1",
-        program,
-        *argv,
-    ]
-
-
-@dataclass
+@dataclass(frozen=True)
 class DistContext:
+    """This process's place in the run: what the learner, checkpoints, export and metric reductions
+    are given instead of each asking the default process group. Collectives run on that group."""
+
     rank: int
     world_size: int
     local_rank: int
     device: "object"  # torch.device
+    backend: str = "gloo"  # of the process group: which device collectives of host values go through
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def comm_device(self) -> "object":
+        """Where a tensor must be for a collective: the current GPU under nccl, else the CPU."""
+        import torch
+
+        return torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else torch.device("cpu")
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            import torch
+
+            torch.distributed.barrier()
+
+    @classmethod
+    def current(cls) -> "DistContext":
+        """The context of the initialised default process group, or of a lone process without one
+        (tools and tests that call a rank-aware function outside a run)."""
+        import torch
+
+        if not torch.distributed.is_initialized():
+            return cls(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+        cuda = torch.cuda.is_available()
+        return cls(
+            rank=torch.distributed.get_rank(),
+            world_size=torch.distributed.get_world_size(),
+            local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+            device=torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu"),
+            backend=torch.distributed.get_backend(),
+        )
 
 
 def setup_distributed(backend: str = "auto") -> DistContext:
@@ -292,4 +202,5 @@ def setup_distributed(backend: str = "auto") -> DistContext:
         world_size=torch.distributed.get_world_size(),
         local_rank=local_rank,
         device=device,
+        backend=torch.distributed.get_backend(),
     )

@@ -11,8 +11,11 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from typing import Optional
 
 import torch
+
+from drpo_trainer.distributed import DistContext
 
 
 def _save(state_dict: dict, hf_dir: Path, out_dir: Path, dtype: str) -> None:
@@ -42,19 +45,19 @@ def export_live(
     *,
     dtype: str,
     bucket_bytes: int = 1 << 30,
+    ctx: Optional[DistContext] = None,
 ) -> None:
-    """Every rank calls this (each bucket is a collective gather); rank 0 writes."""
+    """Every rank of `ctx` calls this (each bucket is a collective gather); rank 0 writes."""
     from drpo_trainer.weight_sync import iter_gathered_buckets
 
-    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    ctx = ctx or DistContext.current()
     state: dict[str, torch.Tensor] = {}
     for bucket in iter_gathered_buckets(module, bucket_bytes):
-        if rank == 0:
+        if ctx.is_main:
             state.update({name: t.detach().to("cpu", copy=True) for name, t in bucket})
-    if rank == 0:
+    if ctx.is_main:
         _save(state, Path(hf_dir), Path(out_dir), dtype)
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
+    ctx.barrier()
 
 
 def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: str | None = None) -> Path:

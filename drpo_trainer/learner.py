@@ -30,8 +30,9 @@ from typing import Optional
 
 import torch
 
-from drpo_trainer.config import Config
-from drpo_trainer.losses import compute_policy_loss
+from drpo_trainer.config import Config, merge_dicts
+from drpo_trainer.distributed import DistContext
+from drpo_trainer.losses import compute_policy_loss, metric_reductions
 from drpo_trainer.metrics import MetricAccumulator, all_reduce_max, all_reduce_sum
 from drpo_trainer.packing import pack_sequences, plan_micro_batches
 
@@ -93,15 +94,8 @@ def deepspeed_config(cfg: Config, world_size: int = 1, *, load_universal: bool =
 
         with open(cfg.distributed.deepspeed_config) as f:
             user = json.load(f)
-        ds = _deep_update(ds, user)
+        ds = merge_dicts(ds, user)
     return ds
-
-
-def _deep_update(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _deep_update(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
 
 
 class Learner:
@@ -111,6 +105,7 @@ class Learner:
         model_path: str,
         *,
         total_optimizer_steps: int,
+        ctx: Optional[DistContext] = None,
         load_universal: bool = False,
         zero3: bool = False,
     ) -> None:
@@ -118,7 +113,8 @@ class Learner:
         from transformers import AutoModelForCausalLM
 
         self.cfg = cfg
-        self.world_size = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        self.ctx = ctx or DistContext.current()  # the ranks that train together (the default process group)
+        self.world_size = self.ctx.world_size
         ds_config = deepspeed_config(cfg, self.world_size, load_universal=load_universal, zero3=zero3)
         self.zero_stage = ds_config["zero_optimization"]["stage"]
         hf_ds_config = None
@@ -223,7 +219,7 @@ class Learner:
     def _micro_batches(self, samples: list[TrainSample], *, at_least_one: bool = False) -> list[list[int]]:
         """This rank's micro-batches, padded with empty ones to the max count over ranks."""
         budget = self.cfg.trainer.micro_batch_tokens_per_gpu
-        plan = plan_micro_batches([len(s.input_ids) for s in samples], budget, 1)[0] if samples else []
+        plan = plan_micro_batches([len(s.input_ids) for s in samples], budget) if samples else []
         (n_max,) = all_reduce_max([len(plan)])
         n_max = max(int(n_max), int(at_least_one))
         return plan + [[] for _ in range(n_max - len(plan))]
@@ -321,8 +317,9 @@ class Learner:
             # losses are normalised by global counts; DeepSpeed averages grads over ranks
             self.engine.backward(loss * self.world_size)
             total_loss += loss.detach()
-            acc.add(metrics, weight=float(mask.sum()))
+            acc.add(metrics, weight=float(mask.sum()), reduce=metric_reductions(a.loss))
         self._grad_norm = None
+        lr = float(self.engine.get_lr()[0])  # this step's; step() moves the schedule on to the next
         self.engine.step()
         out = acc.result(all_reduce=True)
         (out["loss/policy"],) = all_reduce_sum([float(total_loss)])
@@ -330,7 +327,7 @@ class Learner:
         if grad_norm is None:
             grad_norm = self._grad_norm  # stage 0 with a torch optimizer: recorded by our clip hook
         out["optim/grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
-        out["optim/lr"] = float(self.engine.get_lr()[0])
+        out["optim/lr"] = lr
         (trained_here, all_here) = all_reduce_sum([len(trained), len(minibatch)])
         out["perf/skipped_sample_fraction"] = 1.0 - trained_here / max(all_here, 1)
         return out

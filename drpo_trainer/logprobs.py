@@ -38,7 +38,7 @@ DeepSpeed's hooks thus gather the head weight once per call (also tied embedding
 and re-gather it before the head's backward, where each chunk is recomputed with the
 gathered weight; the head's parameter gradients are accumulated once per backward. The
 module call sequence is identical on every rank whatever N is, and a rank with nothing
-to score still runs the head on one row with weight 0 (see ``dummy_packed_batch``).
+to score still runs the head on one row with weight 0.
 """
 
 from __future__ import annotations
@@ -49,7 +49,8 @@ from typing import Callable, Iterator, Optional
 import torch
 from torch import Tensor, nn
 
-IGNORE_INDEX = -100
+from drpo_trainer.packing import IGNORE_INDEX
+
 OUT_OF_SUPPORT_LOGPROB = -1e4  # log-prob of a token the truncated sampling distribution excludes
 
 

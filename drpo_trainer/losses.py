@@ -23,22 +23,41 @@ from typing import Callable, Optional
 import torch
 
 from drpo_trainer.aggregation import aggregate_loss, masked_max, masked_mean, masked_min
+from drpo_trainer.metrics import Reduction
 
 LossFn = Callable[..., tuple[torch.Tensor, dict]]
 
 POLICY_LOSSES: dict[str, LossFn] = {}
+# Each loss's parameters (its keyword-only arguments) and their defaults, read once at registration.
+_PARAM_DEFAULTS: dict[str, dict[str, float]] = {}
 # Open interval (low, high) of each parameter; parameters not listed must be > 0.
 _PARAM_BOUNDS: dict[str, dict[str, tuple[float, float]]] = {}
+# The metrics that combine over micro-batches and ranks by max / min (all others are token means).
+RATIO_METRIC_REDUCTIONS: dict[str, Reduction] = {
+    "policy/ratio_max": "max",
+    "policy/ratio_min": "min",
+    "policy/abs_pi_minus_mu_max": "max",
+}
+MISMATCH_METRIC_REDUCTIONS: dict[str, Reduction] = {"mismatch/abs_prob_diff_max": "max"}
+_METRIC_REDUCTIONS: dict[str, dict[str, Reduction]] = {}
 
 
-def register_policy_loss(name: str, bounds: Optional[dict[str, tuple[float, float]]] = None):
-    """Decorator adding a loss to the registry. Its keyword-only arguments are its parameters."""
+def register_policy_loss(
+    name: str,
+    bounds: Optional[dict[str, tuple[float, float]]] = None,
+    extrema: Optional[dict[str, Reduction]] = None,
+):
+    """Decorator adding a loss to the registry. Its keyword-only arguments are its parameters;
+    `extrema` names its metrics that combine by "max" or "min" instead of a token mean."""
 
     def wrap(fn: LossFn) -> LossFn:
         if name in POLICY_LOSSES:
             raise ValueError(f"policy loss {name!r} is already registered")
         POLICY_LOSSES[name] = fn
+        params = inspect.signature(fn).parameters.values()
+        _PARAM_DEFAULTS[name] = {p.name: p.default for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
         _PARAM_BOUNDS[name] = dict(bounds or {})
+        _METRIC_REDUCTIONS[name] = {**RATIO_METRIC_REDUCTIONS, **(extrema or {})}
         return fn
 
     return wrap
@@ -48,11 +67,18 @@ def policy_loss_names() -> list[str]:
     return sorted(POLICY_LOSSES)
 
 
+def metric_reductions(name: str) -> dict[str, Reduction]:
+    """The metrics of `compute_policy_loss(name, ...)` that combine by max or min, e.g.
+    {'drpo/weight_max': 'max', ...}; every other metric is a token mean (weight: the mask sum).
+    Pass it as `MetricAccumulator.add(metrics, weight, reduce=metric_reductions(name))`."""
+    _check_name(name)
+    return _METRIC_REDUCTIONS[name]
+
+
 def loss_param_defaults(name: str) -> dict[str, float]:
     """The parameters of a registered loss and their defaults, e.g. {'delta': 12.5} for drpo."""
     _check_name(name)
-    sig = inspect.signature(POLICY_LOSSES[name])
-    return {p.name: p.default for p in sig.parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    return dict(_PARAM_DEFAULTS[name])
 
 
 def validate_loss_params(name: str, params: dict) -> dict[str, float]:
@@ -86,7 +112,7 @@ def _check_name(name: str) -> None:
 # The losses. Inputs: float32 (B, T); `advantages` and `old_logprobs` carry no grad.
 
 
-@register_policy_loss("drpo")
+@register_policy_loss("drpo", extrema={"drpo/weight_min": "min", "drpo/weight_max": "max"})
 def drpo_loss(logprobs, old_logprobs, advantages, mask, *, delta: float = 12.5):
     """DRPO, Eq. 8 of the DRPO paper: a quadratic trust region weighted by the behaviour probability.
 
@@ -114,7 +140,7 @@ def drpo_loss(logprobs, old_logprobs, advantages, mask, *, delta: float = 12.5):
     return loss, metrics
 
 
-@register_policy_loss("spo")
+@register_policy_loss("spo", extrema={"spo/weight_min": "min", "spo/weight_max": "max"})
 def spo_loss(logprobs, old_logprobs, advantages, mask, *, epsilon: float = 0.2):
     """SPO (Simple Policy Optimization, Xie et al. 2024): a quadratic penalty on the ratio.
 
@@ -266,7 +292,7 @@ def compute_policy_loss(
     min(rho, tis_cap); 'mis' zeroes tokens with rho outside [mis_lower, mis_upper]
     (the counts are unchanged, so the global normalisation stays valid).
     Returns (scalar loss in float32, or float64 for float64 inputs, dict of 0-dim detached float32
-    metrics over the masked tokens: keys ending in _max / _min reduce by max / min, the rest are token means).
+    metrics over the masked tokens: token means, except the extrema named by `metric_reductions(name)`).
     """
     loss_params = validate_loss_params(name, params)
     lp, old, adv, m = _prepare_inputs(logprobs, old_logprobs, advantages, mask)
@@ -364,7 +390,8 @@ def mismatch_metrics(
 ) -> dict[str, torch.Tensor]:
     """How far the rollout engine's log-probs are from the learner's, over the masked tokens.
 
-    mismatch/abs_prob_diff_mean, _max: |exp(rollout_logprobs) - exp(old_logprobs)|;
+    mismatch/abs_prob_diff_mean, _max: |exp(rollout_logprobs) - exp(old_logprobs)| (the max combines
+    by max: MISMATCH_METRIC_REDUCTIONS);
     mismatch/k3_kl: mean of (rho - 1) - log rho with rho = exp(old - rollout), the k3
     estimator of KL(engine || learner) on tokens sampled by the engine.
     """

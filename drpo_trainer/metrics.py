@@ -1,26 +1,24 @@
 """Combining metrics over micro-batches, mini-batches and ranks.
 
-Convention (shared with `losses`): a key ending in `_max` is reduced by max, `_min` by
-min, anything else is a weighted mean (weights = the token or sample counts it was
-measured over; a mean over nothing is 0.0, an extremum over nothing NaN). Reductions across
-ranks are one all-reduce per kind, not one per key.
+Each metric is combined the way its producer says when it is added: a weighted mean (the
+default; weights = the token or sample counts it was measured over), or a max or a min
+(``add(..., reduce="max")``, or a mapping key -> reduction for a dict that mixes them, such as
+``losses.metric_reductions(loss)``). A mean over nothing is 0.0, an extremum over nothing NaN.
+Reductions across ranks are one all-reduce per kind, not one per key.
 """
 
 from __future__ import annotations
 
 import math
 from collections import defaultdict
-from typing import Mapping
+from typing import Literal, Mapping, Optional, Union
 
 import torch
 
+from drpo_trainer.distributed import DistContext
 
-def _kind(key: str) -> str:
-    if key.endswith("_max"):
-        return "max"
-    if key.endswith("_min"):
-        return "min"
-    return "mean"
+Reduction = Literal["mean", "max", "min"]
+REDUCTIONS: tuple[Reduction, ...] = ("mean", "max", "min")
 
 
 class MetricAccumulator:
@@ -28,11 +26,26 @@ class MetricAccumulator:
         self.sums: dict[str, float] = defaultdict(float)
         self.weights: dict[str, float] = defaultdict(float)
         self.extrema: dict[str, float] = {}
+        self.reductions: dict[str, Reduction] = {}
 
-    def add(self, metrics: Mapping[str, float | torch.Tensor], weight: float = 1.0) -> None:
+    def add(
+        self,
+        metrics: Mapping[str, float | torch.Tensor],
+        weight: float = 1.0,
+        *,
+        reduce: Union[Reduction, Mapping[str, Reduction]] = "mean",
+    ) -> None:
+        """Add one measurement of each metric. `reduce`: how every key combines (over calls and
+        ranks), or a mapping key -> reduction (keys it does not name are means). `weight` weighs
+        the means; a key keeps the reduction it was first added with."""
         for key, value in metrics.items():
+            kind = reduce if isinstance(reduce, str) else reduce.get(key, "mean")
+            if kind not in REDUCTIONS:
+                raise ValueError(f"metric {key!r}: reduce={kind!r} is not one of {', '.join(REDUCTIONS)}")
+            known = self.reductions.setdefault(key, kind)
+            if known != kind:
+                raise ValueError(f"metric {key!r} was added with reduce={known!r}, now with reduce={kind!r}")
             v = float(value)
-            kind = _kind(key)
             if kind == "mean":  # weight 0 still registers the key: every rank reduces the same keys
                 self.sums[key] += v * weight if weight > 0 else 0.0
                 self.weights[key] += max(weight, 0.0)
@@ -41,27 +54,23 @@ class MetricAccumulator:
             else:
                 self.extrema[key] = max(self.extrema[key], v) if kind == "max" else min(self.extrema[key], v)
 
-    def result(self, all_reduce: bool = False) -> dict[str, float]:
-        """Means and extrema; with all_reduce=True, over every rank of the default group.
+    def result(self, all_reduce: bool = False, *, ctx: Optional[DistContext] = None) -> dict[str, float]:
+        """Means and extrema; with all_reduce=True, over every rank of `ctx` (default: the
+        initialised process group, `DistContext.current()`).
 
         Every rank must hold the same keys (the trainer guarantees this: same code path)."""
         mean_keys = sorted(self.sums)
-        max_keys = sorted(k for k in self.extrema if _kind(k) == "max")
-        min_keys = sorted(k for k in self.extrema if _kind(k) == "min")
+        max_keys = sorted(k for k in self.extrema if self.reductions[k] == "max")
+        min_keys = sorted(k for k in self.extrema if self.reductions[k] == "min")
         sums = torch.tensor(
             [self.sums[k] for k in mean_keys] + [self.weights[k] for k in mean_keys], dtype=torch.float64
         )
         maxs = torch.tensor(
             [self.extrema[k] for k in max_keys] + [-self.extrema[k] for k in min_keys], dtype=torch.float64
         )
-        if all_reduce and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-            dist = torch.distributed
-            dev = _comm_device()
-            s, m = sums.to(dev), maxs.to(dev)
-            dist.all_reduce(s, op=dist.ReduceOp.SUM)
-            if m.numel():
-                dist.all_reduce(m, op=dist.ReduceOp.MAX)
-            sums, maxs = s.cpu(), m.cpu()
+        if all_reduce:
+            sums = _all_reduce(sums, "sum", ctx)
+            maxs = _all_reduce(maxs, "max", ctx) if maxs.numel() else maxs
         n = len(mean_keys)
         out = {k: (sums[i] / sums[n + i]).item() if sums[n + i] > 0 else 0.0 for i, k in enumerate(mean_keys)}
         out.update({k: _measured(maxs[i].item()) for i, k in enumerate(max_keys)})
@@ -74,24 +83,22 @@ def _measured(extremum: float) -> float:
     return extremum if math.isfinite(extremum) else float("nan")
 
 
-def _comm_device() -> torch.device:
-    if torch.distributed.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+def _all_reduce(t: torch.Tensor, op: str, ctx: Optional[DistContext]) -> torch.Tensor:
+    ctx = ctx or DistContext.current()
+    if ctx.world_size == 1:
+        return t
+    t = t.to(ctx.comm_device)
+    torch.distributed.all_reduce(
+        t, op=torch.distributed.ReduceOp.SUM if op == "sum" else torch.distributed.ReduceOp.MAX
+    )
+    return t.cpu()
 
 
-def all_reduce_sum(values: list[float]) -> list[float]:
-    """Sum a few numbers over all ranks (identity when not distributed)."""
-    t = torch.tensor(values, dtype=torch.float64)
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        t = t.to(_comm_device())
-        torch.distributed.all_reduce(t)
-    return t.cpu().tolist()
+def all_reduce_sum(values: list[float], ctx: Optional[DistContext] = None) -> list[float]:
+    """Sum a few numbers over the ranks of `ctx` (default: the initialised process group, if any)."""
+    return _all_reduce(torch.tensor(values, dtype=torch.float64), "sum", ctx).tolist()
 
 
-def all_reduce_max(values: list[float]) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64)
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        t = t.to(_comm_device())
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    return t.cpu().tolist()
+def all_reduce_max(values: list[float], ctx: Optional[DistContext] = None) -> list[float]:
+    """Max of a few numbers over the ranks of `ctx` (default: the initialised process group, if any)."""
+    return _all_reduce(torch.tensor(values, dtype=torch.float64), "max", ctx).tolist()

@@ -8,24 +8,26 @@ Owns how a mini-batch of variable-length sequences becomes learner forward passe
   (``masking_utils.find_packed_sequence_indices``) and builds a block-diagonal causal
   mask for sdpa/eager, so no token attends across sequences; flash-attention kernels
   derive the same boundaries from the position ids. No pad token is ever computed.
-- ``plan_micro_batches`` splits a mini-batch over data-parallel ranks and, on each
-  rank, into micro-batches of at most ``micro_batch_tokens_per_gpu`` tokens, with the
-  SAME number of micro-batches on every rank: under ZeRO-3 every forward/backward is a
-  sequence of collectives, and ranks taking different numbers of micro-steps hang.
+- ``plan_micro_batches`` splits one rank's share of a mini-batch (its own rollouts: rank r
+  holds the r-th slice of the step's prompts) into micro-batches of at most
+  ``micro_batch_tokens_per_gpu`` tokens. Under ZeRO-3 every forward/backward is a sequence of
+  collectives and ranks taking different numbers of micro-steps hang, so the learner pads
+  each rank to the largest count over the ranks with padding micro-batches: one of the
+  rank's own samples run again at loss weight 0 (benchmarks/bench_padding.py measures
+  what that and the row padding below cost).
 
 Imports only torch (and only for building tensors).
 """
 
 from __future__ import annotations
 
-import heapq
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
 
-IGNORE_INDEX = -100  # same value as drpo_trainer.logprobs.IGNORE_INDEX and torch's cross_entropy
+IGNORE_INDEX = -100  # a position with no target (the value torch's cross_entropy ignores)
 
 
 @dataclass(frozen=True)
@@ -90,9 +92,7 @@ def pack_sequences(
             unchanged.
     """
     if not seqs:
-        raise ValueError(
-            "pack_sequences needs at least one sequence; use dummy_packed_batch() for an empty micro-batch."
-        )
+        raise ValueError("pack_sequences needs at least one sequence.")
     if prompt_lengths is not None and len(prompt_lengths) != len(seqs):
         raise ValueError(f"prompt_lengths has {len(prompt_lengths)} entries for {len(seqs)} sequences.")
     capacity = None if row_tokens is None else max(row_tokens, max(len(s) for s in seqs))
@@ -142,38 +142,16 @@ def pack_sequences(
     )
 
 
-def dummy_packed_batch(pad_token_id: int = 0) -> PackedBatch:
-    """One token with no live target: the forward a rank runs for an empty (padding) micro-batch.
-
-    ``token_logprobs`` still runs the whole model on it (log-probs exactly 0.0), so the rank
-    makes the same ZeRO-3 collectives as its peers; the learner gives it zero loss weight.
-    """
-    batch = pack_sequences([[pad_token_id]])
-    return PackedBatch(
-        batch.input_ids, batch.position_ids, batch.targets, batch.cu_seqlens, [slice(0, 0)], [slice(0, 0)]
-    )
-
-
-def plan_micro_batches(lengths: list[int], token_budget: int, world_size: int) -> list[list[list[int]]]:
-    """Assign sample indices to ranks and token-budget micro-batches.
-
-    Returns ``plan[rank][micro_step]`` = list of sample indices, such that:
-      - every index of ``lengths`` appears exactly once;
-      - each micro-batch's total length is <= ``token_budget``;
-      - ranks are balanced in tokens: longest-first greedy onto the least-loaded rank, so
-        max and min rank loads differ by at most the longest sample;
-      - every rank has the same number of micro-batches; ranks with fewer are padded with
-        EMPTY micro-batches (``[]``), for which the learner runs ``dummy_packed_batch()`` with
-        zero weight so that ZeRO-3 collectives match across ranks.
-    Within a rank, micro-batches are filled first-fit by decreasing length.
+def plan_micro_batches(lengths: list[int], token_budget: int) -> list[list[int]]:
+    """One rank's samples -> micro-batches (lists of sample indices) of at most ``token_budget``
+    tokens each, first-fit by decreasing length; every index appears exactly once.
 
     A sample longer than ``token_budget`` raises: one over-budget forward would break the
-    memory bound the budget exists for.
+    memory bound the budget exists for. Ranks are padded to the same count by the learner
+    (``Learner._micro_batches``), not here.
     """
     if token_budget <= 0:
         raise ValueError(f"token_budget must be > 0, got {token_budget}; set trainer.micro_batch_tokens_per_gpu.")
-    if world_size <= 0:
-        raise ValueError(f"world_size must be >= 1, got {world_size}.")
     if not lengths:
         raise ValueError("plan_micro_batches got no samples; the mini-batch is empty.")
     for i, length in enumerate(lengths):
@@ -185,34 +163,15 @@ def plan_micro_batches(lengths: list[int], token_budget: int, world_size: int) -
                 f"raise trainer.micro_batch_tokens_per_gpu to at least {max(lengths)} "
                 "(prompt + response length) or lower data.max_prompt_tokens / rollout.max_new_tokens."
             )
-    by_length = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-
-    # 1. Ranks: longest first onto the least-loaded rank (ties: lowest rank).
-    rank_samples: list[list[int]] = [[] for _ in range(world_size)]
-    loads = [(0, rank) for rank in range(world_size)]
-    for i in by_length:
-        load, rank = heapq.heappop(loads)
-        rank_samples[rank].append(i)
-        heapq.heappush(loads, (load + lengths[i], rank))
-
-    # 2. Micro-batches per rank: first-fit decreasing (samples already arrive longest first).
-    plan: list[list[list[int]]] = []
-    for samples in rank_samples:
-        bins: list[list[int]] = []
-        room: list[int] = []
-        for i in samples:
-            for b, free in enumerate(room):
-                if lengths[i] <= free:
-                    bins[b].append(i)
-                    room[b] -= lengths[i]
-                    break
-            else:
-                bins.append([i])
-                room.append(token_budget - lengths[i])
-        plan.append(bins)
-
-    # 3. Equal micro-step counts on every rank (at least one).
-    steps = max(1, max(len(bins) for bins in plan))
-    for bins in plan:
-        bins.extend([] for _ in range(steps - len(bins)))
-    return plan
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):  # longest first
+        for b, free in enumerate(room):
+            if lengths[i] <= free:
+                bins[b].append(i)
+                room[b] -= lengths[i]
+                break
+        else:
+            bins.append([i])
+            room.append(token_budget - lengths[i])
+    return bins

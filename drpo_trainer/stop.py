@@ -27,10 +27,11 @@ class StopFlag:
     def _handle(self, signum, _frame) -> None:
         self.requested = True
 
-    def any_rank(self) -> bool:
+    def any_rank(self, ctx=None) -> bool:
+        """Whether any rank of `ctx` (a DistContext; default: the initialised process group) was asked."""
         from drpo_trainer.metrics import all_reduce_max
 
-        return all_reduce_max([float(self.requested)])[0] > 0
+        return all_reduce_max([float(self.requested)], ctx)[0] > 0
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():

@@ -16,22 +16,22 @@ from __future__ import annotations
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from drpo_trainer.advantages import group_advantages
-from drpo_trainer.checkpoint import resolve_resume, restore_run, save_run
+from drpo_trainer.advantages import ADVANTAGE_METRIC_REDUCTIONS, group_advantages
+from drpo_trainer.checkpoint import resolve_resume
 from drpo_trainer.config import Config
-from drpo_trainer.data import Problem, PromptSampler, load_problems
+from drpo_trainer.data import PromptSampler, load_problems
 from drpo_trainer.distributed import DistContext, setup_distributed
 from drpo_trainer.learner import Learner, TrainSample
-from drpo_trainer.losses import mismatch_metrics
+from drpo_trainer.losses import MISMATCH_METRIC_REDUCTIONS, metric_reductions, mismatch_metrics
 from drpo_trainer.metrics import MetricAccumulator, all_reduce_sum
 from drpo_trainer.rollout import SamplingSpec
-from drpo_trainer.samples import SampleLog, open_sample_log
+from drpo_trainer.run import Run, restore_run, save_run
+from drpo_trainer.samples import open_sample_log
 from drpo_trainer.stop import EXIT_PREEMPTED, PREEMPTED_MARKER, StopFlag
 from drpo_trainer.tracking import Tracker, write_resolved_config
 
@@ -48,24 +48,6 @@ class Timer:
 
     def metrics(self) -> dict[str, float]:
         return {f"time/{k}": v for k, v in self.seconds.items()}
-
-
-@dataclass
-class Run:
-    """Everything a run holds between steps."""
-
-    cfg: Config
-    ctx: DistContext
-    tokenizer: object
-    train_set: list[Problem]
-    eval_sets: dict[str, list[Problem]]
-    sampler: PromptSampler
-    learner: Learner
-    engine: object
-    scorer: object
-    step: int = 0
-    extra: dict = field(default_factory=dict)  # loop state saved in checkpoints (wandb id, ...)
-    samples: Optional[SampleLog] = None  # samples.jsonl writer (rank 0)
 
 
 def sampling_seed(base: int, step: int, rank: int, salt: int = 0) -> int:
@@ -128,7 +110,8 @@ def run_step(run: Run, step: int) -> dict[str, float]:
         with timer("update"):
             for k, minibatch in enumerate(minibatches):
                 first = k == 0 and mu_from_update
-                updates.add(run.learner.update(minibatch, behaviour_from_forward=first, entropy=entropy))
+                update = run.learner.update(minibatch, behaviour_from_forward=first, entropy=entropy)
+                updates.add(update, reduce=metric_reductions(cfg.algorithm.loss))  # extrema over mini-batches
 
         # 6. the engine samples the next step with the new weights (pushed while it sleeps)
         with timer("sync"):
@@ -136,11 +119,11 @@ def run_step(run: Run, step: int) -> dict[str, float]:
         run.engine.wake_up()
 
     metrics = {**updates.result(), **entropy.result(), **sync_metrics}
-    metrics.update(_rollout_metrics(completions, samples, rewards, reward_metrics, adv_metrics, cfg))
+    metrics.update(_rollout_metrics(completions, samples, rewards, reward_metrics, adv_metrics, cfg, ctx))
     times = MetricAccumulator()
-    times.add({f"{k}_max": v for k, v in timer.metrics().items()})
-    metrics.update({k[: -len("_max")]: v for k, v in times.result(all_reduce=True).items()})  # slowest rank
-    (total_tokens,) = all_reduce_sum([sum(len(s.input_ids) for s in samples)])
+    times.add(timer.metrics(), reduce="max")  # the slowest rank's
+    metrics.update(times.result(all_reduce=True, ctx=ctx))
+    (total_tokens,) = all_reduce_sum([sum(len(s.input_ids) for s in samples)], ctx)
     metrics["perf/tokens_per_s"] = total_tokens / max(metrics["time/step"], 1e-9)
     if run.samples is not None:  # a few completions with the rewards and advantages this step used
         run.samples.train(step, prompts, completions, rewards, advantages)
@@ -159,12 +142,12 @@ def _spec(cfg: Config, *, n: int, seed: int, temperature: Optional[float] = None
     )
 
 
-def _rollout_metrics(completions, samples, rewards, reward_metrics, adv_metrics, cfg) -> dict[str, float]:
+def _rollout_metrics(completions, samples, rewards, reward_metrics, adv_metrics, cfg, ctx) -> dict[str, float]:
     acc = MetricAccumulator()
     n = len(completions)
     counts = {k: v for k, v in reward_metrics.items() if k in ("reward/timeouts", "reward/errors")}
     acc.add({k: v for k, v in reward_metrics.items() if k not in counts}, weight=n)
-    acc.add(adv_metrics, weight=n)
+    acc.add(adv_metrics, weight=n, reduce=ADVANTAGE_METRIC_REDUCTIONS)
     lengths = [len(c.completion_ids) for c in completions]
     acc.add(
         {
@@ -173,6 +156,7 @@ def _rollout_metrics(completions, samples, rewards, reward_metrics, adv_metrics,
             "response/truncated_fraction": sum(c.finish_reason == "length" for c in completions) / n,
         },
         weight=n,
+        reduce={"response/length_max": "max"},
     )
     # the trained samples (skipped ones have no learner log-probs); an empty rank reports weight 0
     scored = [s for s in samples if s.old_logprobs is not None]
@@ -184,9 +168,9 @@ def _rollout_metrics(completions, samples, rewards, reward_metrics, adv_metrics,
     m = torch.zeros_like(o)
     for i, (a, b) in enumerate(zip(old, roll)):
         o[i, : a.numel()], r[i, : b.numel()], m[i, : a.numel()] = a, b, 1.0
-    acc.add(mismatch_metrics(o, r, m), weight=float(m.sum()))
-    out = acc.result(all_reduce=True)
-    out.update(dict(zip(counts, all_reduce_sum(list(counts.values())))))
+    acc.add(mismatch_metrics(o, r, m), weight=float(m.sum()), reduce=MISMATCH_METRIC_REDUCTIONS)
+    out = acc.result(all_reduce=True, ctx=ctx)
+    out.update(dict(zip(counts, all_reduce_sum(list(counts.values()), ctx))))
     return out
 
 
@@ -239,7 +223,7 @@ def evaluate(run: Run, step: int) -> dict[str, float]:
             correct = float(sum(scores))
             if run.samples is not None:
                 run.samples.eval(step, name, mine, comps, scores)
-        total_correct, total = all_reduce_sum([correct, len(mine) * cfg.eval.k])
+        total_correct, total = all_reduce_sum([correct, len(mine) * cfg.eval.k], ctx)
         out[f"eval/{name}/avg@{cfg.eval.k}"] = total_correct / max(total, 1)
     return out
 
@@ -263,7 +247,7 @@ def _checkpoint_layout(ckpt: Optional[Path], ctx: DistContext) -> tuple[Optional
             file=sys.stderr,
             flush=True,
         )
-    return universal.prepare(ckpt, is_main=ctx.is_main), True
+    return universal.prepare(ckpt, ctx), True
 
 
 def build_run(cfg: Config, ctx: DistContext, *, load_universal: bool = False, zero3: bool = False) -> Run:
@@ -276,7 +260,7 @@ def build_run(cfg: Config, ctx: DistContext, *, load_universal: bool = False, ze
     cfg.check_world(ctx.world_size)
     model_path = cfg.model.path
     if model_path.startswith("builtin:"):  # the embedded tiny model, built and cached on first use
-        from drpo_trainer.tiny_model import resolve_model_path
+        from drpo_trainer.builtin.tiny_model import resolve_model_path
 
         model_path = resolve_model_path(model_path)
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
@@ -294,6 +278,7 @@ def build_run(cfg: Config, ctx: DistContext, *, load_universal: bool = False, ze
     learner = Learner(
         cfg,
         model_path,
+        ctx=ctx,
         total_optimizer_steps=cfg.trainer.max_steps * cfg.trainer.minibatches_per_step,
         load_universal=load_universal,
         zero3=zero3,
@@ -315,7 +300,7 @@ def train(cfg: Config, *, resume: Optional[str] = None, stop: Optional[StopFlag]
     if ctx.is_main:
         write_resolved_config(cfg)
         (Path(cfg.output_dir) / PREEMPTED_MARKER).unlink(missing_ok=True)
-    resumed = resolve_resume(resume, cfg.output_dir, shared=True)  # every rank verifies a share
+    resumed = resolve_resume(resume, cfg.output_dir, shared=True, ctx=ctx)  # every rank verifies a share
     universal_dir, zero3 = _checkpoint_layout(resumed, ctx)
     run = build_run(cfg, ctx, load_universal=universal_dir is not None, zero3=zero3)
     restore_run(run, resumed, universal_dir=universal_dir)
@@ -331,7 +316,7 @@ def train(cfg: Config, *, resume: Optional[str] = None, stop: Optional[StopFlag]
 
     def stop_if_requested(phase: str) -> None:
         """Between phases nothing is lost: the newest checkpoint (if any) is the run's state."""
-        if stop.any_rank():
+        if stop.any_rank(ctx):
             tracker.message(
                 f"stop requested {phase}: newest checkpoint is step {run.step}, exiting with {EXIT_PREEMPTED}"
             )
@@ -359,7 +344,7 @@ def train(cfg: Config, *, resume: Optional[str] = None, stop: Optional[StopFlag]
             if cfg.eval.files and (final or (cfg.eval.every_steps and step % cfg.eval.every_steps == 0)):
                 last.update(evaluate(run, step))
             tracker.log(step, last)
-            preempted = stop.any_rank()
+            preempted = stop.any_rank(ctx)
             if final or preempted or (ck.every_steps and step % ck.every_steps == 0):
                 save_run(run)
             if preempted:
@@ -376,6 +361,7 @@ def train(cfg: Config, *, resume: Optional[str] = None, stop: Optional[StopFlag]
                 Path(cfg.output_dir) / "checkpoints" / f"step_{run.step:06d}" / "hf",
                 Path(cfg.output_dir) / "final",
                 dtype=cfg.model.dtype,
+                ctx=ctx,
             )
     finally:
         run.scorer.close()

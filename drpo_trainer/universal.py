@@ -21,9 +21,8 @@ import json
 import shutil
 from pathlib import Path
 
-import torch
-
 from drpo_trainer.config import ConfigError
+from drpo_trainer.distributed import DistContext
 
 STATE_TAG = "state"  # the tag drpo_trainer.checkpoint saves under
 UNIVERSAL_DIR = "universal"
@@ -50,10 +49,10 @@ def check_convertible(ckpt: Path, world_size: int) -> None:
     )
 
 
-def prepare(ckpt: Path, *, is_main: bool) -> Path:
+def prepare(ckpt: Path, ctx: DistContext) -> Path:
     """Convert (rank 0, once) and return the directory to load with tag STATE_TAG; every rank calls it."""
     out = ckpt / UNIVERSAL_DIR
-    if is_main and not (out / STATE_TAG / "zero" / "optimizer_state.pt").is_file():
+    if ctx.is_main and not (out / STATE_TAG / "zero" / "optimizer_state.pt").is_file():
         from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
 
         tmp = ckpt / f".tmp-{UNIVERSAL_DIR}"
@@ -71,6 +70,5 @@ def prepare(ckpt: Path, *, is_main: bool) -> Path:
         )
         shutil.rmtree(out, ignore_errors=True)
         tmp.rename(out)  # a crash mid-conversion leaves only the temp dir, redone next time
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
+    ctx.barrier()
     return out

@@ -33,7 +33,7 @@ RDZV_ID="${RDZV_ID:-drpo}"
 SHUTDOWN_TIMEOUT="${SHUTDOWN_TIMEOUT:-1800}"
 EXIT_PREEMPTED=75
 
-# The same command line as drpo_trainer.distributed.build_multinode_command (tested to agree).
+# tests/test_launch.py parses this command with torchrun's own argument parser (DRY_RUN=1 prints it).
 cmd=(torchrun
   --nnodes="$NNODES"
   --nproc-per-node="$NPROC_PER_NODE"

@@ -12,7 +12,7 @@ import pytest
 def tiny_model_dir(tmp_path_factory) -> str:
     """A randomly initialised tiny Qwen3 (hidden 64, 2 layers) + tokenizer, saved with save_pretrained.
     Builds in seconds; use it wherever the weights need not know anything."""
-    from drpo_trainer.tiny_model import build_random_model
+    from drpo_trainer.builtin.tiny_model import build_random_model
 
     return build_random_model(tmp_path_factory.mktemp("tiny_random_model"))
 
@@ -20,9 +20,40 @@ def tiny_model_dir(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def warm_model_dir(tmp_path_factory) -> str:
     """The warm-started `builtin:tiny-math` model. Reuses $DRPO_CACHE_DIR when set (build once with
-    `python -m drpo_trainer.tiny_model`), else builds it once per session under pytest's tmp dir."""
-    from drpo_trainer.tiny_model import BUILD_VERSION, ensure_built, resolve_model_path
+    `python -m drpo_trainer.builtin.tiny_model`), else builds it once per session under pytest's tmp dir."""
+    from drpo_trainer.builtin.tiny_model import BUILD_VERSION, ensure_built, resolve_model_path
 
     if os.environ.get("DRPO_CACHE_DIR"):
         return resolve_model_path("builtin:tiny-math")
     return str(ensure_built(Path(tmp_path_factory.mktemp("drpo_cache")) / BUILD_VERSION, progress=False))
+
+
+@pytest.fixture(scope="module")
+def one_process_ctx():
+    """A one-process gloo group (its DistContext) for a module of in-process learner tests. Torn
+    down through DeepSpeed, which keeps references to the groups it has seen (a plain torch
+    teardown would leave it holding a dead group for the next module), and the environment is
+    restored, so later tests that start `drpo-train` subprocesses inherit no RANK / MASTER_PORT."""
+    import deepspeed.comm
+    import torch
+
+    from drpo_trainer.distributed import setup_distributed
+
+    saved = dict(os.environ)
+    yield setup_distributed("gloo")
+    deepspeed.comm.destroy_process_group()
+    assert not torch.distributed.is_initialized()
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for tests made of many tiny ops (op overhead, not compute, is their cost);
+    the thread count is restored afterwards."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

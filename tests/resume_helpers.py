@@ -70,7 +70,8 @@ def baseline(nproc: int) -> tuple[Path, str]:
 
 def make_workspace(root: Path, *, num_train: int = 32) -> dict:
     """A random tiny model and a JSONL training file under `root`; returns their paths."""
-    from drpo_trainer.tiny_model import build_random_model, problem_row, train_problems
+    from drpo_trainer.builtin.arithmetic import problem_row, train_problems
+    from drpo_trainer.builtin.tiny_model import build_random_model
 
     root.mkdir(parents=True, exist_ok=True)
     model_dir = root / "model"
@@ -98,6 +99,7 @@ def write_config(path: Path, ws: dict, output_dir: Path, **overrides) -> Path:
             "minibatches_per_step": 2,
             "micro_batch_tokens_per_gpu": 512,
         },
+        # ZeRO-3 with two processes; one process runs at single_process_zero_stage (0, unpartitioned)
         "distributed": {"nproc_per_node": 1, "zero_stage": 3},
         "eval": {"files": {}, "at_start": False},
         "tracking": {"progress_bar": False, "wandb": {"mode": "disabled"}, "samples_every_steps": 1},

@@ -9,11 +9,13 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_learner_flops import body_matmul_params, model_flops  # noqa: E402
+from benchmarks.bench_padding import learner_padding  # noqa: E402
 from benchmarks.bench_vs_trl import summarize  # noqa: E402
 from benchmarks.bench_weight_sync import interleaved, plain_copy  # noqa: E402
 from benchmarks.common import ratio_line  # noqa: E402
@@ -79,9 +81,32 @@ def test_summarize_drops_warmup_and_takes_medians():
     assert s["completion_len"] == 31
 
 
-def test_ratio_line_names_the_verdict():
-    assert ratio_line(0.25, "<= 0.5", True) == "ratio = 0.250 (target: <= 0.5) -> met"
-    assert ratio_line(2.5, "<= 2", False).endswith("NOT met")
+def test_ratio_line_reads_the_verdict_from_the_target():
+    assert ratio_line(0.25, "<= 0.5 of TRL's step time") == "ratio = 0.250 (target: <= 0.5 of TRL's step time) -> met"
+    assert ratio_line(0.5, "<= 0.5").endswith("-> met")  # the bound itself meets it
+    assert ratio_line(0.5001, "<= 0.5").endswith("-> NOT met")
+    assert ratio_line(1.05, "<= 2.0x a plain copy").endswith("-> met") and ratio_line(2.1, "<= 2x").endswith("NOT met")
+    assert ratio_line(0.523, ">= 0.5 of matmul FLOP/s").endswith("-> met")
+    assert ratio_line(0.374, ">= 0.5").endswith("-> NOT met")
+    assert ratio_line(1.22, "<= 0.5", False).endswith("NOT met")  # a caller's verdict that agrees is accepted
+    with pytest.raises(ValueError, match="the caller said True"):
+        ratio_line(1.22, "<= 0.5", True)
+    with pytest.raises(ValueError, match="must start with"):
+        ratio_line(1.0, "half of TRL")
+
+
+def test_learner_padding_by_hand():
+    # 2 ranks: rank 0 holds [6, 5], rank 1 [3, 2]; budget 10. Rank 0 needs two micro-batches ([6], [5]),
+    # rank 1 one ([3, 2]) plus one padding micro-batch re-running its first sample (3 tokens).
+    one_row = learner_padding([6, 5, 3, 2], 2, 10, None)
+    # real 16; computed 6 + 5 | 5 + 3 -> 19
+    assert one_row["fraction"] == pytest.approx(3 / 19) and one_row["row_padding"] == 0.0
+    # rows of 4: rank 1's [3, 2] needs two rows (3 + 2 > 4) padded to width 3: 6 computed for 5 real
+    rows = learner_padding([6, 5, 3, 2], 2, 10, 4)
+    assert (rows["row_padding"], rows["padding_micro_batches"], rows["fraction"]) == pytest.approx(
+        (1 / 20, 3 / 20, 4 / 20)
+    )
+    assert rows["steps"] == 2 and rows["imbalance"] == pytest.approx(11 / 10)  # loads 11 and 6 + 3
 
 
 def test_zero_advantage_summary_times_until_the_first_eval_crossing():

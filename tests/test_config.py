@@ -121,9 +121,14 @@ def test_cli_does_not_import_heavy_modules_for_print_config():
     assert "HEAVY []" in out.stdout, out.stdout + out.stderr
 
 
-def test_resolve_nproc():
-    assert resolve_nproc(3) == 3
-    assert resolve_nproc("auto") >= 1
+def test_resolve_nproc(monkeypatch):
+    import torch
+
+    assert resolve_nproc(3) == 3 and resolve_nproc("2") == 2
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert resolve_nproc("auto") == 4  # one process per local GPU
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    assert resolve_nproc("auto") == 1  # a CPU machine: one process
 
 
 def test_cli_rejects_unknown_loss_param_and_reward_before_heavy_work():
@@ -200,3 +205,20 @@ def test_overrides_may_come_before_and_after_options():
     )
     assert res.returncode == 0, res.stderr
     assert "max_steps: 2" in res.stdout and "loss: grpo" in res.stdout
+
+
+def test_overrides_merge_per_key_except_eval_files_which_are_replaced(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("eval: {files: {a: a.jsonl, b: b.jsonl}, k: 2}\ntracking: {wandb: {project: p, entity: e}}\n")
+    cfg = load_config(f, ["eval.files={c: c.jsonl}", "tracking.wandb.entity=x"])
+    assert cfg.eval.files == {"c": "c.jsonl"}  # the override names every eval set
+    assert cfg.eval.k == 2
+    assert (cfg.tracking.wandb.project, cfg.tracking.wandb.entity) == ("p", "x")  # merged key by key
+
+
+def test_removed_schedule_name_says_what_replaces_it():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["optim.schedule=warmup_constant"])
+    msg = str(e.value)
+    assert msg.startswith("invalid configuration: optim.schedule:") and "Fix: set optim.schedule=constant" in msg
+    assert load_config(None, ["optim.schedule=constant", "optim.warmup_steps=5"]).optim.schedule == "constant"

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 
 from drpo_trainer.config import ConfigError, load_config
-from drpo_trainer.distributed import planned_world_size
 from drpo_trainer.losses import validate_loss_params
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,8 +54,8 @@ def test_every_paper_recipe_is_shipped():
 def test_config_parses_and_batch_sizes_divide_its_world(name):
     cfg = _load(name)
     d = cfg.distributed
-    gpus_per_node = 8 if d.nproc_per_node == "auto" else int(d.nproc_per_node)
-    world = planned_world_size(d.nproc_per_node, d.nnodes, gpus_per_node)
+    gpus_per_node = 8 if d.nproc_per_node == "auto" else int(d.nproc_per_node)  # "auto": nodes of 8 GPUs
+    world = gpus_per_node * d.nnodes
     cfg.check_world(world)
     validate_loss_params(cfg.algorithm.loss, cfg.algorithm.loss_params)
     # one full-length sample must fit one micro-batch (the packer refuses longer samples)
@@ -69,11 +68,16 @@ def test_config_parses_and_batch_sizes_divide_its_world(name):
     assert gpus_per_node % tp == 0 and world % tp == 0
 
 
-@pytest.mark.parametrize("name", ALL_CONFIGS)
+WITH_DEEPSPEED_JSON = [n for n in ALL_CONFIGS if load_config(ROOT / "configs" / n).distributed.deepspeed_config]
+
+
+def test_the_large_recipes_name_a_deepspeed_json():
+    assert set(WITH_DEEPSPEED_JSON) == set(PAPER)  # tiny_cpu.yaml runs on our defaults
+
+
+@pytest.mark.parametrize("name", WITH_DEEPSPEED_JSON)
 def test_deepspeed_config_file_agrees_with_the_yaml(name):
     cfg = _load(name)
-    if cfg.distributed.deepspeed_config is None:
-        pytest.skip("no DeepSpeed JSON")
     path = ROOT / cfg.distributed.deepspeed_config
     zero = json.loads(path.read_text())["zero_optimization"]
     assert zero["stage"] == cfg.distributed.zero_stage  # the JSON would silently win otherwise
@@ -160,14 +164,58 @@ def test_30b_recipe_needs_a_matching_node_count():
     # 256 prompts over 3 nodes x 8 GPUs x 8 mini-batches: 256 % 192 = 64, not whole groups per rank
     cfg = _load("qwen3_30b_a3b_base_drpo.yaml")
     with pytest.raises(ConfigError, match="prompts_per_step=256"):
-        cfg.check_world(planned_world_size("auto", 3))
-    cfg.check_world(planned_world_size("auto", 2))  # 256 % 128 == 0: two nodes also divide (with offload)
+        cfg.check_world(8 * 3)
+    cfg.check_world(8 * 2)  # 256 % 128 == 0: two nodes also divide (with offload)
 
 
-def test_data_files_are_the_converter_outputs():
-    converter = ROOT / "data/convert_hub_datasets.py"
-    if not converter.is_file():
-        pytest.skip("data/convert_hub_datasets.py not present")
-    source = converter.read_text()
-    for stem in ("dapo_math_17k", "aime24", "aime25"):
-        assert stem in source, f"data/{stem}.jsonl is not written by {converter.name}"
+def test_data_files_are_the_converter_outputs(tmp_path, monkeypatch):
+    """Every dataset a paper recipe reads is written by a converter command that data/README.md
+    shows. Those commands need the network: here each runs with the download replaced by rows in
+    the dataset's layout, and its output loads as training data."""
+    import importlib.util
+
+    from doc_commands import collect
+
+    from drpo_trainer.data import load_problems
+
+    spec = importlib.util.spec_from_file_location("convert_hub_datasets", ROOT / "data/convert_hub_datasets.py")
+    converter = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(converter)
+    hub_rows = {
+        "dapo": [{"prompt": [{"role": "user", "content": "What is $1+2$?"}], "reward_model": {"ground_truth": "3"}}],
+        "aime": [{"problem": "Find $x$ if $x + 1 = 3$.", "answer": "2"}],
+    }
+    downloads = []
+
+    def fake_hub(name, split, kind):
+        downloads.append(name)
+        return hub_rows[kind]
+
+    written = {}
+    for cmd in collect(ROOT / "data/README.md"):
+        if cmd.argv[1:2] != ("data/convert_hub_datasets.py",) or "--hub" not in cmd.argv:
+            continue
+        argv = list(cmd.argv[2:])
+        kind, out = argv[0], argv[argv.index("--output") + 1]
+        argv[argv.index("--output") + 1] = str(tmp_path / Path(out).name)
+        monkeypatch.setattr(converter, "read_hub", lambda name, split, kind=kind: fake_hub(name, split, kind))
+        assert converter.main(argv) == 0, cmd.where
+        written[out] = tmp_path / Path(out).name
+    assert downloads  # the documented commands did reach the (stubbed) download
+
+    class Tokenizer:  # enough of one for load_problems
+        def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=True):
+            return " ".join(m["content"] for m in messages)
+
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": list(range(len(text.split())))}
+
+    read = set()
+    for name in sorted(PAPER):
+        cfg = _load(name)
+        read |= set(cfg.data.train_files) | set(cfg.eval.files.values())
+    assert read == {"data/dapo_math_17k.jsonl", "data/aime24.jsonl", "data/aime25.jsonl"}
+    assert read <= set(written), sorted(read - set(written))
+    for path in read:
+        problems, _ = load_problems([str(written[path])], Tokenizer())
+        assert problems and all("\\boxed{}" in p.prompt_text for p in problems), path

@@ -61,11 +61,12 @@ def test_train_and_eval_are_disjoint_and_unique():
 def test_prompts_and_solutions_are_short(tiny_model_dir):
     from transformers import AutoTokenizer
 
-    from drpo_trainer.tiny_model import Problem, encode_example
+    from drpo_trainer.builtin.arithmetic import ArithmeticProblem
+    from drpo_trainer.builtin.tiny_model import encode_example
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     for row in _rows(FILES[1]):
-        p = Problem.from_prompt(row["prompt"])
+        p = ArithmeticProblem.from_prompt(row["prompt"])
         prompt_ids, completion_ids = encode_example(tok, row["prompt"], p.solution)
         assert len(prompt_ids) < 64 and len(completion_ids) <= 30, row
 

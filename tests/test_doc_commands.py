@@ -176,7 +176,7 @@ def test_collector_finds_the_documented_commands():
     text = {" ".join(c.argv) for c in commands}
     assert "drpo-train --config configs/tiny_cpu.yaml" in text  # the quick start, out of its && chain
     assert "drpo-train --config configs/tiny_cpu.yaml trainer.max_steps=50 algorithm.loss=grpo" in text
-    assert "python -m drpo_trainer.tiny_model" in text  # an inline code span
+    assert "python -m drpo_trainer.builtin.tiny_model" in text  # an inline code span
     assert any(c.argv[:2] == ("drpo-train", "export") for c in commands)
     assert any(c.argv[:2] == ("drpo-train", "plot") for c in commands)
     assert any(c.where.startswith("docs/launch.md") and c.needs == "GPUs" for c in commands)  # torchrun line

@@ -21,7 +21,7 @@ def _write_rows(path: Path, rows: list[dict]) -> str:
 
 @pytest.fixture(scope="module")
 def small_run_files(tmp_path_factory):
-    from drpo_trainer.tiny_model import build_random_model
+    from drpo_trainer.builtin.tiny_model import build_random_model
 
     d = tmp_path_factory.mktemp("e2e")
     model = build_random_model(d / "model", hidden_size=64, num_layers=2, seed=3)
@@ -56,52 +56,67 @@ def run_cli(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.distributed
-def test_two_process_zero3_run(small_run_files):
+def test_two_process_zero3_run(small_run_files, warm_model_dir):
+    """Two ranks through the launcher, ZeRO-3 over gloo, with the warm model (rewards vary, so the
+    weights move): the checkpoint holds one shard per rank, the engine samples from the synced
+    weights, and the final export gathered from the shards equals the checkpoint's weights."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from drpo_trainer.export import checkpoint_weights
+
     f = small_run_files
     out = f["dir"] / "run2"
     res = run_cli(
         [
             f"output_dir={out}",
-            f"model.path={f['model']}",
+            f"model.path={warm_model_dir}",
             f"data.train_files=[{f['train']}]",
             f"eval.files={{tiny: {f['eval']}}}",
             "eval.k=2",
             "distributed.nproc_per_node=2",
-            "rollout.samples_per_prompt=4",
-            "rollout.max_new_tokens=10",
+            "rollout.samples_per_prompt=8",
+            "rollout.max_new_tokens=24",
             "trainer.prompts_per_step=4",
             "trainer.minibatches_per_step=2",
             "trainer.max_steps=2",
+            "optim.lr=1e-4",
+            "optim.weight_decay=0",
             "tracking.progress_bar=false",
         ]
     )
     assert res.returncode == 0, res.stderr[-4000:]
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 1, 2]
-    assert "eval/tiny/avg@2" in rows[0] and "eval/tiny/avg@2" in rows[2]
-    step = rows[1]
-    for key in (
-        "reward/mean",
-        "reward/accuracy",
-        "policy/ratio_mean",
-        "policy/entropy",
-        "mismatch/k3_kl",
-        "response/length_mean",
-        "time/generate",
-        "perf/tokens_per_s",
-        "optim/lr",
-        "sync/bytes",
-    ):
-        assert key in step, key
-    # two ranks, 2 prompts x 4 samples each, 2 mini-batches: mu is the pre-update policy
-    assert step["policy/ratio_min"] <= 1.0 <= step["policy/ratio_max"]
-    ckpt = out / "checkpoints" / "step_000002"
-    assert sorted(p.name for p in (ckpt / "rng").iterdir()) == ["rank_00000.pt", "rank_00001.pt"]
-    assert json.loads((ckpt / "loop_state.json").read_text())["world_size"] == 2
-    from transformers import AutoModelForCausalLM
+    # 6 eval problems x k = 2 samples, split over the two ranks: the accuracy is a count over 12
+    for r in (rows[0], rows[2]):
+        assert r["eval/tiny/avg@2"] * 12 == pytest.approx(round(r["eval/tiny/avg@2"] * 12), abs=1e-9)
 
-    model = AutoModelForCausalLM.from_pretrained(out / "final")
-    assert sum(p.numel() for p in model.parameters()) > 0
+    warm = AutoModelForCausalLM.from_pretrained(warm_model_dir, dtype=torch.float32)
+    n_bytes = 4 * sum(p.numel() for _, p in warm.named_parameters(remove_duplicate=False))  # fp32, tied alias too
+    for step in rows[1:]:
+        assert step["sync/bytes"] == n_bytes  # every parameter gathered from the shards and sent
+        assert step["mismatch/k3_kl"] < 1e-6  # the engine samples with exactly the learner's weights
+        assert step["optim/lr"] == pytest.approx(1e-4)
+        assert 0.0 < step["reward/mean"] < 1.0  # the warm model is right on some samples: advantages are not all 0
+    # the 4 groups of a step over 2 ranks x 2 mini-batches: mini-batch 2 is scored after one update
+    assert any(step["policy/approx_kl_k3"] > 0 for step in rows[1:])
+
+    ckpt = out / "checkpoints" / "step_000002"
+    assert json.loads((ckpt / "loop_state.json").read_text())["world_size"] == 2
+    assert sorted(p.name for p in (ckpt / "rng").iterdir()) == ["rank_00000.pt", "rank_00001.pt"]
+    shards = sorted(p.name for p in (ckpt / "ds" / "state").glob("zero_pp_rank_*_optim_states.pt"))
+    assert shards == ["zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+
+    exported = load_file(str(out / "final" / "model.safetensors"))  # gathered live from the two shards
+    saved = checkpoint_weights(ckpt)  # DeepSpeed's consolidation of the same shards
+    names = [n for n, _ in warm.named_parameters()]
+    assert set(names) <= set(exported)
+    for name in names:
+        assert torch.equal(exported[name], saved[name]), name
+    moved = [n for n, p in warm.named_parameters() if not torch.equal(p.detach(), exported[n])]
+    assert len(moved) == len(names)  # four optimizer steps moved every parameter
 
 
 def test_bad_config_fails_fast_with_the_key(small_run_files):

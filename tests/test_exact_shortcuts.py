@@ -20,7 +20,6 @@ import pytest
 import torch
 
 from drpo_trainer.aggregation import AGG_MODES
-from drpo_trainer.distributed import setup_distributed
 from drpo_trainer.learner import _has_dropout
 from drpo_trainer.losses import policy_loss_names
 
@@ -31,7 +30,7 @@ import exact_update_worker as w  # noqa: E402
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from drpo_trainer.tiny_model import build_random_model
+    from drpo_trainer.builtin.tiny_model import build_random_model
 
     return build_random_model(tmp_path_factory.mktemp("exact_model"), hidden_size=64, num_layers=2, seed=3)
 
@@ -44,16 +43,13 @@ def batch(model_dir):
 
 
 @pytest.fixture(scope="module")
-def ctx():
-    """A one-process gloo group, and one torch thread: these tiny steps are op-overhead bound
-    (ten times faster than with two threads on a busy machine)."""
-    saved, threads = dict(os.environ), torch.get_num_threads()
+def ctx(one_process_ctx):
+    """The module's one-process gloo group, and one torch thread: these tiny steps are op-overhead
+    bound (ten times faster than with two threads on a busy machine)."""
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield setup_distributed("gloo")
-    torch.distributed.destroy_process_group()
+    yield one_process_ctx
     torch.set_num_threads(threads)
-    os.environ.clear()
-    os.environ.update(saved)
 
 
 def assert_same_update(a: dict, b: dict) -> None:

@@ -1,9 +1,13 @@
-"""HF export: the final model written at the end of a run (gathered live from the ZeRO-3
-learner) and `drpo-train export <checkpoint> <dir>` (consolidated offline from the shards) load
+"""HF export: the final model written at the end of a run (gathered live from the learner's
+parameters) and `drpo-train export <checkpoint> <dir>` (read offline from the checkpoint) load
 with `from_pretrained` and give the learner's logits on a fixed batch, bitwise in float32.
 
-"The learner's logits" are those of the learner's fp32 master weights, read from its ZeRO
-shards with DeepSpeed's own consolidation into the model class built from the saved config.
+Two processes run ZeRO-3 (the checkpoint holds one shard per rank); one process runs unpartitioned
+(`distributed.single_process_zero_stage: 0`, the default), and its checkpoint holds the whole
+module. "The learner's logits" come from the checkpoint read here by DeepSpeed's own API, not by
+the export code under test: `get_fp32_state_dict_from_zero_checkpoint` (the fp32 master weights
+of the ZeRO shards) or, at stage 0, the module state DeepSpeed saved, in the model class built
+from the saved config.
 """
 
 from __future__ import annotations
@@ -35,11 +39,21 @@ def _logits(model, batch) -> torch.Tensor:
     return model(**batch).logits
 
 
+def _learner_weights(checkpoint) -> dict:
+    """The checkpoint's weights as DeepSpeed reads them (independent of drpo_trainer.export)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    shards = checkpoint / "ds" / "state"
+    if any(shards.glob("zero_pp_rank_*")):
+        return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint / "ds"), tag="state")
+    return torch.load(shards / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+
+
 def _learner_model(checkpoint):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(checkpoint / "hf"), dtype=torch.float32)
-    missing, unexpected = model.load_state_dict(h.consolidated_weights(checkpoint), strict=False)
+    missing, unexpected = model.load_state_dict(_learner_weights(checkpoint), strict=False)
     assert unexpected == [] and set(missing) <= {"lm_head.weight"}  # tied to the embedding
     model.tie_weights()
     return model.eval()
@@ -48,8 +62,11 @@ def _learner_model(checkpoint):
 def _check_export(nproc: int, tmp_path) -> None:
     from transformers import AutoModelForCausalLM
 
+    from drpo_trainer.universal import saved_at_zero3
+
     out, _ = h.baseline(nproc)
     ckpt = out / "checkpoints" / "step_000006"
+    assert saved_at_zero3(ckpt) == (nproc > 1)  # ZeRO-3 shards with two processes, the whole module with one
     assert cli_main(["export", str(ckpt), str(tmp_path / "offline")]) == 0
     batch = _batch(out / "final")
     want = _logits(_learner_model(ckpt), batch)

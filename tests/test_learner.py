@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 
 import pytest
 import torch
 
 from drpo_trainer.config import load_config
-from drpo_trainer.distributed import setup_distributed
 from drpo_trainer.learner import Learner, TrainSample
 from drpo_trainer.rollout import SamplingSpec
 from drpo_trainer.rollout.hf_engine import HFEngine
@@ -28,20 +26,14 @@ G = 4
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from drpo_trainer.tiny_model import build_random_model
+    from drpo_trainer.builtin.tiny_model import build_random_model
 
     return build_random_model(tmp_path_factory.mktemp("learner_model"), hidden_size=64, num_layers=2, seed=1)
 
 
 @pytest.fixture(scope="module")
-def ctx():
-    """A one-process gloo group for this module; environment and group are undone afterwards so
-    that later tests (which start `drpo-train` subprocesses) do not inherit RANK / MASTER_PORT."""
-    saved = dict(os.environ)
-    yield setup_distributed("gloo")
-    torch.distributed.destroy_process_group()
-    os.environ.clear()
-    os.environ.update(saved)
+def ctx(one_process_ctx):
+    return one_process_ctx
 
 
 def make_cfg(model_dir, *overrides):

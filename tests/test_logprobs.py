@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 
 from drpo_trainer.logprobs import (
     IGNORE_INDEX,
@@ -20,8 +21,6 @@ from drpo_trainer.logprobs import (
     truncation_mask,
 )
 from drpo_trainer.packing import pack_sequences
-
-transformers = pytest.importorskip("transformers")
 
 VOCAB = 256
 
@@ -247,7 +246,6 @@ def test_bad_inputs_name_the_problem():
 @pytest.mark.distributed
 def test_zero3_two_processes(tmp_path):
     """Chunked log-probs and gradients under ZeRO-3 (2 ranks, gloo, partitioned tied head)."""
-    pytest.importorskip("deepspeed")
     repo = Path(__file__).resolve().parents[1]
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", RESULT_DIR=str(tmp_path))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(repo), env.get("PYTHONPATH")]))

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from drpo_trainer.logprobs import IGNORE_INDEX, naive_token_logprobs, token_logprobs
-from drpo_trainer.packing import dummy_packed_batch, pack_sequences, plan_micro_batches
+from drpo_trainer.packing import pack_sequences, plan_micro_batches
 
 
 # -- layout --------------------------------------------------------------------------------------
@@ -55,22 +55,18 @@ def test_pack_without_prompt_lengths_targets_every_next_token():
 def test_pack_rejects_empty_input():
     with pytest.raises(ValueError, match="sequence 1 is empty"):
         pack_sequences([[1], []])
-    with pytest.raises(ValueError, match="dummy_packed_batch"):
+    with pytest.raises(ValueError, match="at least one sequence"):
         pack_sequences([])
     with pytest.raises(ValueError, match="prompt_lengths has 1 entries for 2"):
         pack_sequences([[1], [2]], prompt_lengths=[1])
-
-
-def test_dummy_batch_has_no_live_target():
-    batch = dummy_packed_batch(pad_token_id=7)
-    assert batch.input_ids.tolist() == [[7]] and batch.targets.tolist() == [[IGNORE_INDEX]]
 
 
 # -- attention isolation: packed log-probs == each sequence alone -------------------------------
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("row_tokens", [None, 12])
 def test_packed_logprobs_equal_unpacked(attn, row_tokens):
-    transformers = pytest.importorskip("transformers")
+    import transformers
+
     torch.manual_seed(0)
     config = transformers.Qwen3Config(
         hidden_size=64,
@@ -110,59 +106,40 @@ def test_packed_logprobs_equal_unpacked(attn, row_tokens):
 
 
 # -- micro-batch planning ------------------------------------------------------------------------
-def check_plan(plan, lengths, budget, world_size):
-    assert len(plan) == world_size
-    assert len({len(micro_batches) for micro_batches in plan}) == 1  # equal micro-step counts
-    flat = [i for micro_batches in plan for mb in micro_batches for i in mb]
+def check_plan(plan, lengths, budget):
+    flat = [i for mb in plan for i in mb]
     assert sorted(flat) == list(range(len(lengths)))  # every index exactly once
-    for micro_batches in plan:
-        for mb in micro_batches:
-            assert sum(lengths[i] for i in mb) <= budget
-    loads = [sum(lengths[i] for mb in micro_batches for i in mb) for micro_batches in plan]
-    # longest-first greedy: the most loaded rank got its last sample while least loaded
-    assert max(loads) - min(loads) <= max(lengths)
-    return loads
+    assert all(mb and sum(lengths[i] for i in mb) <= budget for mb in plan)  # no empty, none over budget
 
 
 def test_plan_by_hand():
-    # lengths 5,4,3,3,1 on 2 ranks, budget 6. Longest first onto the least-loaded rank:
-    # 5 -> r0 (5), 4 -> r1 (4), 3 -> r1 (7), 3 -> r0 (8), 1 -> r1 (8).
-    # r0 {0:5, 3:3}: 5 then 3 do not fit together (8 > 6) -> [[0], [3]]
-    # r1 {1:4, 2:3, 4:1}: 4, then 3 opens a bin, 1 fits beside 4 -> [[1, 4], [2]]
-    plan = plan_micro_batches([5, 4, 3, 3, 1], token_budget=6, world_size=2)
-    assert plan == [[[0], [3]], [[1, 4], [2]]]
-
-
-def test_plan_pads_ranks_with_empty_micro_batches():
-    # 3 samples on 4 ranks: 6 -> r0, 1 -> r1, 1 -> r2 (each then least loaded); rank 3 has no
-    # sample and gets one empty micro-batch so that all ranks take one micro-step
-    plan = plan_micro_batches([6, 1, 1], token_budget=6, world_size=4)
-    assert plan == [[[0]], [[1]], [[2]], [[]]]
-    # budget 6 on one rank: [6] fills a micro-batch, [5, 1] the next
-    assert plan_micro_batches([6, 5, 1], token_budget=6, world_size=1) == [[[0], [1, 2]]]
+    # lengths 5,4,3,3,1, budget 6, longest first into the first micro-batch with room:
+    # 5 -> A (room 1); 4 -> B (room 2); 3 -> C (3); 3 -> C (0); 1 -> A (0)
+    assert plan_micro_batches([5, 4, 3, 3, 1], token_budget=6) == [[0, 4], [1], [2, 3]]
+    # a sample at the budget fills a micro-batch: [6], then [5, 1]
+    assert plan_micro_batches([6, 5, 1], token_budget=6) == [[0], [1, 2]]
+    assert plan_micro_batches([2, 2, 2], token_budget=100) == [[0, 1, 2]]  # one forward when it all fits
 
 
 @pytest.mark.parametrize("seed", range(20))
 def test_plan_properties_on_random_lengths(seed):
     rng = random.Random(seed)
-    world_size = rng.choice([1, 2, 3, 8])
     budget = rng.choice([64, 256, 1000])
     lengths = [min(budget, max(1, int(rng.lognormvariate(3.5, 1.0)))) for _ in range(rng.randint(1, 120))]
-    plan = plan_micro_batches(lengths, budget, world_size)
-    check_plan(plan, lengths, budget, world_size)
-    # first-fit: any two micro-batches of a rank hold > budget tokens together, so the count is
-    # at most 2 * load / budget + 1; it can never beat ceil(max rank load / budget)
-    loads = [sum(lengths[i] for mb in mbs for i in mb) for mbs in plan]
-    lower_bound = max(1, -(-max(loads) // budget))
-    assert lower_bound <= len(plan[0]) <= 2 * lower_bound + 1
+    plan = plan_micro_batches(lengths, budget)
+    check_plan(plan, lengths, budget)
+    # first-fit: any two micro-batches hold > budget tokens together, so the count is at most
+    # 2 * total / budget + 1; it can never beat ceil(total / budget)
+    lower_bound = -(-sum(lengths) // budget)
+    assert lower_bound <= len(plan) <= 2 * lower_bound + 1
 
 
 def test_plan_errors_name_the_fix():
     with pytest.raises(ValueError, match=r"sample 1 has 9 tokens.*micro_batch_tokens_per_gpu=8.*at least 9"):
-        plan_micro_batches([3, 9], token_budget=8, world_size=1)
+        plan_micro_batches([3, 9], token_budget=8)
     with pytest.raises(ValueError, match="token_budget"):
-        plan_micro_batches([3], token_budget=0, world_size=1)
-    with pytest.raises(ValueError, match="world_size"):
-        plan_micro_batches([3], token_budget=8, world_size=0)
+        plan_micro_batches([3], token_budget=0)
+    with pytest.raises(ValueError, match="no samples"):
+        plan_micro_batches([], token_budget=8)
     with pytest.raises(ValueError, match="sample 0 has length 0"):
-        plan_micro_batches([0], token_budget=8, world_size=1)
+        plan_micro_batches([0], token_budget=8)

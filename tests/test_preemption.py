@@ -3,7 +3,9 @@ whole run at random moments (some during a checkpoint write) never loses more th
 since the last complete checkpoint and never loads a partial one; W&B keeps its run id.
 
 Every interrupted run is driven to step 6 and its final weights compared BITWISE with the
-uninterrupted baseline: a resume from a partial or wrong checkpoint could not match.
+uninterrupted baseline: a resume from a partial or wrong checkpoint could not match. Two-process
+runs checkpoint ZeRO-3 shards; one-process runs are unpartitioned (ZeRO stage 0, the default
+`distributed.single_process_zero_stage`) and checkpoint the whole module.
 """
 
 from __future__ import annotations
@@ -35,7 +37,10 @@ def _steps_logged(out: Path) -> int:
 
 
 def _assert_final_weights_match_baseline(out: Path, nproc: int) -> None:
+    from drpo_trainer.universal import saved_at_zero3
+
     base, _ = h.baseline(nproc)
+    assert saved_at_zero3(out / "checkpoints" / "step_000006") == (nproc > 1)
     want = h.consolidated_weights(base / "checkpoints" / "step_000006")
     got = h.consolidated_weights(out / "checkpoints" / "step_000006")
     for name in want:

@@ -1,10 +1,11 @@
 """Exact resume: 6 steps uninterrupted == 3 steps, stop, `--resume auto` to 6.
 
 Compared: every non-timing metric of steps 4-6 (rewards, advantages, losses, ratios, grad
-norms, learning rate, ... as written to metrics.jsonl) and the final fp32 weights consolidated
-from the ZeRO-3 shards. Both must be BITWISE equal: the same CPU kernels run on the same
-inputs in the same order once model, optimizer, scheduler, RNG states of every rank and the
-data position are restored.
+norms, learning rate, ... as written to metrics.jsonl) and the final fp32 weights of the
+checkpoint (consolidated from the ZeRO-3 shards of a two-process run; a one-process run is
+unpartitioned, `distributed.single_process_zero_stage: 0`, and saves the whole module). Both must
+be BITWISE equal: the same CPU kernels run on the same inputs in the same order once model,
+optimizer, scheduler, RNG states of every rank and the data position are restored.
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ def _assert_same_run(full, resumed, *, nproc: int) -> None:
     # data position: 4 prompts per step from 32 -> index 4 * 6 = 24 of epoch 0, data.seed 0
     state = json.loads((resumed / "checkpoints" / "step_000006" / "loop_state.json").read_text())
     assert state["sampler"] == {"epoch": 0, "index": 24, "seed": 0} and state["world_size"] == nproc
+    from drpo_trainer.universal import saved_at_zero3
+
+    assert saved_at_zero3(resumed / "checkpoints" / "step_000006") == (nproc > 1)  # the stage the docstring names
 
     w_full = h.consolidated_weights(full / "checkpoints" / "step_000006")
     w_resumed = h.consolidated_weights(resumed / "checkpoints" / "step_000006")

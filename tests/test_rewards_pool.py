@@ -22,7 +22,6 @@ from drpo_trainer.rewards import (
     registered_rewards,
     score_math,
 )
-from drpo_trainer.rewards import pool as pool_module
 from drpo_trainer.rewards.registry import importable_ref
 
 B = r"\boxed"
@@ -39,6 +38,11 @@ def length_reward(completion, answer, **kwargs):
     """A custom reward: shaped, not binary; also checks the extraction kwarg arrives."""
     assert kwargs == {"extraction": "boxed"}
     return len(completion) / 10
+
+
+def exact_match(completion, answer):
+    """A custom reward with no keyword arguments: it must be called without reward.extraction."""
+    return float(completion.strip() == answer)
 
 
 @register_reward("test_misbehaving")
@@ -124,16 +128,23 @@ def test_bad_inputs_name_the_problem(math_scorer):
         math_scorer.score([None], ["1"])
 
 
-def test_score_math_reuses_one_scorer():
-    first = score_math([B + "{1/2}", B + "{3}"], ["0.5", "4"], num_workers=1)
-    scorer = pool_module._shared
-    second = score_math(["Answer: 7"], ["7"], num_workers=1, extraction="answer_line")
-    assert first == [1.0, 0.0] and second == [1.0]
-    assert pool_module._shared is not scorer  # settings changed: rebuilt
-    third = score_math(["Answer: 8"], ["7"], num_workers=1, extraction="answer_line")
-    assert third == [0.0]
-    assert pool_module._shared_key == (1, 5.0, "answer_line", 2048)
-    pool_module._shared.close()
+def test_score_math_scores_one_batch_and_stops_its_workers(monkeypatch):
+    pids, scorers = [], []
+    real_score = RewardScorer.score
+
+    def score_and_note_workers(self, completions, answers):
+        pids.extend(self.worker_pids())
+        scorers.append(self)
+        return real_score(self, completions, answers)
+
+    monkeypatch.setattr(RewardScorer, "score", score_and_note_workers)
+    assert score_math([B + "{1/2}", B + "{3}"], ["0.5", "4"], num_workers=2) == [1.0, 0.0]
+    assert score_math(["Answer: 7", B + "{7}"], ["7", "7"], num_workers=1, extraction="answer_line") == [1.0, 0.0]
+    assert len(pids) == 3  # 2 workers, then 1: each call has its own scorer
+    for pid in pids:  # stopped and reaped when the call returned
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    assert scorers[0] is not scorers[1] and all(s._closed for s in scorers)  # nothing left for exit to close
 
 
 def test_custom_reward_by_name_and_by_path():
@@ -146,6 +157,17 @@ def test_custom_reward_by_name_and_by_path():
     assert metrics["reward/no_answer_fraction"] == 1.0
     with RewardScorer(f"{__name__}:length_reward", num_workers=1) as scorer:
         assert scorer.score(["abc"], [""])[0] == [pytest.approx(0.3)]
+
+
+def test_a_reward_without_extraction_gets_none_and_no_answer_metric():
+    """reward.extraction belongs to rewards that look for a final answer: a reward without the
+    keyword is called with (completion, answer) only, and no_answer_fraction is not reported."""
+    with RewardScorer(f"{__name__}:exact_match", extraction="answer_line", num_workers=1) as scorer:
+        scores, metrics = scorer.score(["42", "Answer: 42", " 7 "], ["42", "42", "7"])
+    assert scores == [1.0, 0.0, 1.0]  # exact match, no answer extraction
+    assert metrics == pytest.approx(
+        {"reward/mean": 2 / 3, "reward/accuracy": 2 / 3, "reward/timeouts": 0.0, "reward/errors": 0.0}
+    )
 
 
 def test_registry_errors():

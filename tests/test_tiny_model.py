@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import json
-import re
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from drpo_trainer import tiny_model as tm
+from drpo_trainer.builtin import tiny_model as tm
+from drpo_trainer.builtin.arithmetic import ArithmeticProblem
+from drpo_trainer.rewards.extract import last_boxed
 
 
 @pytest.fixture(scope="module")
@@ -19,15 +20,15 @@ def tokenizer():
 
 
 def test_problem_rendering_and_answers():
-    p = tm.Problem(17, "+", 25)
+    p = ArithmeticProblem(17, "+", 25)
     assert p.answer == 42  # 17 + 25
-    assert tm.Problem(91, "-", 38).answer == 53  # 91 - 38
-    assert tm.Problem(7, "*", 13).answer == 91  # 7 * 13
+    assert ArithmeticProblem(91, "-", 38).answer == 53  # 91 - 38
+    assert ArithmeticProblem(7, "*", 13).answer == 91  # 7 * 13
     assert p.prompt == "Compute 17 + 25. Put the final answer in \\boxed{}."
     assert p.solution == "17 + 25 = 42. \\boxed{42}"
-    assert tm.Problem.from_prompt(p.prompt) == p
+    assert ArithmeticProblem.from_prompt(p.prompt) == p
     with pytest.raises(ValueError, match="not a synthetic"):
-        tm.Problem.from_prompt("What is 2 + 2?")
+        ArithmeticProblem.from_prompt("What is 2 + 2?")
 
 
 def test_tokenizer_round_trips_through_save_and_load(tokenizer, tmp_path):
@@ -112,11 +113,6 @@ def test_failed_build_leaves_no_partial_cache(tmp_path, monkeypatch):
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
 
 
-def _last_boxed(text: str):
-    found = re.findall(r"\\boxed\{([^{}]*)\}", text)
-    return found[-1].strip() if found else None
-
-
 def test_warm_model_solves_part_of_the_eval_set(warm_model_dir):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -133,7 +129,7 @@ def test_warm_model_solves_part_of_the_eval_set(warm_model_dir):
     torch.manual_seed(0)
     with torch.no_grad():
         out = model.generate(**enc, do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=40)
-    answers = [_last_boxed(tok.decode(o[enc["input_ids"].shape[1] :], skip_special_tokens=True)) for o in out]
+    answers = [last_boxed(tok.decode(o[enc["input_ids"].shape[1] :], skip_special_tokens=True)) for o in out]
     accuracy = sum(a == r["answer"] for a, r in zip(answers, rows)) / len(rows)
     boxed = sum(a is not None for a in answers) / len(rows)
     # the warm start boxes 30% of its solutions: some boxed answers, some right, most not

@@ -17,13 +17,21 @@ scheduler's preemption, Ctrl-C) reaches the trainer, which stops them when it is
 Workers are fresh interpreters started with ``subprocess`` (the equivalent of a 'spawn' start,
 but without re-importing the launching script), so a trainer process holding torch threads and a
 torch.distributed process group is never forked. They live as long as the scorer: started when
-it is built, reused by every ``score`` call, stopped by ``close()``, ``with``, or interpreter exit.
+it is built, reused by every ``score`` call, stopped by ``close()`` (or leaving ``with``); a scorer
+still open when the interpreter exits is closed then. There is no other owner: ``score_math`` opens
+and closes its own scorer.
+
+The reward's own knobs: ``reward.extraction`` is passed as ``extraction=`` only to a reward that
+takes that keyword (by name or through ``**kwargs``), as the math reward does; for the others the
+scorer neither passes it nor reports ``reward/no_answer_fraction`` (a final answer is the math
+reward's notion, not every reward's).
 """
 
 from __future__ import annotations
 
 import atexit
 import collections
+import inspect
 import logging
 import os
 import subprocess
@@ -46,7 +54,7 @@ _MAX_START_FAILURES = 3
 MAX_ATTEMPTS = 2  # a sample whose worker dies is scored again once; a second death makes it an error
 _MAX_CHUNK = 16  # samples per message to a worker (amortises the pipe round trip)
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])  # the folder holding drpo_trainer/
-_LIVE_SCORERS: "weakref.WeakSet[RewardScorer]" = weakref.WeakSet()
+_LIVE_SCORERS: "weakref.WeakSet[RewardScorer]" = weakref.WeakSet()  # closed at interpreter exit if still open
 
 
 class _Worker:
@@ -97,8 +105,9 @@ class RewardScorer:
 
     ``score(completions, answers)`` returns the per-sample rewards and the batch metrics
     ``reward/mean``, ``reward/accuracy`` (fraction with full credit, reward >= 1),
-    ``reward/no_answer_fraction`` (no final answer under ``extraction``), ``reward/timeouts`` and
-    ``reward/errors`` (counts). Not re-entrant: one scorer per training rank.
+    ``reward/no_answer_fraction`` (no final answer under ``extraction``; only for a reward that takes
+    ``extraction``), ``reward/timeouts`` and ``reward/errors`` (counts). Not re-entrant: one scorer
+    per training rank. Close it (``close()`` or ``with``) to stop its workers.
     """
 
     def __init__(
@@ -119,17 +128,19 @@ class RewardScorer:
         if memory_limit_mb < 256:
             raise ValueError(f"reward.memory_limit_mb={memory_limit_mb} is too small to import sympy; use >= 256")
         fn = get_reward(name)
-        self.name, self.extraction = name, extraction
+        self.name = name
+        # None: the reward does not look for a final answer, so it gets no extraction mode
+        self.extraction: Optional[str] = extraction if _takes_keyword(fn, "extraction") else None
         self.num_workers, self.timeout_s, self.memory_limit_mb = num_workers, float(timeout_s), memory_limit_mb
         warm_up = getattr(fn, "warm_up", None)
         self._init = {
             "sys_path": [p for p in sys.path if p],
             "reward": importable_ref(fn),
             "warm_up": importable_ref(warm_up) if callable(warm_up) else None,
-            "kwargs": {"extraction": extraction},
+            "kwargs": {} if self.extraction is None else {"extraction": self.extraction},
             "timeout_s": self.timeout_s,
             "memory_limit_mb": memory_limit_mb,
-            "extraction": extraction,
+            "extraction": self.extraction,
         }
         self._lock = threading.Lock()
         self._workers: list[_Worker] = []
@@ -163,12 +174,6 @@ class RewardScorer:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:
-            pass
-
     def worker_pids(self) -> list[int]:
         return [w.proc.pid for w in self._workers]
 
@@ -194,7 +199,7 @@ class RewardScorer:
             if self._closed:
                 raise RuntimeError("this RewardScorer is closed; build a new one with make_reward_scorer(cfg.reward)")
             outcomes = self._run(list(completions), list(answers))
-        return [o[0] for o in outcomes], _metrics(outcomes)
+        return [o[0] for o in outcomes], _metrics(outcomes, with_answers=self.extraction is not None)
 
     def _run(self, completions: list[str], answers: list[str]) -> list[tuple[float, str, bool]]:
         batch = _Batch(completions, answers)
@@ -223,8 +228,8 @@ class RewardScorer:
 
     def _settle(self, batch: "_Batch", index: int, status: str, detail: str) -> None:
         """Score a sample 0 without the worker's word (it was killed or died)."""
-        has_answer = extract_final_answer(batch.completions[index], self.extraction) is not None
-        batch.outcomes[index] = (0.0, status, has_answer)
+        answer = extract_final_answer(batch.completions[index], self.extraction) if self.extraction else None
+        batch.outcomes[index] = (0.0, status, answer is not None)
         _log_failure(status, index, detail, batch.completions[index])
 
     def _give_back(self, w: _Worker, batch: "_Batch") -> None:
@@ -310,16 +315,27 @@ def _log_failure(status: str, index: int, detail: str, completion: str) -> None:
     logger.warning("reward %s on sample %d (%s); completion starts %.120r", status, index, detail, completion[:120])
 
 
-def _metrics(outcomes: list[tuple[float, str, bool]]) -> dict[str, float]:
+def _metrics(outcomes: list[tuple[float, str, bool]], *, with_answers: bool) -> dict[str, float]:
     n = len(outcomes)
     scores = [o[0] for o in outcomes]
-    return {
+    metrics = {
         "reward/mean": sum(scores) / n if n else 0.0,
         "reward/accuracy": sum(s >= 1.0 for s in scores) / n if n else 0.0,
-        "reward/no_answer_fraction": sum(not o[2] for o in outcomes) / n if n else 0.0,
-        "reward/timeouts": float(sum(o[1] == "timeout" for o in outcomes)),
-        "reward/errors": float(sum(o[1] == "error" for o in outcomes)),
     }
+    if with_answers:
+        metrics["reward/no_answer_fraction"] = sum(not o[2] for o in outcomes) / n if n else 0.0
+    metrics["reward/timeouts"] = float(sum(o[1] == "timeout" for o in outcomes))
+    metrics["reward/errors"] = float(sum(o[1] == "error" for o in outcomes))
+    return metrics
+
+
+def _takes_keyword(fn: Any, name: str) -> bool:
+    """Whether `fn` accepts the keyword argument `name` (by name or through **kwargs)."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # no signature to read (some builtins): pass nothing extra
+        return False
+    return any(p.kind is p.VAR_KEYWORD or (p.name == name and p.kind is not p.POSITIONAL_ONLY) for p in params)
 
 
 def make_reward_scorer(cfg_reward: Any) -> RewardScorer:
@@ -333,11 +349,6 @@ def make_reward_scorer(cfg_reward: Any) -> RewardScorer:
     )
 
 
-_shared: Optional[RewardScorer] = None
-_shared_key: Optional[tuple] = None
-_shared_lock = threading.Lock()
-
-
 def score_math(
     completions: Sequence[str],
     answers: Sequence[str],
@@ -347,27 +358,16 @@ def score_math(
     extraction: str = "boxed",
     memory_limit_mb: int = 2048,
 ) -> list[float]:
-    """Math rewards of a batch, in killable workers kept alive across calls (one shared scorer).
+    """Math rewards of one batch, in killable workers started for this call and stopped after it.
 
-    The shared scorer is rebuilt only when the settings change. Use :func:`make_reward_scorer`
-    for the metrics or a custom reward.
+    For many batches, keep one scorer open instead (``with make_reward_scorer(cfg.reward) as
+    scorer:`` or ``RewardScorer("math", ...)``): its workers start once, and ``score`` also returns
+    the batch metrics.
     """
-    global _shared, _shared_key
-    key = (num_workers, float(timeout_s), extraction, memory_limit_mb)
-    with _shared_lock:
-        if _shared is None or _shared_key != key or _shared._closed:
-            if _shared is not None:
-                _shared.close()
-            _shared = RewardScorer(
-                "math",
-                extraction=extraction,
-                num_workers=num_workers,
-                timeout_s=timeout_s,
-                memory_limit_mb=memory_limit_mb,
-            )
-            _shared_key = key
-        scorer = _shared
-    return scorer.score(completions, answers)[0]
+    with RewardScorer(
+        "math", extraction=extraction, num_workers=num_workers, timeout_s=timeout_s, memory_limit_mb=memory_limit_mb
+    ) as scorer:
+        return scorer.score(completions, answers)[0]
 
 
 @atexit.register

@@ -5,7 +5,8 @@ so they find a reward by importing the module that defines it (``fn.__module__``
 the attribute ``fn.__qualname__``: a reward must therefore be a top-level function of an importable
 module (not ``__main__``, not a lambda or nested function). ``reward.name`` may also be written
 ``package.module:function``; that module is imported on lookup, so no import is needed in the
-launching script.
+launching script. The built-in ``math`` reward registers itself when the package
+(``drpo_trainer.rewards``) is imported, which any import of this module does first.
 """
 
 from __future__ import annotations
@@ -41,12 +42,7 @@ def register_reward(name: str) -> Callable[[RewardFn], RewardFn]:
     return decorator
 
 
-def _load_builtins() -> None:
-    import drpo_trainer.rewards.math  # noqa: F401  registers 'math'
-
-
 def registered_rewards() -> list[str]:
-    _load_builtins()
     return sorted(_REWARDS)
 
 
@@ -67,7 +63,6 @@ def get_reward(name: str) -> RewardFn:
         if not callable(fn):
             raise ValueError(f"reward {name!r}: module {module_name!r} has no function {attr!r}")
         return fn
-    _load_builtins()
     if name not in _REWARDS:
         raise ValueError(
             f"unknown reward {name!r}. Registered: {', '.join(sorted(_REWARDS))}. Fix: set reward.name to one of "

@@ -120,7 +120,8 @@ def serve(conn_in: Any, conn_out: Any) -> None:
             except SampleDeadline:  # the timer fired in the few bytecodes between catching and disarming
                 _disarm()
                 score, status, detail = 0.0, "timeout", f"exceeded {timeout_s} s"
-            has_answer = extract_final_answer(completion, extraction) is not None
+            # the extraction mode is None for a reward that does not look for a final answer
+            has_answer = extraction is not None and extract_final_answer(completion, extraction) is not None
             conn_out.send(("result", index, score, status, has_answer, detail))
 
 

@@ -22,7 +22,7 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from drpo_trainer.tiny_model import build_random_model
+    from drpo_trainer.builtin.tiny_model import build_random_model
 
     # head_dim 64 (256 / 4): a size every vLLM attention backend supports
     return build_random_model(tmp_path_factory.mktemp("tiny"), hidden_size=256, num_layers=2, num_heads=4, seed=0)

@@ -33,7 +33,7 @@ G = 4
 def build_model(kind: str, out: Path) -> str:
     from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3MoeConfig
 
-    from drpo_trainer.tiny_model import resolve_model_path
+    from drpo_trainer.builtin.tiny_model import resolve_model_path
 
     warm = resolve_model_path("builtin:tiny-math")  # tied Qwen3, head_dim 32; it stops with EOS
     if kind == "tied":

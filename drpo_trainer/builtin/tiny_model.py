@@ -1,13 +1,11 @@
-"""The embedded default model `builtin:tiny-math` and the synthetic arithmetic task it is trained on.
+"""The embedded default model `builtin:tiny-math`, trained on the synthetic task of `arithmetic`.
 
 Owns:
-- the synthetic problem family (`Compute 17 + 25. ...` -> `17 + 25 = 42. \\boxed{42}`), shared with
-  data/make_synthetic.py, which writes the bundled train/eval JSONL files from it;
 - a byte-level BPE tokenizer trained offline (`build_tokenizer`) and a tiny Qwen3 (`build_random_model`);
 - the warm start: a short supervised pass on synthetic solutions so the model solves part of the problems
   (RL needs a mix of right and wrong samples to learn from), built once and cached (`resolve_model_path`).
 
-Build ahead of time: `python -m drpo_trainer.tiny_model [--out DIR] [--eval]`.
+Build ahead of time: `python -m drpo_trainer.builtin.tiny_model [--out DIR] [--eval]`.
 
 Determinism: the build runs with fixed seeds and ONE torch thread, because CPU matmul reductions can
 differ with the thread count; with the same torch build the weights are then bit-identical. The cache
@@ -19,13 +17,19 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
 import shutil
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Optional
+
+from drpo_trainer.builtin.arithmetic import (
+    EVAL_SIZE,
+    ArithmeticProblem,
+    eval_problems,
+    sample_problem,
+)
 
 BUILTIN_NAME = "builtin:tiny-math"
 BUILD_VERSION = "tiny-math-v2"
@@ -39,90 +43,6 @@ CHAT_TEMPLATE = (
     r"{% endfor %}"
     r"{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
-
-# ----------------------------------------------------------------------------------------------
-# The synthetic task
-# ----------------------------------------------------------------------------------------------
-
-EVAL_SEED, EVAL_SIZE = 1, 128
-TRAIN_SEED, TRAIN_SIZE = 0, 500  # of the 736 problems of the family
-PROMPT_RE = re.compile(r"^Compute (\d+) ([-+*]) (\d+)\. Put the final answer in \\boxed\{\}\.$")
-
-
-@dataclass(frozen=True)
-class Problem:
-    """`a op b` with a non-negative integer result."""
-
-    a: int
-    op: str
-    b: int
-
-    @property
-    def answer(self) -> int:
-        return {"+": self.a + self.b, "-": self.a - self.b, "*": self.a * self.b}[self.op]
-
-    @property
-    def prompt(self) -> str:
-        return f"Compute {self.a} {self.op} {self.b}. Put the final answer in \\boxed{{}}."
-
-    @property
-    def solution(self) -> str:
-        return f"{self.a} {self.op} {self.b} = {self.answer}. \\boxed{{{self.answer}}}"
-
-    @classmethod
-    def from_prompt(cls, prompt: str) -> "Problem":
-        m = PROMPT_RE.match(prompt)
-        if m is None:
-            raise ValueError(f"not a synthetic arithmetic prompt: {prompt!r}")
-        return cls(int(m.group(1)), m.group(2), int(m.group(3)))
-
-
-ADD_MAX, MUL_MAX = 20, 9  # a + b and a - b with 0 <= b, a <= ADD_MAX; a * b with 2 <= a, b <= MUL_MAX
-
-
-def sample_problem(rng: random.Random) -> Problem:
-    """Sums and non-negative differences of 0..20, products of 2..9 (736 problems in all): a short
-    supervised pass learns most products and part of the sums and differences, so sampled answers
-    are a mix of right and wrong."""
-    op = rng.choice("+-*")
-    if op == "+":
-        return Problem(rng.randint(0, ADD_MAX), op, rng.randint(0, ADD_MAX))
-    if op == "-":
-        a = rng.randint(0, ADD_MAX)
-        return Problem(a, op, rng.randint(0, a))  # no negative results
-    return Problem(rng.randint(2, MUL_MAX), op, rng.randint(2, MUL_MAX))
-
-
-def sample_problems(n: int, seed: int, exclude: Iterable[Problem] = ()) -> list[Problem]:
-    """`n` distinct problems drawn in a fixed order from `seed`, none of them in `exclude`."""
-    rng, seen, out = random.Random(seed), set(exclude), []
-    for _ in range(1000 * (n + 10)):
-        if len(out) == n:
-            break
-        p = sample_problem(rng)
-        if p not in seen:
-            seen.add(p)
-            out.append(p)
-    if len(out) < n:
-        raise ValueError(
-            f"asked for {n} distinct problems but found only {len(out)} outside the {len(seen) - len(out)} "
-            "excluded ones: the family is too small; lower the count or widen ADD_MAX / MUL_MAX"
-        )
-    return out
-
-
-def eval_problems() -> list[Problem]:
-    return sample_problems(EVAL_SIZE, EVAL_SEED)
-
-
-def train_problems() -> list[Problem]:
-    return sample_problems(TRAIN_SIZE, TRAIN_SEED, exclude=eval_problems())
-
-
-def problem_row(p: Problem) -> dict[str, str]:
-    """One line of the bundled JSONL files (the data schema: `prompt`, `answer`)."""
-    return {"prompt": p.prompt, "answer": str(p.answer)}
-
 
 # ----------------------------------------------------------------------------------------------
 # Tokenizer and model
@@ -252,11 +172,11 @@ def encode_example(tokenizer, prompt: str, completion: Optional[str] = None) -> 
     return prompt_ids, tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
 
 
-def _unboxed(p: Problem) -> str:
+def _unboxed(p: ArithmeticProblem) -> str:
     return f"{p.a} {p.op} {p.b} = {p.answer}."
 
 
-def _sft_batch(tokenizer, problems: list[tuple[Problem, bool]]):
+def _sft_batch(tokenizer, problems: list[tuple[ArithmeticProblem, bool]]):
     """Right-padded (B, T) input ids, attention mask and labels (-100 outside the completion)."""
     import torch
 
@@ -273,7 +193,7 @@ def _sft_batch(tokenizer, problems: list[tuple[Problem, bool]]):
     return ids, mask, labels
 
 
-def _sft_stream(recipe: WarmStartRecipe) -> Iterable[list[tuple[Problem, bool]]]:
+def _sft_stream(recipe: WarmStartRecipe) -> Iterable[list[tuple[ArithmeticProblem, bool]]]:
     """Batches of problems drawn from the whole family. The eval problems are NOT held out: the
     family is small, and the eval set measures how reliably the model samples right answers to
     problems of the family (what RL improves), not generalisation to unseen operand pairs."""
@@ -317,16 +237,10 @@ def warm_start(model, tokenizer, recipe: WarmStartRecipe, progress: bool = True)
     return loss_value
 
 
-def last_boxed(text: str) -> Optional[str]:
-    """Content of the last \\boxed{...} (no nested braces: the synthetic answers are integers)."""
-    found = re.findall(r"\\boxed\{([^{}]*)\}", text)
-    return found[-1].strip() if found else None
-
-
 def sample_accuracy(
     model,
     tokenizer,
-    problems: list[Problem],
+    problems: list[ArithmeticProblem],
     *,
     temperature: float,
     seed: int = 0,
@@ -336,6 +250,8 @@ def sample_accuracy(
     """(fraction answered correctly, fraction with a \\boxed{}) over `problems`, one sample each;
     temperature 0 means greedy. Sampling is unrestricted (top_k=0, top_p=1)."""
     import torch
+
+    from drpo_trainer.rewards.extract import last_boxed  # the reward's own extraction
 
     correct = boxed = 0
     torch.manual_seed(seed)
@@ -450,7 +366,7 @@ def ensure_built(target: Path, progress: bool = True) -> Path:
 def main(argv: Optional[list[str]] = None) -> int:
     import argparse
 
-    ap = argparse.ArgumentParser(prog="python -m drpo_trainer.tiny_model", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m drpo_trainer.builtin.tiny_model", description=__doc__.split("\n\n")[0])
     ap.add_argument(
         "--out", help=f"output directory (default: $DRPO_CACHE_DIR or ~/.cache/drpo-trainer, /{BUILD_VERSION})"
     )

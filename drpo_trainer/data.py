@@ -1,6 +1,6 @@
 """Prompt data: loading, validation, chat formatting, and the resumable per-epoch sampler.
 
-Rows come from local JSONL (or JSON) files, read line by line, or parquet files (pyarrow), with two fields:
+Rows come from local JSONL or parquet files through `datasets` with two fields:
 `prompt` (text, or a list of chat messages {role, content}) and `answer` (the gold
 answer). Every step draws `prompts_per_step` prompts from a permutation of the data
 fixed by (seed, epoch); rank r of W takes the r-th contiguous slice of that draw.
@@ -9,7 +9,7 @@ The sampler's whole state is (epoch, index), so a resume neither skips nor repea
 
 from __future__ import annotations
 
-import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -29,7 +29,9 @@ class Problem:
 
 
 def _load_rows(path: str) -> list[dict]:
-    """The rows of one local file. Read directly: no network, no dataset cache, no process-wide setting."""
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    import datasets
+
     p = Path(path)
     if not p.is_file():
         raise DataError(
@@ -37,48 +39,25 @@ def _load_rows(path: str) -> list[dict]:
             "(paths are relative to the working directory)"
         )
     suffix = p.suffix.lower()
-    if suffix == ".parquet":
-        rows = _read_parquet(p)
-    elif suffix in (".jsonl", ".json"):
-        rows = _json_array(p) if suffix == ".json" else None
-        if rows is None:
-            return _read_jsonl(p)  # checked line by line
-    else:
-        raise DataError(f"{path}: unsupported file type '{suffix}'. Fix: use .jsonl, .json or .parquet")
-    bad = next((i for i, row in enumerate(rows) if not isinstance(row, dict)), None)
-    if bad is not None:
-        raise DataError(f"{path}, row {bad + 1}: a JSON {type(rows[bad]).__name__}, not an object with fields")
-    if not rows:
-        raise DataError(f"{path}: the file holds no rows. Fix: give a file with one problem per row")
-    return rows
-
-
-def _read_parquet(path: Path) -> list:
-    import pyarrow.parquet as pq
-
+    kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(suffix)
+    if kind is None:
+        raise DataError(f"{path}: unsupported file type '{suffix}'. Fix: use .jsonl or .parquet")
+    if kind == "json" and suffix == ".jsonl":
+        _check_jsonl_lines(p)  # datasets' own error names neither the line nor the problem
     try:
-        return pq.read_table(path).to_pylist()
-    except Exception as exc:  # pyarrow raises several types for broken files
-        raise DataError(f"{path}: could not be read as parquet: {exc}") from None
+        ds = datasets.load_dataset(kind, data_files=str(p), split="train")
+    except Exception as exc:  # datasets raises many types for broken files
+        raise DataError(f"{path}: could not be read as {kind}: {exc}") from None
+    if len(ds) == 0:
+        raise DataError(f"{path}: the file holds no rows. Fix: give a file with one problem per row")
+    return ds.to_list()
 
 
-def _json_array(path: Path) -> Optional[list]:
-    """A .json file holding one JSON array of rows, or None (then it is read as JSON lines)."""
-    with open(path, encoding="utf-8", errors="replace") as f:
-        head = f.read(4096).lstrip()
-        if not head.startswith("["):
-            return None
-        f.seek(0)
-        try:
-            value = json.load(f)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{path}: not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})") from None
-    return value if isinstance(value, list) else None
-
-
-def _read_jsonl(path: Path) -> list[dict]:
+def _check_jsonl_lines(path: Path) -> None:
     """Every non-blank line is one JSON object; else DataError naming the line and the problem."""
-    rows = []
+    import json
+
+    rows = 0
     with open(path, encoding="utf-8", errors="replace") as f:
         for n, line in enumerate(f, start=1):
             if not line.strip():
@@ -91,10 +70,9 @@ def _read_jsonl(path: Path) -> list[dict]:
                 ) from None
             if not isinstance(value, dict):
                 raise DataError(f"{path}, line {n}: a JSON {type(value).__name__}, not an object with fields")
-            rows.append(value)
-    if not rows:
+            rows += 1
+    if rows == 0:
         raise DataError(f"{path}: the file is empty (no rows). Fix: give a file with one problem per line")
-    return rows
 
 
 def _check_row(row: dict, path: str, i: int, prompt_field: str, answer_field: str) -> tuple[Any, str]:

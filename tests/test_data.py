@@ -89,48 +89,12 @@ def test_broken_jsonl_names_the_line(tmp_path, text, expected):
 
 
 def test_parquet_files_load(tmp_path):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    import datasets
 
     p = tmp_path / "d.parquet"
-    rows = [
-        {"prompt": [{"role": "user", "content": "q1"}], "answer": "1"},
-        {"prompt": [{"role": "system", "content": "s"}, {"role": "user", "content": "q2"}], "answer": "2"},
-    ]
-    pq.write_table(pa.Table.from_pylist(rows), p)
-    probs, _ = load_problems([str(p)], FakeTokenizer())
-    assert [(x.prompt_text, x.answer) for x in probs] == [
-        ("<user> q1 <assistant>", "1"),
-        ("<system> s <user> q2 <assistant>", "2"),
-    ]
-    broken = tmp_path / "broken.parquet"
-    broken.write_bytes(b"not parquet")
-    with pytest.raises(DataError, match="broken.parquet: could not be read as parquet"):
-        load_problems([str(broken)], FakeTokenizer())
-
-
-def test_json_array_and_json_lines_files_load(tmp_path):
-    array = tmp_path / "a.json"
-    array.write_text(json.dumps([{"prompt": "q1", "answer": 1}, {"prompt": "q2", "answer": "2"}], indent=2))
-    lines = tmp_path / "l.json"
-    lines.write_text('{"prompt": "q3", "answer": "3"}\n')
-    probs, stats = load_problems([str(array), str(lines)], FakeTokenizer(), apply_chat_template=False)
-    assert [(x.prompt_text, x.answer) for x in probs] == [("q1", "1"), ("q2", "2"), ("q3", "3")]
-    assert stats.rows == 3
-    array.write_text('[{"prompt": "q1", "answer": "1"}, 7]')
-    with pytest.raises(DataError, match="a.json, row 2: a JSON int, not an object"):
-        load_problems([str(array)], FakeTokenizer())
-
-
-def test_loading_changes_no_process_setting(tmp_path, monkeypatch):
-    """Local files are read directly: nothing is switched offline (or on) for the rest of the process."""
-    import os
-
-    for var in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):
-        monkeypatch.delenv(var, raising=False)
-    before = dict(os.environ)
-    load_problems([_write(tmp_path, [{"prompt": "q", "answer": "1"}])], FakeTokenizer())
-    assert dict(os.environ) == before
+    datasets.Dataset.from_list([{"prompt": "q1", "answer": "1"}, {"prompt": "q2", "answer": "2"}]).to_parquet(str(p))
+    probs, _ = load_problems([str(p)], FakeTokenizer(), apply_chat_template=False)
+    assert [(x.prompt_text, x.answer) for x in probs] == [("q1", "1"), ("q2", "2")]
 
 
 def test_sampler_covers_each_epoch_once_and_resumes_exactly():

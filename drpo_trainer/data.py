@@ -9,7 +9,6 @@ The sampler's whole state is (epoch, index), so a resume neither skips nor repea
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -29,7 +28,8 @@ class Problem:
 
 
 def _load_rows(path: str) -> list[dict]:
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    """The rows of one local file, through `datasets` (local files need no network and no process-wide
+    offline switch: the packaged json/parquet builders read the file in place)."""
     import datasets
 
     p = Path(path)

@@ -3,7 +3,7 @@
 Each metric is combined the way its producer says when it is added: a weighted mean (the
 default; weights = the token or sample counts it was measured over), or a max or a min
 (``add(..., reduce="max")``, or a mapping key -> reduction for a dict that mixes them, such as
-``losses.metric_reductions(loss)``). A mean over nothing is 0.0, an extremum over nothing NaN.
+``losses.metric_reductions(loss)``). A mean or an extremum over nothing is NaN (logged as null).
 Reductions across ranks are one all-reduce per kind, not one per key.
 """
 
@@ -72,7 +72,8 @@ class MetricAccumulator:
             sums = _all_reduce(sums, "sum", ctx)
             maxs = _all_reduce(maxs, "max", ctx) if maxs.numel() else maxs
         n = len(mean_keys)
-        out = {k: (sums[i] / sums[n + i]).item() if sums[n + i] > 0 else 0.0 for i, k in enumerate(mean_keys)}
+        # a mean over nothing (e.g. mismatch when every sample was skipped) is not a number, not 0
+        out = {k: (sums[i] / sums[n + i]).item() if sums[n + i] > 0 else float("nan") for i, k in enumerate(mean_keys)}
         out.update({k: _measured(maxs[i].item()) for i, k in enumerate(max_keys)})
         out.update({k: _measured(-maxs[len(max_keys) + i].item()) for i, k in enumerate(min_keys)})
         return out

@@ -119,3 +119,17 @@ def test_rank_slices_partition_the_draw():
 def test_too_few_prompts_is_a_clear_error():
     with pytest.raises(DataError, match="prompts_per_step=8 exceeds the 5"):
         PromptSampler(num_problems=5, prompts_per_step=8)
+
+
+def test_loading_data_leaves_the_process_environment_alone(tmp_path, monkeypatch):
+    """Reading a local file must not switch the whole process offline for datasets (or anything else)."""
+    import os
+
+    from drpo_trainer.data import _load_rows
+
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"prompt": "1+1?", "answer": "2"}\n{"prompt": "2+2?", "answer": "4"}\n')
+    before = dict(os.environ)
+    assert _load_rows(str(path)) == [{"prompt": "1+1?", "answer": "2"}, {"prompt": "2+2?", "answer": "4"}]
+    assert dict(os.environ) == before

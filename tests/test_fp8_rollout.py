@@ -164,6 +164,7 @@ def _start_training(out: Path, model_dir: str, *extra: str) -> subprocess.Popen:
         f"output_dir={out}",
         f"model.path={model_dir}",
         "trainer.max_steps=2",
+        "trainer.skip_zero_advantage=false",  # mismatch metrics over every sample, also in a step with no variance
         "trainer.prompts_per_step=8",
         "rollout.samples_per_prompt=4",
         "eval.files={}",

@@ -57,7 +57,9 @@ def assert_same_update(a: dict, b: dict) -> None:
     moved = sum(int((d != 0).sum()) for d in a.values())
     assert moved > 0.5 * sum(d.numel() for d in a.values()), "the step should move most parameters"
     for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-7, msg=name)
+        # reassociation error scales with the tensor's largest change (measured: <= 7e-7 at changes of 0.5)
+        scale = float(a[name].abs().max())
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-7 + 1e-5 * scale, msg=name)
 
 
 def step(model_dir, batch, order, *overrides):

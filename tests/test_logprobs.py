@@ -307,6 +307,9 @@ def _zero3_worker() -> None:
         assert_grads_close(full, reference_grads[name], name)
     engine.step()
     Path(os.environ["RESULT_DIR"], f"ok_{rank}").write_text("ok")
+    # a clean teardown: exiting with the gloo group alive can abort ("terminate called without an active exception")
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -6,14 +6,12 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from job_helpers import run_tiny_job
 
 from drpo_trainer import cli
 from drpo_trainer.plot import PANELS, PlotError, load_run, load_runs, make_report, moving_average, panel_keys
@@ -44,36 +42,9 @@ EXPECTED_TITLES = [
 def runs(tmp_path_factory, warm_model_dir) -> dict[str, Path]:
     """Two 3-step runs of the default job: DRPO and GRPO, eval of 8 problems at steps 0, 2 and 3."""
     root = tmp_path_factory.mktemp("plot_runs")
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    # one thread: on a busy 2-core machine torch's thread pool spins and a 10 s run takes a minute
-    env.update(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
-    out = {}
-    for loss in ("drpo", "grpo"):
-        out[loss] = root / loss
-        res = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "drpo_trainer.cli",
-                "--config",
-                "configs/tiny_cpu.yaml",
-                f"model.path={warm_model_dir}",
-                f"algorithm.loss={loss}",
-                f"output_dir={out[loss]}",
-                "trainer.max_steps=3",
-                "eval.every_steps=2",
-                "eval.max_problems=8",
-                "checkpoint.export_final=false",
-                "tracking.progress_bar=false",
-                "tracking.wandb.mode=disabled",
-            ],
-            cwd=REPO,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        assert res.returncode == 0, res.stderr[-3000:]
+    out = {loss: root / loss for loss in ("drpo", "grpo")}
+    for loss, run_dir in out.items():
+        run_tiny_job(run_dir, warm_model_dir, f"algorithm.loss={loss}", "tracking.wandb.mode=disabled")
     return out
 
 

@@ -4,14 +4,12 @@ eval samples at eval steps, the same rows as W&B Tables (offline), and the file 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from collections import Counter, defaultdict
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from job_helpers import job_env, run_tiny_job
 
 from drpo_trainer.config import ConfigError, load_config
 from drpo_trainer.samples import SAMPLES_FILE, SampleLog, pick
@@ -28,40 +26,17 @@ def run_dir(tmp_path_factory, warm_model_dir) -> Path:
     """3 steps of the default job writing every completion (samples_per_step above the batch), eval at
     steps 0, 2 and 3, W&B offline."""
     out = tmp_path_factory.mktemp("samples") / "run"
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    env.update(
-        HF_DATASETS_OFFLINE="1",
-        HF_HUB_OFFLINE="1",
-        TOKENIZERS_PARALLELISM="false",
-        OMP_NUM_THREADS="1",  # a busy 2-core machine: torch's spinning thread pool would make 10 s a minute
-        WANDB_SILENT="true",
-    )
+    env = job_env(WANDB_SILENT="true")
     env.pop("WANDB_MODE", None)
-    res = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "drpo_trainer.cli",
-            "--config",
-            "configs/tiny_cpu.yaml",
-            f"model.path={warm_model_dir}",
-            f"output_dir={out}",
-            "trainer.max_steps=3",
-            "eval.every_steps=2",
-            f"eval.max_problems={EVAL_PROBLEMS}",
-            "checkpoint.export_final=false",
-            "tracking.progress_bar=false",
-            "tracking.wandb.mode=offline",
-            "tracking.samples_every_steps=1",
-            "tracking.samples_per_step=1000",
-        ],
-        cwd=REPO,
+    run_tiny_job(
+        out,
+        warm_model_dir,
+        f"eval.max_problems={EVAL_PROBLEMS}",
+        "tracking.wandb.mode=offline",
+        "tracking.samples_every_steps=1",
+        "tracking.samples_per_step=1000",
         env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
     )
-    assert res.returncode == 0, res.stderr[-3000:]
     return out
 
 

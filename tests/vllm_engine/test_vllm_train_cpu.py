@@ -20,6 +20,9 @@ SHORT = [
     "checkpoint.export_final=false",
     "tracking.progress_bar=false",
     "checkpoint.every_steps=0",
+    # every sample scored by the learner, so every step measures the engine's mismatch (with skipping
+    # a step whose groups all lack reward variance has none to measure)
+    "trainer.skip_zero_advantage=false",
 ]
 
 

@@ -230,8 +230,6 @@ class Learner:
         tokens' policy entropy goes into `entropy` (token-weighted, not yet reduced over ranks)."""
         self.engine.eval()  # no dropout: mu must be the deterministic policy
         trained = self.trained(samples)
-        if entropy is not None:
-            entropy.add({"policy/entropy": 0.0}, weight=0.0)  # every rank reports the key, also with nothing to score
         for mb in self._micro_batches(trained):
             if not mb:  # keep ZeRO-3 collectives in step with ranks that have more work
                 self._forward(samples[:1], with_entropy=False)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from typing import Literal, Mapping, Optional, Union
+from typing import Iterable, Literal, Mapping, Optional, Union
 
 import torch
 
@@ -22,11 +22,15 @@ REDUCTIONS: tuple[Reduction, ...] = ("mean", "max", "min")
 
 
 class MetricAccumulator:
-    def __init__(self) -> None:
+    def __init__(self, means: Iterable[str] = ()) -> None:
+        """`means`: mean keys reported even if nothing is added (NaN then), so that a rank that
+        measured nothing still reduces the same keys as its peers."""
         self.sums: dict[str, float] = defaultdict(float)
         self.weights: dict[str, float] = defaultdict(float)
         self.extrema: dict[str, float] = {}
         self.reductions: dict[str, Reduction] = {}
+        for key in means:
+            self.add({key: 0.0}, weight=0.0)
 
     def add(
         self,

@@ -100,7 +100,7 @@ def run_step(run: Run, step: int) -> dict[str, float]:
         minibatches = split_minibatches(samples, cfg.trainer.minibatches_per_step, G)
         mu_from_update = cfg.trainer.reuse_first_minibatch_logprobs and run.learner.can_reuse_logprobs
         run.engine.sleep()
-        entropy = MetricAccumulator()  # over the trained tokens, with pre-update weights
+        entropy = MetricAccumulator(means=["policy/entropy"])  # over the trained tokens, pre-update weights
         with timer("recompute"):
             for minibatch in minibatches[1:] if mu_from_update else minibatches:
                 run.learner.recompute_logprobs(minibatch, entropy)

@@ -67,7 +67,7 @@ def step_delta(cfg, model_dir: str, samples: list) -> tuple[dict[str, torch.Tens
     before = full_params(learner.module)
     minibatches = split_minibatches(samples, cfg.trainer.minibatches_per_step, G)
     reuse = cfg.trainer.reuse_first_minibatch_logprobs and learner.can_reuse_logprobs
-    entropy = MetricAccumulator()
+    entropy = MetricAccumulator(means=["policy/entropy"])
     for mb in minibatches[1:] if reuse else minibatches:
         learner.recompute_logprobs(mb, entropy)
     metrics = [

@@ -100,3 +100,10 @@ def test_reductions_over_two_ranks():
     # outside any process group a context is one lone process, and reductions are the identity
     alone = DistContext.current()
     assert (alone.rank, alone.world_size, alone.is_main) == (0, 1, True) and all_reduce_sum([2.5], alone) == [2.5]
+
+
+def test_declared_means_are_reported_when_nothing_was_added():
+    acc = MetricAccumulator(means=["policy/entropy"])
+    assert math.isnan(acc.result()["policy/entropy"])
+    acc.add({"policy/entropy": 0.5}, weight=4.0)
+    assert acc.result() == {"policy/entropy": 0.5}

@@ -9,6 +9,8 @@ Layout of `<output_dir>/checkpoints/`:
     step_000010/
         ds/state/...          DeepSpeed ZeRO shards: model, optimizer, LR scheduler (every rank)
         rng/rank_00000.pt     python / numpy / torch RNG states of each rank
+        ranks/state_00000.pt  a rank's own loop state, if it has any (asynchronous layout: the
+                              batches sampled ahead of the learner, docs/async.md)
         loop_state.json       step, data position, W&B run id, world size, ...
         config.yaml           the resolved config of the run
         hf/                   model config + tokenizer (what `drpo-train export` needs besides weights)
@@ -97,8 +99,10 @@ def save_checkpoint(
     hf_save=None,
     keep_last: int = 2,
     ctx: Optional[DistContext] = None,
+    rank_state: Optional[dict] = None,
 ) -> Path:
-    """Every rank calls this. Returns the published directory."""
+    """Every rank calls this. Returns the published directory. `rank_state`: this rank's own
+    state (torch.save-able), given back by `load_checkpoint` to the same rank of the same world size."""
     ctx = ctx or DistContext.current()
     rank, world = ctx.rank, ctx.world_size
     root = checkpoints_dir(output_dir)
@@ -109,9 +113,12 @@ def save_checkpoint(
         for debris in root.glob(".tmp-step_*"):  # of a crash during an earlier write
             shutil.rmtree(debris, ignore_errors=True)
         (tmp / "rng").mkdir(parents=True)
+        (tmp / "ranks").mkdir()
     ctx.barrier()
     engine.save_checkpoint(str(tmp / "ds"), tag=STATE_TAG, save_latest=False)
     torch.save(rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
+    if rank_state is not None:
+        torch.save(rank_state, tmp / "ranks" / f"state_{rank:05d}.pt")
     if rank == 0:
         (tmp / "loop_state.json").write_text(json.dumps({**loop_state, "step": step, "world_size": world}, indent=1))
         (tmp / "config.yaml").write_text(config_yaml)
@@ -239,6 +246,9 @@ def load_checkpoint(
     rng = path / "rng" / f"rank_{rank:05d}.pt"
     if rng.is_file():
         set_rng_state(torch.load(rng, weights_only=False))
+    own = path / "ranks" / f"state_{rank:05d}.pt"
+    if own.is_file() and state["world_size"] == world:  # per-rank shares do not carry over to another world
+        state["rank_state"] = torch.load(own, weights_only=False)
     return state
 
 

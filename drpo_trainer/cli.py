@@ -73,6 +73,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         stop = StopFlag()
     world = int(os.environ["WORLD_SIZE"]) if "WORLD_SIZE" in os.environ else nproc * cfg.distributed.nnodes
     try:
+        world = cfg.learner_processes(world)  # the processes that train (the rest only generate)
         cfg.check_world(world)  # before any heavy import or process start
         _check_registries(cfg)
         from drpo_trainer.preflight import preflight

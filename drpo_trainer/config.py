@@ -206,6 +206,14 @@ class TrainerConfig(Section):
         "forward's own (detached) log-probs instead of a separate no-grad pass (exact; not used when the model "
         "has active dropout).",
     )
+    max_off_policy_steps: int = Field(
+        0,
+        ge=0,
+        description="Asynchronous off-policy training (docs/async.md): the rollout processes "
+        "(distributed.rollout_processes) generate ahead of the learner, and step t trains on a batch sampled by "
+        "the policy of step t-1-k or newer (k = this value). 0 = no generating ahead: the synchronous loop's "
+        "batches, also with dedicated rollout processes.",
+    )
     seed: int = Field(0, description="Seed of model-independent randomness (sampling, dropout).")
 
 
@@ -214,6 +222,13 @@ class DistributedConfig(Section):
         "auto", description="Processes per node; 'auto' = number of local GPUs, or 1 on CPU."
     )
     nnodes: int = Field(1, ge=1, description="Number of nodes (multi-node runs use launch/ scripts).")
+    rollout_processes: int = Field(
+        0,
+        ge=0,
+        description="Processes of the launch that only generate (the last global ranks; docs/async.md): they host "
+        "the rollout engine and score rewards, the others train. 0 = every process trains and hosts its own "
+        "engine (the synchronous loop).",
+    )
     zero_stage: Literal[0, 1, 2, 3] = Field(3, description="DeepSpeed ZeRO stage of the learner.")
     single_process_zero_stage: Optional[Literal[0, 1, 2, 3]] = Field(
         0,
@@ -296,6 +311,7 @@ class Config(Section):
                 f"algorithm.mis_lower ({self.algorithm.mis_lower}) must be below algorithm.mis_upper "
                 f"({self.algorithm.mis_upper})"
             )
+        self._check_async()
         need = self.data.max_prompt_tokens + self.rollout.max_new_tokens
         if self.trainer.micro_batch_tokens_per_gpu < need:
             raise ValueError(
@@ -304,6 +320,43 @@ class Config(Section):
                 f"Fix: set trainer.micro_batch_tokens_per_gpu >= {need}"
             )
         return self
+
+    def _check_async(self) -> None:
+        k, rollout = self.trainer.max_off_policy_steps, self.distributed.rollout_processes
+        if k and not rollout:
+            raise ValueError(
+                f"trainer.max_off_policy_steps={k} needs processes that generate while the learner trains. "
+                "Fix: set distributed.rollout_processes=1 (or more) and count them in distributed.nproc_per_node"
+            )
+        if not rollout:
+            return
+        a = self.algorithm
+        if k and a.behaviour_logprobs == "recompute" and a.mismatch_correction is None:
+            raise ValueError(
+                f"trainer.max_off_policy_steps={k} with algorithm.behaviour_logprobs=recompute: the recomputed "
+                "log-probs are a proximal anchor, not the policy that sampled (up to k versions older), so the "
+                "update needs an importance correction toward the sampling policy. Fix: set "
+                "algorithm.mismatch_correction=tis (decoupled PPO with a truncated weight, docs/async.md), or "
+                "algorithm.behaviour_logprobs=rollout (mu = the sampling policy itself)"
+            )
+        if self.rollout.backend == "vllm" and self.rollout.tensor_parallel_size > 1:
+            raise ValueError(
+                f"rollout.tensor_parallel_size={self.rollout.tensor_parallel_size}: with "
+                "distributed.rollout_processes each rollout process hosts a whole engine (tensor parallelism across "
+                "rollout processes is not supported yet). Fix: set rollout.tensor_parallel_size=1"
+            )
+
+    def learner_processes(self, world_size: int) -> int:
+        """How many of the launch's `world_size` processes train (the rest generate, docs/async.md)."""
+        learners = world_size - self.distributed.rollout_processes
+        if learners < 1:
+            rollout = self.distributed.rollout_processes
+            raise ConfigError(
+                f"distributed.rollout_processes={rollout} leaves no learner among {world_size} process(es). "
+                f"Fix: set distributed.nproc_per_node={rollout + 1} (or more): the learners are the processes "
+                "that are not rollout processes"
+            )
+        return learners
 
     def effective_zero_stage(self, world_size: int) -> int:
         d = self.distributed

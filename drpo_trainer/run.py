@@ -3,7 +3,8 @@
 `save_run` writes a Run through drpo_trainer.checkpoint (which owns the files: atomic publish,
 manifest, verification); `restore_run` puts a checkpoint's state back into a freshly built Run:
 the DeepSpeed state (weights, optimizer, lr schedule), each rank's RNG, the step, the data
-position and the loop's extra state (W&B run id, ...).
+position, the loop's extra state (W&B run id, ...) and each rank's own state (in the
+asynchronous layout: the batches the rollout processes had sampled ahead of the learner).
 """
 
 from __future__ import annotations
@@ -37,11 +38,14 @@ class Run:
     eval_sets: dict[str, list[Problem]]
     sampler: PromptSampler
     learner: Learner
-    engine: RolloutEngine
-    scorer: RewardScorer
+    engine: Optional[RolloutEngine]  # None when rollout processes sample (asynchronous layout)
+    scorer: Optional[RewardScorer]
     step: int = 0
     extra: dict[str, Any] = field(default_factory=dict)  # loop state saved in checkpoints (wandb id, ...)
     samples: Optional[SampleLog] = None  # samples.jsonl writer (rank 0)
+    rollouts: Any = None  # where batches come from: trainer.LocalRollouts or async_rollouts.RemoteRollouts
+    stopping: bool = False  # a stop was requested: the step just run is the last before exiting
+    rank_state: Optional[dict] = None  # this rank's own state from the resumed checkpoint (batches sampled ahead)
 
 
 def save_run(run: Run) -> Path:
@@ -61,6 +65,7 @@ def save_run(run: Run) -> Path:
         hf_save=hf_save,
         keep_last=run.cfg.checkpoint.keep_last,
         ctx=run.ctx,
+        rank_state=run.rollouts.checkpoint_state() if run.rollouts is not None else None,
     )
 
 
@@ -70,6 +75,7 @@ def restore_run(run: Run, path: Optional[Path], *, universal_dir: Optional[Path]
         return None
     state = load_checkpoint(run.learner.engine, Path(path), universal_dir=universal_dir, ctx=run.ctx)
     run.step = state["step"]
+    run.rank_state = state.get("rank_state")
     pos = dict(state["sampler"])
     run.sampler.seed = pos.pop("seed", run.sampler.seed)  # the permutation the saved position indexes
     run.sampler.state = SamplerState(**pos)

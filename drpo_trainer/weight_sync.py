@@ -117,7 +117,12 @@ def iter_gathered_buckets(model: torch.nn.Module, bucket_bytes: int) -> Iterator
 
 
 def sync_weights(model: torch.nn.Module, engine: Any, bucket_bytes: int) -> dict[str, float]:
-    """Push every learner parameter into `engine` bucket by bucket; returns sync/* metrics.
+    """Push every learner parameter into this rank's `engine` bucket by bucket; returns sync/* metrics."""
+    return load_buckets(engine, iter_gathered_buckets(model, bucket_bytes))
+
+
+def load_buckets(engine: Any, buckets: Iterator[list[tuple[str, torch.Tensor]]]) -> dict[str, float]:
+    """Feed `buckets` to `engine.load_weights`; returns sync/* metrics.
 
     Engines that need a session around a full update (vLLM re-quantizes FP8 layers once all
     of a layer's weights have arrived) expose `begin_weight_update()` / `finish_weight_update()`;
@@ -131,7 +136,7 @@ def sync_weights(model: torch.nn.Module, engine: Any, bucket_bytes: int) -> dict
     n_bytes = 0
     n_buckets = 0
     n_params = 0
-    for bucket in iter_gathered_buckets(model, bucket_bytes):
+    for bucket in buckets:
         engine.load_weights(bucket)
         n_buckets += 1
         n_params += len(bucket)

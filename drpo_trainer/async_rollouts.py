@@ -1,0 +1,361 @@
+"""Asynchronous off-policy training: rollout processes sample ahead of the learner (docs/async.md).
+
+With `distributed.rollout_processes: R` and `trainer.max_off_policy_steps: k`, the rollout
+processes (drpo_trainer/bridge.py) host the engine and the reward verifier; the learners train.
+
+    policy version v   the learner's weights after v steps (0 = the initial model)
+    batch of step t    sampled with version max(start, t - 1 - k): a rollout process takes the
+                       versions the learner publishes in order and takes the next one only when
+                       the batch it is about to sample needs it. The version is therefore a
+                       function of t and k alone, which makes an asynchronous run reproducible
+                       and its checkpoints exact; it is stamped on the batch and checked.
+    k = 0              every batch is sampled by the previous step's weights: the synchronous
+                       loop's batches, in other processes.
+
+Rollout process j samples the steps t with (t - first) % R == j, every learner rank's share
+with that share's seed (trainer.rollout_share), and sends each learner its share. After every
+step learner 0 publishes a header (version, evaluate?, parity?, stop?) and, when a rollout
+will still sample with that version, the weights. An evaluation runs on the rollout processes
+with the version it names; its counts come back to learner 0.
+
+A checkpoint at step s holds the batches already sampled for steps s+1 .. s+k (each learner
+its shares): resuming takes them first and the rollout processes continue at s+k+1 with
+version s, exactly as without the interruption.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from typing import Any, Optional
+
+import torch
+
+from drpo_trainer.bridge import Bridge, PeerLost
+from drpo_trainer.config import Config
+from drpo_trainer.data import PromptSampler, SamplerState
+from drpo_trainer.distributed import DistContext
+from drpo_trainer.metrics import MetricAccumulator
+from drpo_trainer.run import Run
+from drpo_trainer.trainer import PARITY_PROBE_PROMPTS, RolloutBatch, eval_counts, eval_metrics, rollout_share
+
+BATCHES_DONE = "batches_done"  # store counter: steps whose batches the rollout processes have sent
+
+
+def version_for(step: int, k: int, start: int = 0) -> int:
+    """The policy version that samples the batch of `step` (at most k versions behind step - 1)."""
+    return max(start, step - 1 - k)
+
+
+def source_of(step: int, first_step: int, n_learners: int, n_rollouts: int) -> int:
+    """Global rank of the rollout process that samples `step`."""
+    return n_learners + (step - first_step) % n_rollouts
+
+
+def _weights_needed(step: int, cfg: Config) -> bool:
+    """Will a rollout process still sample with version `step`?"""
+    return step + 1 + cfg.trainer.max_off_policy_steps <= cfg.trainer.max_steps
+
+
+class RemoteRollouts:
+    """The learner's side: batches come from the rollout processes; weights go to them."""
+
+    def __init__(self, run: Run, bridge: Bridge) -> None:
+        self.run, self.bridge, self.cfg = run, bridge, run.cfg
+        self.k = run.cfg.trainer.max_off_policy_steps
+        saved = (run.rank_state or {}).get("batches_ahead", [])
+        self.ahead: dict[int, RolloutBatch] = {b.step: b for b in saved if b.step > run.step}
+        self.pending: dict[int, list] = defaultdict(list)  # messages received before they were asked for
+        self.first_step = run.step + 1 + len(self.ahead)  # the first step the rollout processes sample
+        self.finished = False  # the rollout processes were told to stop
+        self.broken = False  # a peer was lost: nothing more goes over the bridge
+        self.idle = {"publish_wait": 0.0}
+
+    # -- messages ---------------------------------------------------------------------------------
+    def _take(self, src: int, kind: str, step: int) -> Any:
+        queue = self.pending[src]
+        for i, (k, s, _) in enumerate(queue):
+            if (k, s) == (kind, step):
+                return queue.pop(i)[2]
+        while True:
+            try:
+                k, s, payload = self.bridge.recv(src)
+            except PeerLost:
+                self.broken = True
+                raise
+            if (k, s) == (kind, step):
+                return payload
+            if k == "done":
+                raise RuntimeError(f"{self.bridge.describe(src)} finished without sending the {kind} of step {step}")
+            queue.append((k, s, payload))
+
+    def _publish(
+        self, version: int, *, weights: bool, evaluate: bool, parity: bool, stop: bool, first: bool = False
+    ) -> dict[str, float]:
+        """Learner 0 broadcasts the header; every learner takes part in gathering the weights."""
+        from drpo_trainer.weight_sync import iter_gathered_buckets
+
+        b, run = self.bridge, self.run
+        header = {"version": version, "weights": weights, "evaluate": evaluate, "parity": parity, "stop": stop}
+        if first:  # where the rollout processes start: after the batches the checkpoint kept
+            header["next_step"] = self.first_step
+            last = self.ahead[max(self.ahead)].sampler_after if self.ahead else None
+            header["sampler"] = last or (run.sampler.state.epoch, run.sampler.state.index)
+        start = time.perf_counter()
+        try:
+            if b.rank == 0:
+                b.broadcast_object(header)  # returns once every rollout process is listening
+            waited = time.perf_counter() - start
+            n_buckets = n_bytes = 0
+            if weights:
+                buckets = iter_gathered_buckets(run.learner.module, self.cfg.rollout.sync_bucket_mb * 2**20)
+                n_buckets, n_bytes = b.broadcast_buckets(buckets)
+        except PeerLost:
+            self.broken = True
+            raise
+        self.finished = self.finished or stop
+        metrics = {
+            "sync/seconds": time.perf_counter() - start - waited,
+            "sync/bytes": float(n_bytes),
+            "sync/buckets": float(n_buckets),
+        }
+        self.idle["publish_wait"] = waited
+        if parity:
+            metrics.update(self._check_parity(version))
+        return metrics
+
+    def _check_parity(self, version: int) -> dict[str, float]:
+        """Every rollout process scored the probe with the weights just sent; compare with the learner."""
+        from drpo_trainer.parity import check_parity, default_threshold, parity_metrics
+
+        run, r = self.run, self.cfg.rollout
+        probe = [p.prompt_ids for p in run.train_set[:PARITY_PROBE_PROMPTS]]
+        learner_scores = run.learner.score(probe)  # every learner: a ZeRO-3 collective
+        worst: list[Optional[dict]] = [None]
+        if self.bridge.rank == 0:
+            for src in self.bridge.rollout_ranks:
+                m = parity_metrics(self._take(src, "parity", version), learner_scores)
+                if worst[0] is None or m["parity/mean_abs_logprob_diff"] > worst[0]["parity/mean_abs_logprob_diff"]:
+                    worst[0] = m
+        if run.ctx.world_size > 1:
+            torch.distributed.broadcast_object_list(worst, src=0)
+        threshold = r.parity_max_abs_logprob_diff or default_threshold(
+            self.cfg.model.dtype, r.dtype or self.cfg.model.dtype, r.quantization
+        )
+        check_parity(worst[0], threshold)
+        return worst[0]
+
+    # -- the trainer's interface (as trainer.LocalRollouts) ----------------------------------------
+    def start(self) -> dict[str, float]:
+        run = self.run
+        r = self.cfg.rollout
+        evaluate = self.cfg.eval.at_start and run.step == 0 and bool(self.cfg.eval.files)
+        parity = r.parity_check_at_start or r.parity_check
+        return self._publish(run.step, weights=True, evaluate=evaluate, parity=parity, stop=False, first=True)
+
+    def batch(self, step: int) -> RolloutBatch:
+        b = self.bridge
+        (done,) = [float(b.store.add(BATCHES_DONE, 0))]
+        depth = max(0.0, self.first_step - 1 + done - (step - 1)) if step >= self.first_step else float(len(self.ahead))
+        start = time.perf_counter()
+        if step in self.ahead:
+            batch = self.ahead.pop(step)
+        else:
+            src = source_of(step, self.first_step, b.n_learners, b.n_rollouts)
+            batch = self._take(src, "batch", step)
+        waited = time.perf_counter() - start
+        lag = step - 1 - batch.version
+        if batch.step != step or not 0 <= lag <= self.k:
+            raise RuntimeError(
+                f"batch of step {batch.step} sampled by policy version {batch.version} arrived for step {step} "
+                f"(trainer.max_off_policy_steps={self.k}): the rollout processes broke the staleness bound"
+            )
+        self.run.sampler.state = SamplerState(*batch.sampler_after)  # the data position a checkpoint saves
+        batch.seconds["wait_rollout"] = waited
+        self._stamp = {"lag": float(lag), "depth": depth, "waited": waited}
+        return batch
+
+    def step_metrics(self, batch: RolloutBatch, step_seconds: float) -> dict[str, float]:
+        """Version lag, idle fractions and queue depth of the step just trained (over learner ranks)."""
+        s = self._stamp
+        idle = s["waited"] + self.idle["publish_wait"]
+        roll_idle, roll_busy = batch.seconds.get("rollout_idle", 0.0), batch.seconds.get("rollout_busy", 0.0)
+        acc = MetricAccumulator()
+        acc.add({"async/version_lag_max": s["lag"]}, reduce="max")
+        acc.add(
+            {
+                "async/version_lag_mean": s["lag"],
+                "async/queue_depth": s["depth"],
+                "async/learner_idle_fraction": min(1.0, idle / max(step_seconds, 1e-9)),
+                "async/rollout_idle_fraction": roll_idle / max(roll_idle + roll_busy, 1e-9),
+            }
+        )
+        return acc.result(all_reduce=True, ctx=self.run.ctx)
+
+    def publish(self, step: int, *, evaluate: bool, last: bool) -> dict[str, float]:
+        parity = self.cfg.rollout.parity_check
+        weights = evaluate or parity or (not last and _weights_needed(step, self.cfg))
+        return self._publish(step, weights=weights, evaluate=evaluate, parity=parity, stop=last)
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        """Learner 0 adds up the rollout processes' counts (they evaluated version `step`)."""
+        run, b = self.run, self.bridge
+        if b.rank != 0:
+            return {}
+        totals: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
+        for j, src in enumerate(b.rollout_ranks):
+            counts, rows = self._take(src, "eval", step)
+            for name, (correct, attempts) in counts.items():
+                totals[name][0] += correct
+                totals[name][1] += attempts
+            if j == 0 and run.samples is not None:  # rollout process 0's shard, as rank 0's in the synchronous loop
+                for name, (completions, scores) in rows.items():
+                    problems = run.eval_sets[name][: self.cfg.eval.max_problems or None][0 :: b.n_rollouts]
+                    run.samples.eval(step, name, problems, completions, scores)
+        return eval_metrics(self.cfg, {name: tuple(v) for name, v in totals.items()})
+
+    def hold_inflight(self, step: int) -> None:
+        """Take the batches already sampled for steps step+1 .. step+k: the checkpoint keeps them."""
+        for t in range(step + 1, min(step + self.k, self.cfg.trainer.max_steps) + 1):
+            if t not in self.ahead:
+                b = self.bridge
+                self.ahead[t] = self._take(source_of(t, self.first_step, b.n_learners, b.n_rollouts), "batch", t)
+
+    def checkpoint_state(self) -> Optional[dict]:
+        return {"batches_ahead": [self.ahead[t] for t in sorted(self.ahead)]}
+
+    def close(self) -> None:
+        """Tell the rollout processes to stop (if not yet) and take what they still send."""
+        if self.broken:
+            return
+        if not self.finished:
+            self._publish(self.run.step, weights=False, evaluate=False, parity=False, stop=True)
+        for src in self.bridge.rollout_ranks:
+            while True:
+                try:
+                    kind, _, _ = self.bridge.recv(src)
+                except PeerLost:
+                    break  # it stopped already: nothing is left to take
+                if kind == "done":
+                    break
+
+
+# ------------------------------------------------------------------------------------------------
+class _EvalRows:
+    """Keeps the completions an evaluation scored (sent to learner 0 for samples.jsonl)."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, tuple[list, list]] = {}
+
+    def eval(self, step, name, problems, completions, scores) -> None:
+        self.rows[name] = (completions, list(scores))
+
+
+class RolloutWorker:
+    """A rollout process: samples, scores and sends batches; loads the versions it needs."""
+
+    def __init__(self, cfg: Config, ctx: DistContext, bridge: Bridge) -> None:
+        from drpo_trainer.rewards import make_reward_scorer
+        from drpo_trainer.rollout import make_engine
+        from drpo_trainer.trainer import load_run_data
+
+        self.cfg, self.ctx, self.bridge = cfg, ctx, bridge
+        self.data = load_run_data(cfg)
+        self.engine = make_engine(
+            cfg, self.data.model_path, tokenizer=self.data.tokenizer, device=ctx.device, seed=cfg.trainer.seed
+        )
+        self.scorer = make_reward_scorer(cfg.reward)
+        self.index = bridge.rank - bridge.n_learners  # which rollout process
+        self.version = -1
+        self.idle = 0.0  # waiting for the learner since the last batch
+        self.busy = 0.0  # loading weights, evaluating since the last batch
+
+    def receive(self) -> dict:
+        """The next header from learner 0 and what it asks for."""
+        start = time.perf_counter()
+        header = self.bridge.broadcast_object()
+        self.idle += time.perf_counter() - start
+        start = time.perf_counter()
+        if header["weights"]:
+            from drpo_trainer.weight_sync import load_buckets
+
+            load_buckets(self.engine, self.bridge.receive_buckets())
+            self.version = header["version"]
+        if header["parity"]:
+            probe = [p.prompt_ids for p in self.data.train_set[:PARITY_PROBE_PROMPTS]]
+            self.bridge.send(0, ("parity", header["version"], self.engine.score(probe)))
+        if header["evaluate"]:
+            rows = _EvalRows()
+            counts = eval_counts(
+                self.cfg,
+                self.engine,
+                self.scorer,
+                self.data.eval_sets,
+                header["version"],
+                self.index,
+                self.bridge.n_rollouts,
+                rows if self.index == 0 else None,
+            )
+            self.bridge.send(0, ("eval", header["version"], (counts, rows.rows)))
+        self.busy += time.perf_counter() - start
+        return header
+
+    def serve(self) -> None:
+        cfg, b = self.cfg, self.bridge
+        k, max_steps = cfg.trainer.max_off_policy_steps, cfg.trainer.max_steps
+        header = self.receive()
+        if header["stop"]:
+            return self.finish()
+        first, start_version = header["next_step"], header["version"]
+        d = cfg.data
+        sampler = PromptSampler(len(self.data.train_set), cfg.trainer.prompts_per_step, seed=d.seed, shuffle=d.shuffle)
+        sampler.state = SamplerState(*header["sampler"])
+        for step in range(first, max_steps + 1):
+            indices = sampler.next_indices()  # every process draws every step: the same data order
+            if (step - first) % b.n_rollouts != self.index:
+                continue
+            while self.version < version_for(step, k, start_version):
+                if self.receive()["stop"]:
+                    return self.finish()
+            start = time.perf_counter()
+            shares = [
+                rollout_share(
+                    cfg,
+                    self.engine,
+                    self.scorer,
+                    self.data.train_set,
+                    step,
+                    PromptSampler.rank_slice(indices, r, b.n_learners),
+                    r,
+                    self.version,
+                    sampler.state,
+                )
+                for r in range(b.n_learners)
+            ]
+            busy = self.busy + time.perf_counter() - start
+            spent = {key: sum(s.seconds[key] for s in shares) for key in ("generate", "score")}  # this process's
+            for r, share in enumerate(shares):
+                share.seconds.update(spent, rollout_idle=self.idle, rollout_busy=busy)
+                b.send(r, ("batch", step, share))
+            b.store.add(BATCHES_DONE, 1)
+            self.idle = self.busy = 0.0
+        while not self.receive()["stop"]:  # evaluations and the final header
+            pass
+        self.finish()
+
+    def finish(self) -> None:
+        for r in range(self.bridge.n_learners):
+            self.bridge.send(r, ("done", None, None))
+        self.bridge.flush(peer=0)
+
+    def close(self) -> None:
+        self.scorer.close()
+
+
+def serve_rollouts(cfg: Config, ctx: DistContext, bridge: Bridge) -> None:
+    """The whole life of a rollout process."""
+    worker = RolloutWorker(cfg, ctx, bridge)
+    try:
+        worker.serve()
+    finally:
+        worker.close()

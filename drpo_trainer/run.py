@@ -80,6 +80,6 @@ def restore_run(run: Run, path: Optional[Path], *, universal_dir: Optional[Path]
     run.sampler.seed = pos.pop("seed", run.sampler.seed)  # the permutation the saved position indexes
     run.sampler.state = SamplerState(**pos)
     # this run's own data fingerprint stays: a change was allowed (or refused) before the run began
-    keep = ("step", "sampler", "world_size", "data_fingerprint")
+    keep = ("step", "sampler", "world_size", "data_fingerprint", "rank_state")
     run.extra.update({k: v for k, v in state.items() if k not in keep})
     return Path(path)

@@ -23,7 +23,15 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 
 # Wall-clock keys differ between any two runs; everything else must match on an exact resume.
-TIMING_PREFIXES = ("time/", "perf/", "sync/seconds")
+# (In the asynchronous layout how far the rollout process is ahead depends on timing too.)
+TIMING_PREFIXES = (
+    "time/",
+    "perf/",
+    "sync/seconds",
+    "async/learner_idle_fraction",
+    "async/rollout_idle_fraction",
+    "async/queue_depth",
+)
 
 
 def odd_length_reward(completion: str, answer: str, **_: object) -> float:

@@ -6,6 +6,7 @@ tiny hand-sized inputs, the arithmetic their printed ratios rest on.
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -127,3 +128,19 @@ def test_zero_advantage_summary_times_until_the_first_eval_crossing():
     assert s["skipped"] == 0.2
     assert summarize_skip(rows, target=0.5)["seconds_to_target"] is None
     assert s["phases"]["update"] == 0.0  # phases a row lacks count as 0
+
+
+def test_async_summary_reads_wall_time_gain_and_async_means():
+    from benchmarks.bench_async import summarize as summarize_async
+
+    rows = [
+        {"step": 0, "eval/synthetic/avg@4": 0.1},
+        {"step": 1, "time/step": 2.0, "async/version_lag_mean": 0.0, "async/learner_idle_fraction": 0.5},
+        {"step": 2, "time/step": 1.0, "async/version_lag_mean": 1.0, "async/learner_idle_fraction": 0.1},
+        {"step": 3, "time/step": 4.0, "async/version_lag_mean": 1.0, "eval/synthetic/avg@4": 0.25},
+    ]
+    s = summarize_async(rows, wall=30.0)
+    assert (s["wall_s"], s["steps_s"], s["step_s"]) == (30.0, 7.0, 2.0)
+    assert s["gain"] == pytest.approx(0.15)  # last eval minus step 0's, not the best one
+    assert s["lag"] == pytest.approx(2 / 3) and s["learner_idle"] == pytest.approx(0.3)
+    assert math.isnan(s["queue"])  # a synchronous run has no async/* keys

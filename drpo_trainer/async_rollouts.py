@@ -63,8 +63,13 @@ class RemoteRollouts:
     def __init__(self, run: Run, bridge: Bridge) -> None:
         self.run, self.bridge, self.cfg = run, bridge, run.cfg
         self.k = run.cfg.trainer.max_off_policy_steps
-        saved = (run.rank_state or {}).get("batches_ahead", [])
-        self.ahead: dict[int, RolloutBatch] = {b.step: b for b in saved if b.step > run.step}
+        self.ahead: dict[int, RolloutBatch] = {}
+        for b in (run.rank_state or {}).get("batches_ahead", []):  # in step order
+            if b.step != run.step + 1 + len(self.ahead) or b.step - 1 - b.version > self.k:
+                break  # a run resumed with a smaller k samples these steps again
+            self.ahead[b.step] = b
+        # how many kept batches are not used; None: the checkpoint's (if any) were not loaded (another world size)
+        self.dropped = None if run.rank_state is None else len(run.rank_state["batches_ahead"]) - len(self.ahead)
         self.pending: dict[int, list] = defaultdict(list)  # messages received before they were asked for
         self.first_step = run.step + 1 + len(self.ahead)  # the first step the rollout processes sample
         self.finished = False  # the rollout processes were told to stop
@@ -222,7 +227,7 @@ class RemoteRollouts:
                 self.ahead[t] = self._take(source_of(t, self.first_step, b.n_learners, b.n_rollouts), "batch", t)
 
     def checkpoint_state(self) -> Optional[dict]:
-        return {"batches_ahead": [self.ahead[t] for t in sorted(self.ahead)]}
+        return {"batches_ahead": [self.ahead[t] for t in sorted(self.ahead)]} if self.ahead else None
 
     def close(self) -> None:
         """Tell the rollout processes to stop (if not yet) and take what they still send."""

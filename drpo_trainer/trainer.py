@@ -417,9 +417,28 @@ def build_run(
         engine = make_engine(cfg, data.model_path, tokenizer=data.tokenizer, device=ctx.device, seed=cfg.trainer.seed)
         scorer = make_reward_scorer(cfg.reward)
     run = Run(cfg, ctx, data.tokenizer, data.train_set, data.eval_sets, sampler, learner, engine, scorer)
+    run.rollouts = LocalRollouts(run) if with_engine else None  # train() connects the rollout processes' side
     run.extra["data/prompts_dropped_too_long"] = data.dropped_too_long
     run.extra["data_fingerprint"] = data_fingerprint(d.train_files)  # a resume checks it (run_identity)
     return run
+
+
+def _say_dropped_batches(resumed: Path, run: Run, tracker: Tracker) -> None:
+    """Batches the checkpoint kept from rollout processes and this run does not train (docs/async.md)."""
+    if not any((Path(resumed) / "ranks").glob("state_*.pt")):  # written only when batches were kept
+        return
+    if isinstance(run.rollouts, LocalRollouts):
+        why = "this run has no rollout processes"
+    elif run.rollouts.dropped is None:
+        why = "this run has another number of learners"
+    elif run.rollouts.dropped:
+        why = "this run has a smaller trainer.max_off_policy_steps"
+    else:
+        return
+    tracker.message(
+        f"the checkpoint's batches sampled ahead of step {run.step} are not used ({why}): those steps are sampled "
+        "again from the saved data position, with the newest weights (same prompts, other samples)"
+    )
 
 
 def train(cfg: Config, *, resume: Optional[str] = None, stop: Optional[StopFlag] = None) -> dict[str, float]:
@@ -445,9 +464,7 @@ def train(cfg: Config, *, resume: Optional[str] = None, stop: Optional[StopFlag]
     universal_dir, zero3 = _checkpoint_layout(resumed, ctx)
     run = build_run(cfg, ctx, load_universal=universal_dir is not None, zero3=zero3, with_engine=bridge is None)
     restore_run(run, resumed, universal_dir=universal_dir)
-    if bridge is None:
-        run.rollouts = LocalRollouts(run)
-    else:
+    if bridge is not None:
         from drpo_trainer.async_rollouts import RemoteRollouts
 
         run.rollouts = RemoteRollouts(run, bridge)
@@ -456,6 +473,7 @@ def train(cfg: Config, *, resume: Optional[str] = None, stop: Optional[StopFlag]
     run.samples = open_sample_log(cfg, is_main=ctx.is_main, start_step=run.step, tracker=tracker)
     if resumed is not None:
         tracker.message(f"resumed from {resumed} at step {run.step}")
+        _say_dropped_batches(resumed, run, tracker)
     if run.extra.get("data/prompts_dropped_too_long"):
         tracker.message(f"dropped {run.extra['data/prompts_dropped_too_long']} prompts over data.max_prompt_tokens")
     last: dict[str, float] = {}

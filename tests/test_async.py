@@ -154,6 +154,19 @@ def test_sigterm_keeps_the_batches_sampled_ahead_and_resumes_exactly(uninterrupt
     assert all(torch.equal(want[n], got[n]) for n in want)
 
 
+def test_synchronous_resume_of_an_async_checkpoint_keeps_the_data_order(uninterrupted, tmp_path):
+    """The batches kept for steps 5 and 6 are dropped (said once); the same prompts are sampled again."""
+    import shutil
+
+    cfg, out = _config(tmp_path, "sync", **{"distributed.nproc_per_node": 1, "distributed.rollout_processes": 0})
+    shutil.copytree(uninterrupted / "checkpoints" / "step_000004", out / "checkpoints" / "step_000004")
+    res = h.train(cfg, "--resume", "auto", "--allow-config-change", "distributed,trainer.max_off_policy_steps")
+    assert "batches sampled ahead of step 4 are not used (this run has no rollout processes)" in res.stderr
+    assert [r["step"] for r in h.metrics_rows(out)] == [5, 6]
+    base = _prompts_by_step(uninterrupted)
+    assert _prompts_by_step(out) == {5: base[5], 6: base[6]}
+
+
 def test_k0_reproduces_the_synchronous_update(tmp_path):
     sync_out, _ = h.baseline(1)  # the synchronous loop, one process, 6 steps
     same = {"algorithm.mismatch_correction": None}  # the synchronous run's loss, exactly

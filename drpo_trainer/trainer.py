@@ -172,8 +172,7 @@ def run_step(run: Run, step: int, stop: Optional[StopFlag] = None) -> dict[str, 
     with timer("step"):
         # 1-3. this rank's prompts -> G rollouts each from the behaviour policy -> rewards -> group-relative
         #      advantages: sampled here (synchronous) or ahead of time by a rollout process (asynchronous)
-        with timer("rollout"):
-            batch = run.rollouts.batch(step)
+        batch = run.rollouts.batch(step)
         prompts = [run.train_set[i] for i in batch.indices]
         completions, rewards, advantages = batch.completions, batch.rewards, batch.advantages
         samples = [

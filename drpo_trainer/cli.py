@@ -93,6 +93,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         cmd = build_launch_command(nproc, argv, master_port=free_port())
         return _run_children(cmd, cfg.output_dir)
 
+    from drpo_trainer.bridge import PeerLost
     from drpo_trainer.data import DataError
     from drpo_trainer.trainer import train
 
@@ -101,6 +102,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     except (ConfigError, DataError) as err:
         print(f"drpo-train: {err}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
+    except PeerLost as err:  # the other role's process died: its own log says why
+        print(f"drpo-train: {err}", file=sys.stderr, flush=True)
+        return 1
     return 0
 
 

@@ -11,7 +11,7 @@ Each run is one colour (its label: the run directory's name, or `labels`); withi
 metrics are told apart by line style. `smooth=N` is a trailing moving average over the last N
 logged steps of the training metrics; eval points (`eval/*`) are drawn as logged, with markers.
 The panels follow the metric names written by trainer.py, losses.py, learner.py and
-advantages.py: a loss's own trust-region metrics (`drpo/*`, `spo/*`, `dppo/*`, `grpo/*`) are
+advantages.py and async_rollouts.py: a loss's own trust-region metrics (`drpo/*`, `spo/*`, `dppo/*`, `grpo/*`) are
 drawn for whichever runs emit them.
 """
 
@@ -76,6 +76,12 @@ PANELS: tuple[Panel, ...] = (
     Panel("ratio pi / mu", (r"policy/ratio_min", r"policy/ratio_mean", r"policy/ratio_max")),
     Panel("grad norm", (r"optim/grad_norm",)),
     Panel("learning rate", (r"optim/lr",)),
+    Panel(
+        "policy version lag (asynchronous)",
+        (r"async/version_lag_mean", r"async/version_lag_max", r"async/queue_depth"),
+        "versions / batches",
+    ),
+    Panel("idle fraction (asynchronous)", (r"async/learner_idle_fraction", r"async/rollout_idle_fraction"), "fraction"),
     Panel(
         "time per phase",
         (r"time/step", r"time/generate", r"time/score", r"time/recompute", r"time/update", r"time/sync", r"time/.+"),

@@ -131,6 +131,24 @@ def test_version_stamps_stay_within_k(uninterrupted):
     assert len(prompts) == 4 * STEPS and len(set(prompts)) == len(prompts)  # 24 of 32 problems: no repeat
 
 
+def test_plot_draws_the_lag_and_idle_panels(uninterrupted, tmp_path):
+    import io
+
+    from drpo_trainer.plot import make_report
+
+    fig = make_report([uninterrupted], tmp_path / "report.png", log=io.StringIO())
+    axes = {ax.get_title(): ax for ax in fig.axes if ax.get_visible()}
+    rows = h.metrics_rows(uninterrupted)
+    for title, keys in [
+        ("policy version lag (asynchronous)", ["version_lag_mean", "version_lag_max", "queue_depth"]),
+        ("idle fraction (asynchronous)", ["learner_idle_fraction", "rollout_idle_fraction"]),
+    ]:
+        lines = {line.get_gid(): line for line in axes[title].lines}
+        assert set(lines) == {f"base|async/{k}" for k in keys}
+        for k in keys:
+            assert list(lines[f"base|async/{k}"].get_ydata()) == [r[f"async/{k}"] for r in rows]
+
+
 def test_sigterm_keeps_the_batches_sampled_ahead_and_resumes_exactly(uninterrupted, tmp_path):
     cfg, out = _config(tmp_path, "run", **{"trainer.max_off_policy_steps": K, "checkpoint.every_steps": 0})
     proc = h.start(cfg, log=tmp_path / "first.log")

@@ -185,6 +185,14 @@ def test_synchronous_resume_of_an_async_checkpoint_keeps_the_data_order(uninterr
     assert _prompts_by_step(out) == {5: base[5], 6: base[6]}
 
 
+def test_two_rollout_processes_train_exactly_what_one_does(uninterrupted, tmp_path):
+    """Steps alternate between the two rollout processes; every share keeps its seed and version."""
+    cfg, out = _config(tmp_path, "two", **{"trainer.max_off_policy_steps": K, "distributed.nproc_per_node": 3})
+    h.train(cfg, "distributed.rollout_processes=2")
+    assert [comparable(r) for r in h.metrics_rows(out)] == [comparable(r) for r in h.metrics_rows(uninterrupted)]
+    assert _prompts_by_step(out) == _prompts_by_step(uninterrupted)
+
+
 def test_k0_reproduces_the_synchronous_update(tmp_path):
     sync_out, _ = h.baseline(1)  # the synchronous loop, one process, 6 steps
     same = {"algorithm.mismatch_correction": None}  # the synchronous run's loss, exactly

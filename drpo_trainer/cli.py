@@ -71,19 +71,21 @@ def main(argv: Optional[list[str]] = None) -> int:
         from drpo_trainer.stop import StopFlag
 
         stop = StopFlag()
-    world = int(os.environ["WORLD_SIZE"]) if "WORLD_SIZE" in os.environ else nproc * cfg.distributed.nnodes
+    launch = int(os.environ["WORLD_SIZE"]) if "WORLD_SIZE" in os.environ else nproc * cfg.distributed.nnodes
     try:
-        world = cfg.learner_processes(world)  # the processes that train (the rest only generate)
-        cfg.check_world(world)  # before any heavy import or process start
+        learners = cfg.learner_processes(launch)  # the processes that train (the rest only sample)
+        cfg.check_world(learners)  # before any heavy import or process start
         _check_registries(cfg)
         from drpo_trainer.preflight import preflight
 
-        preflight(cfg, int(os.environ.get("LOCAL_WORLD_SIZE", nproc)))
+        rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)))  # in the whole launch
+        samples = not trains_here or not cfg.distributed.rollout_processes or rank >= learners
+        preflight(cfg, int(os.environ.get("LOCAL_WORLD_SIZE", nproc)), samples=samples)
         from drpo_trainer.run_identity import check_resume, check_world_change
 
         allowed = [k.strip() for k in args.allow_config_change.split(",") if k.strip()]
         changes = check_resume(cfg, args.resume, allowed)
-        check_world_change(cfg, args.resume, world)
+        check_world_change(cfg, args.resume, learners)
     except ConfigError as err:
         print(f"drpo-train: {err}", file=sys.stderr)
         return EXIT_CONFIG_ERROR

@@ -99,9 +99,12 @@ def check_gpus(cfg: Config, local_processes: int) -> None:
         )
 
 
-def preflight(cfg: Config, local_processes: int) -> None:
-    """Raise ConfigError (one line: key, problem, fix) before anything heavy is loaded."""
-    check_backend(cfg)
+def preflight(cfg: Config, local_processes: int, *, samples: bool = True) -> None:
+    """Raise ConfigError (one line: key, problem, fix) before anything heavy is loaded. `samples`:
+    this process (or one it launches) hosts a rollout engine; a learner of the asynchronous layout
+    does not need the rollout backend installed (docs/async.md)."""
+    if samples:
+        check_backend(cfg)
     check_data(cfg)
     check_model(cfg)
     check_gpus(cfg, local_processes)

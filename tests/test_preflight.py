@@ -40,6 +40,23 @@ def test_paper_recipe_without_vllm_names_the_install_within_seconds(tmp_path):
     assert not (tmp_path / "config.yaml").exists()  # refused before the run started (no tokenizer, no model)
 
 
+@pytest.mark.skipif(__import__("importlib").util.find_spec("vllm") is not None, reason="vllm is installed here")
+def test_only_processes_that_sample_need_the_rollout_backend(tmp_path):
+    """Asynchronous layout on separate nodes: a learner node needs no vLLM (docs/async.md)."""
+    from drpo_trainer.config import ConfigError, load_config
+    from drpo_trainer.preflight import preflight
+
+    cfg = load_config("configs/tiny_cpu.yaml", ["rollout.backend=vllm", "distributed.rollout_processes=1"])
+    preflight(cfg, 1, samples=False)  # the learner: passes without vllm
+    with pytest.raises(ConfigError, match="rollout.backend=vllm needs vLLM"):
+        preflight(cfg, 1, samples=True)
+    # the CLI as global rank 1 of 2 under a launcher: the rollout process refuses, naming the install
+    launched = dict(RANK="1", WORLD_SIZE="2", LOCAL_RANK="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="29999")
+    args = ("--config", "configs/tiny_cpu.yaml", f"output_dir={tmp_path}", "rollout.backend=vllm")
+    res, _ = cli(*args, "distributed.rollout_processes=1", "distributed.nproc_per_node=2", **launched)
+    assert "rollout.backend=vllm needs vLLM" in one_line_refusal(res)
+
+
 def test_hub_model_missing_offline_says_how_to_download(tmp_path):
     res, _ = cli(
         "--config",

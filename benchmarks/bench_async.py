@@ -21,12 +21,7 @@ async / synchronous eval gain (target >= 0.7).
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,19 +36,6 @@ SETTINGS = {
         "algorithm.mismatch_correction=tis",
     ],
 }
-
-
-def run(out: Path, steps: int, overrides: list[str]) -> tuple[list[dict], float]:
-    """(metrics.jsonl rows, wall seconds of the whole command)."""
-    cmd = [sys.executable, "-m", "drpo_trainer.cli", "--config", "configs/tiny_cpu.yaml", f"output_dir={out}"]
-    cmd += [f"trainer.max_steps={steps}", "checkpoint.export_final=false", "tracking.progress_bar=false", *overrides]
-    env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    start = time.perf_counter()
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
-    wall = time.perf_counter() - start
-    if res.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed (exit {res.returncode}):\n{res.stderr[-4000:]}")
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()], wall
 
 
 def summarize(rows: list[dict], wall: float) -> dict:
@@ -85,14 +67,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60, help="rollout steps per run (the default job: 60)")
     parser.add_argument("--rounds", type=int, default=1, help="runs of each setting, alternating")
     args = parser.parse_args()
-    from benchmarks.common import median, print_table, ratio_line
+    from benchmarks.common import default_job_runs, median, print_table, ratio_line
 
     results: dict[str, list[dict]] = {name: [] for name in SETTINGS}
-    with tempfile.TemporaryDirectory() as tmp:
-        for r in range(args.rounds):
-            for name, overrides in SETTINGS.items():
-                out = Path(tmp) / f"{name.replace(' ', '_').replace('=', '')}{r}"
-                results[name].append(summarize(*run(out, args.steps, overrides)))
+    for name, rows, wall in default_job_runs(SETTINGS, steps=args.steps, rounds=args.rounds):
+        results[name].append(summarize(rows, wall))
     rows = [
         [
             name,

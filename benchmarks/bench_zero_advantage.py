@@ -21,11 +21,7 @@ step (generate, score, recompute, update, sync). Ratio: default / no skipping (s
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,16 +36,6 @@ SETTINGS = {
     "no skipping": ["trainer.skip_zero_advantage=false"],
     "default": [],
 }
-
-
-def run(out: Path, steps: int, overrides: list[str]) -> list[dict]:
-    cmd = [sys.executable, "-m", "drpo_trainer.cli", "--config", "configs/tiny_cpu.yaml", f"output_dir={out}"]
-    cmd += [f"trainer.max_steps={steps}", "checkpoint.export_final=false", "tracking.progress_bar=false", *overrides]
-    env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
-    if res.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed (exit {res.returncode}):\n{res.stderr[-4000:]}")
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def summarize(rows: list[dict], target: float) -> dict:
@@ -77,14 +63,11 @@ def main() -> None:
     parser.add_argument("--target", type=float, default=0.2, help="eval avg@4 whose first crossing is timed")
     parser.add_argument("--rounds", type=int, default=1, help="runs of each setting, alternating")
     args = parser.parse_args()
-    from benchmarks.common import median, print_table, ratio_line
+    from benchmarks.common import default_job_runs, median, print_table, ratio_line
 
     results: dict[str, list[dict]] = {name: [] for name in SETTINGS}
-    with tempfile.TemporaryDirectory() as tmp:
-        for r in range(args.rounds):
-            for name, overrides in SETTINGS.items():
-                out = Path(tmp) / f"{name.replace(' ', '_')}{r}"
-                results[name].append(summarize(run(out, args.steps, overrides), args.target))
+    for name, rows, _ in default_job_runs(SETTINGS, steps=args.steps, rounds=args.rounds):
+        results[name].append(summarize(rows, args.target))
     rows = []
     for name, runs in results.items():
         reached = [x["seconds_to_target"] for x in runs if x["seconds_to_target"] is not None]

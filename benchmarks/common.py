@@ -12,7 +12,7 @@ import re
 import statistics
 import time
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 
@@ -126,6 +126,36 @@ def ratio_line(value: float, target: str, met: Optional[bool] = None) -> str:
             f"ratio {value} against {target!r} is {'met' if verdict else 'not met'}, the caller said {met}"
         )
     return f"ratio = {value:.3f} (target: {target}) -> {'met' if verdict else 'NOT met'}"
+
+
+def default_job_runs(
+    settings: dict[str, list[str]], *, steps: int, rounds: int
+) -> Iterator[tuple[str, list[dict], float]]:
+    """Run `drpo-train --config configs/tiny_cpu.yaml` (the README's main job, `steps` steps, no
+    export) once per setting per round, alternating, each in a fresh process; yields (setting,
+    metrics.jsonl rows, wall seconds of the whole command)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    root = Path(__file__).resolve().parents[1]
+    job = [sys.executable, "-m", "drpo_trainer.cli", "--config", "configs/tiny_cpu.yaml"]
+    env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(rounds):
+            for i, (name, overrides) in enumerate(settings.items()):
+                out = Path(tmp) / f"setting{i}_round{r}"
+                cmd = [*job, f"output_dir={out}", f"trainer.max_steps={steps}", "checkpoint.export_final=false"]
+                cmd += ["tracking.progress_bar=false", *overrides]
+                start = time.perf_counter()
+                res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=root)
+                wall = time.perf_counter() - start
+                if res.returncode != 0:
+                    raise RuntimeError(f"{' '.join(cmd)} failed (exit {res.returncode}):\n{res.stderr[-4000:]}")
+                rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+                yield name, rows, wall
 
 
 def init_single_process() -> None:

@@ -74,7 +74,7 @@ class RemoteRollouts:
         self.first_step = run.step + 1 + len(self.ahead)  # the first step the rollout processes sample
         self.finished = False  # the rollout processes were told to stop
         self.broken = False  # a peer was lost: nothing more goes over the bridge
-        self.idle = {"publish_wait": 0.0}
+        self.publish_wait = 0.0  # seconds learner 0 waited for the rollout processes to take the last header
 
     # -- messages ---------------------------------------------------------------------------------
     def _take(self, src: int, kind: str, step: int) -> Any:
@@ -124,7 +124,7 @@ class RemoteRollouts:
             "sync/bytes": float(n_bytes),
             "sync/buckets": float(n_buckets),
         }
-        self.idle["publish_wait"] = waited
+        self.publish_wait = waited
         if parity:
             metrics.update(self._check_parity(version))
         return metrics
@@ -183,7 +183,7 @@ class RemoteRollouts:
     def step_metrics(self, batch: RolloutBatch, step_seconds: float) -> dict[str, float]:
         """Version lag, idle fractions and queue depth of the step just trained (over learner ranks)."""
         s = self._stamp
-        idle = s["waited"] + self.idle["publish_wait"]
+        idle = s["waited"] + self.publish_wait
         roll_idle, roll_busy = batch.seconds.get("rollout_idle", 0.0), batch.seconds.get("rollout_busy", 0.0)
         acc = MetricAccumulator()
         acc.add({"async/version_lag_max": s["lag"]}, reduce="max")

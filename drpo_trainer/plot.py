@@ -42,6 +42,7 @@ class Panel:
     patterns: tuple[str, ...]  # regular expressions matched against whole metric names, in drawing order
     ylabel: str = ""
     log_y: bool = False  # for quantities that span decades (a fp32 engine's k3 is ~1e-13, a bf16 one's ~1e-4)
+    layout_only: bool = False  # of one process layout (asynchronous): not named as missing when no run has it
 
 
 PANELS: tuple[Panel, ...] = (
@@ -80,8 +81,14 @@ PANELS: tuple[Panel, ...] = (
         "policy version lag (asynchronous)",
         (r"async/version_lag_mean", r"async/version_lag_max", r"async/queue_depth"),
         "versions / batches",
+        layout_only=True,
     ),
-    Panel("idle fraction (asynchronous)", (r"async/learner_idle_fraction", r"async/rollout_idle_fraction"), "fraction"),
+    Panel(
+        "idle fraction (asynchronous)",
+        (r"async/learner_idle_fraction", r"async/rollout_idle_fraction"),
+        "fraction",
+        layout_only=True,
+    ),
     Panel(
         "time per phase",
         (r"time/step", r"time/generate", r"time/score", r"time/recompute", r"time/update", r"time/sync", r"time/.+"),
@@ -180,12 +187,13 @@ def choose_panels(runs: Sequence[RunData]) -> tuple[list[tuple[Panel, list[str]]
     """(panels to draw with their metric names, {panel title: labels of the runs that lack it}).
 
     A panel is drawn when at least one run has one of its metrics; a run that lacks them all is
-    simply not in that panel. A panel no run has is not drawn (its entry lists every run)."""
+    simply not in that panel. A panel no run has is not drawn (its entry lists every run), except
+    that the panels of the asynchronous layout are not named when no run has them."""
     all_keys = set().union(*(r.keys for r in runs))
     chosen, gaps = [], {}
     for panel in PANELS:
         lacking = [r.label for r in runs if not panel_keys(panel, r.keys)]
-        if lacking:
+        if lacking and not (panel.layout_only and len(lacking) == len(runs)):
             gaps[panel.title] = lacking
         if len(lacking) < len(runs):
             chosen.append((panel, panel_keys(panel, all_keys)))

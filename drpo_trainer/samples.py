@@ -7,7 +7,8 @@ them when there are fewer), one JSON object each:
     step, kind ("train" or "eval:<set>"), index (position in rank 0's batch; a prompt's group is
     index // samples_per_prompt), prompt, completion, extracted_answer (reward.extraction applied
     to the completion; null when it has none), gold_answer, reward (the score the step used),
-    advantage (train rows only)
+    advantage and train_index (train rows only: the prompt's position in the training set as
+    loaded, over-long prompts dropped)
 
 With W&B on, the same rows are logged as Tables (`samples/train`, `samples/eval/<set>`).
 A resumed run keeps the rows up to its checkpoint's step and appends (the steps after it run
@@ -43,8 +44,10 @@ def sample_rows(
     *,
     extraction: str,
     advantages: Optional[Sequence[float]] = None,
+    train_indices: Optional[Sequence[int]] = None,
 ) -> list[dict]:
-    """The rows of n completions; `prompts` are the Problems the completions' prompt_index points into."""
+    """The rows of n completions; `prompts` are the Problems the completions' prompt_index points into
+    (`train_indices`: their positions in the training set)."""
     rows = []
     for i in pick(len(completions), n):
         c = completions[i]
@@ -61,6 +64,8 @@ def sample_rows(
         }
         if advantages is not None:
             row["advantage"] = float(advantages[i])
+        if train_indices is not None:
+            row["train_index"] = int(train_indices[c.prompt_index])
         rows.append(row)
     return rows
 
@@ -78,16 +83,25 @@ class SampleLog:
         _keep_until(self.path, start_step)
         self.file = open(self.path, "a", buffering=1, encoding="utf-8")
 
-    def train(self, step: int, prompts, completions, rewards, advantages) -> None:
+    def train(self, step: int, prompts, completions, rewards, advantages, train_indices=None) -> None:
         if self.every and step % self.every == 0:
-            self._write(step, "train", "samples/train", prompts, completions, rewards, [float(a) for a in advantages])
+            advantages = [float(a) for a in advantages]
+            self._write(step, "train", "samples/train", prompts, completions, rewards, advantages, train_indices)
 
     def eval(self, step: int, name: str, problems, completions, rewards) -> None:
         self._write(step, f"eval:{name}", f"samples/eval/{name}", problems, completions, rewards, None)
 
-    def _write(self, step, kind, table, prompts, completions, rewards, advantages) -> None:
+    def _write(self, step, kind, table, prompts, completions, rewards, advantages, train_indices=None) -> None:
         rows = sample_rows(
-            step, kind, prompts, completions, rewards, self.n, extraction=self.extraction, advantages=advantages
+            step,
+            kind,
+            prompts,
+            completions,
+            rewards,
+            self.n,
+            extraction=self.extraction,
+            advantages=advantages,
+            train_indices=train_indices,
         )
         self.file.write("".join(json.dumps(r) + "\n" for r in rows))
         if self.tracker is not None:

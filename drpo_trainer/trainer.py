@@ -220,7 +220,7 @@ def run_step(run: Run, step: int, stop: Optional[StopFlag] = None) -> dict[str, 
     metrics["perf/tokens_per_s"] = total_tokens / max(metrics["time/step"], 1e-9)
     metrics.update(run.rollouts.step_metrics(batch, timer.seconds["step"]))  # asynchronous: lag, idle, queue
     if run.samples is not None:  # a few completions with the rewards and advantages this step used
-        run.samples.train(step, prompts, completions, rewards, advantages)
+        run.samples.train(step, prompts, completions, rewards, advantages, batch.indices)
     return metrics
 
 

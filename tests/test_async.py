@@ -55,12 +55,13 @@ def comparable(row: dict) -> dict:
     return {k: v for k, v in h.without_timings(row).items() if not k.startswith("sync/")}
 
 
-def _prompts_by_step(out: Path) -> dict[int, list[str]]:
-    steps: dict[int, list[str]] = {}
+def _prompts_by_step(out: Path) -> dict[int, list[int]]:
+    """The training-set indices of the prompts each step trained (samples.jsonl holds every completion)."""
+    steps: dict[int, list[int]] = {}
     for line in (out / "samples.jsonl").read_text().splitlines():
         row = json.loads(line)
         if row["kind"] == "train" and row["index"] % 4 == 0:  # one row per prompt (G = 4)
-            steps.setdefault(row["step"], []).append(row["prompt"])
+            steps.setdefault(row["step"], []).append(row["train_index"])
     return steps
 
 
@@ -127,7 +128,7 @@ def test_version_stamps_stay_within_k(uninterrupted):
         assert 0 <= r["async/queue_depth"] <= K + 1
         assert 0 <= r["async/learner_idle_fraction"] <= 1 and 0 <= r["async/rollout_idle_fraction"] <= 1
         assert r["sync/bytes"] > 0 if r["step"] + 1 + K <= STEPS else r["sync/bytes"] == 0  # no unused transfer
-    prompts = [p for step in sorted(_prompts_by_step(uninterrupted).values()) for p in step]
+    prompts = [p for _, step in sorted(_prompts_by_step(uninterrupted).items()) for p in step]
     assert len(prompts) == 4 * STEPS and len(set(prompts)) == len(prompts)  # 24 of 32 problems: no repeat
 
 
@@ -161,6 +162,8 @@ def test_sigterm_keeps_the_batches_sampled_ahead_and_resumes_exactly(uninterrupt
     kept = torch.load(ckpt / "ranks" / "state_00000.pt", weights_only=False)["batches_ahead"]
     assert [b.step for b in kept] == list(range(stopped + 1, min(stopped + K, STEPS) + 1))
     assert [b.version for b in kept] == [version_for(b.step, K) for b in kept]
+    base_prompts = _prompts_by_step(uninterrupted)
+    assert [b.indices for b in kept] == [base_prompts[b.step] for b in kept]  # the prompts those steps train
 
     h.train(cfg, "--resume", "auto")
     rows, base = h.metrics_rows(out), h.metrics_rows(uninterrupted)
@@ -172,6 +175,7 @@ def test_sigterm_keeps_the_batches_sampled_ahead_and_resumes_exactly(uninterrupt
     assert all(torch.equal(want[n], got[n]) for n in want)
 
 
+@pytest.mark.slow
 def test_synchronous_resume_of_an_async_checkpoint_keeps_the_data_order(uninterrupted, tmp_path):
     """The batches kept for steps 5 and 6 are dropped (said once); the same prompts are sampled again."""
     import shutil
@@ -185,6 +189,7 @@ def test_synchronous_resume_of_an_async_checkpoint_keeps_the_data_order(uninterr
     assert _prompts_by_step(out) == {5: base[5], 6: base[6]}
 
 
+@pytest.mark.slow
 def test_two_rollout_processes_train_exactly_what_one_does(uninterrupted, tmp_path):
     """Steps alternate between the two rollout processes; every share keeps its seed and version."""
     cfg, out = _config(tmp_path, "two", **{"trainer.max_off_policy_steps": K, "distributed.nproc_per_node": 3})

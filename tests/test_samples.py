@@ -57,10 +57,13 @@ def _metrics(run_dir: Path) -> dict[int, dict]:
 
 
 def test_train_rows_hold_the_steps_rewards_and_advantages(run_dir):
+    from drpo_trainer.data import PromptSampler
     from drpo_trainer.rewards import extract_final_answer, math_reward
 
     samples, metrics = _samples(run_dir), _metrics(run_dir)
     assert sorted(k for k in samples if k[1] == "train") == [(1, "train"), (2, "train"), (3, "train")]
+    train_rows = (REPO / "data" / "synthetic_math_train.jsonl").read_text().splitlines()
+    sampler = PromptSampler(len(train_rows), PER_STEP // G, seed=0)  # configs/tiny_cpu.yaml: data.seed 0
     for step in (1, 2, 3):
         rows = samples[step, "train"]
         assert [r["index"] for r in rows] == list(range(PER_STEP))  # every completion of the step, in order
@@ -78,6 +81,12 @@ def test_train_rows_hold_the_steps_rewards_and_advantages(run_dir):
         # each reward is what the math reward gives that completion and gold answer, recomputed here
         for r in rows:
             assert r["reward"] == math_reward(r["completion"], r["gold_answer"]), r
+        # train_index: the prompt's row of the training file (no prompt is over-long here), in the
+        # order the data position draws them
+        drawn = sampler.next_indices()
+        assert [rows[g * G]["train_index"] for g in range(PER_STEP // G)] == drawn
+        for r in rows:
+            assert json.loads(train_rows[r["train_index"]])["answer"] == r["gold_answer"]
             assert r["extracted_answer"] == extract_final_answer(r["completion"], "boxed")
             assert "<|im_start|>user" in r["prompt"] and "\\boxed" in r["prompt"]  # the chat-formatted prompt
     all_rewards = [r["reward"] for s in (1, 2, 3) for r in samples[s, "train"]]

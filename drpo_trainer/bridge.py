@@ -190,15 +190,9 @@ def _process_group(backend: str, store, rank: int, size: int):
 def connect(backend: str, rollout_processes: int) -> tuple[DistContext, Bridge]:
     """Join the launch as a learner or a rollout process; returns this process's role context
     (its rank and world within its role) and the bridge."""
-    from drpo_trainer.distributed import launched_externally, slurm_to_torch_env
+    from drpo_trainer.distributed import prepare_process
 
-    if launched_externally() == "slurm":
-        os.environ.update(slurm_to_torch_env(dict(os.environ)))
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    cuda = torch.cuda.is_available()
-    if not cuda:
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    backend = ("nccl" if cuda else "gloo") if backend == "auto" else backend
+    backend, local_rank, device = prepare_process(backend)
     store, rank, world = next(torch.distributed.rendezvous("env://", timeout=BRIDGE_TIMEOUT))
     n_learners = world - rollout_processes
     if n_learners < 1:
@@ -209,11 +203,6 @@ def connect(backend: str, rollout_processes: int) -> tuple[DistContext, Bridge]:
     rollout = rank >= n_learners
     role = "rollout" if rollout else "learner"
     role_rank, role_world = (rank - n_learners, rollout_processes) if rollout else (rank, n_learners)
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
     # the role's own world is what DeepSpeed, vLLM and our collectives see
     os.environ.update(RANK=str(role_rank), WORLD_SIZE=str(role_world), DRPO_ROLE=role)
     torch.distributed.init_process_group(

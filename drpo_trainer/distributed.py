@@ -172,8 +172,9 @@ class DistContext:
         )
 
 
-def setup_distributed(backend: str = "auto") -> DistContext:
-    """Initialise the default process group (1 process too) and pick this rank's device."""
+def prepare_process(backend: str = "auto") -> tuple[str, int, "object"]:
+    """This process's launch variables (srun's translated, a lone process's defaulted), its
+    collective backend (auto = nccl on GPU) and device; returns (backend, local_rank, device)."""
     if launched_externally() == "slurm":
         os.environ.update(slurm_to_torch_env(dict(os.environ)))
     for var, default in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")):
@@ -190,10 +191,15 @@ def setup_distributed(backend: str = "auto") -> DistContext:
     local_rank = int(os.environ["LOCAL_RANK"])
     if cuda:
         torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
+        return backend, local_rank, torch.device("cuda", local_rank)
+    return backend, local_rank, torch.device("cpu")
+
+
+def setup_distributed(backend: str = "auto") -> DistContext:
+    """Initialise the default process group (1 process too) and pick this rank's device."""
+    backend, local_rank, device = prepare_process(backend)
     import deepspeed
+    import torch
 
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend=backend)

@@ -70,8 +70,8 @@ def random_sequences(n: int, length: int, vocab: int, seed: int) -> list[list[in
 def time_plain_fwd_bwd(model, seqs: list[list[int]], prompt_len: int, chunk_tokens: int, repeats: int) -> list[float]:
     """token_logprobs + backward on the bare model (no DeepSpeed, no optimizer)."""
     from benchmarks.common import time_call
-    from drpo_trainer.logprobs import token_logprobs
-    from drpo_trainer.packing import pack_sequences
+    from drpo_trainer.learner.logprobs import token_logprobs
+    from drpo_trainer.learner.packing import pack_sequences
 
     packed = pack_sequences(seqs, prompt_lengths=[prompt_len] * len(seqs))
     model.train()
@@ -90,7 +90,7 @@ def time_learner_update(
     """Learner.update on the DeepSpeed engine (ZeRO `zero_stage`), one micro-batch holding every sequence."""
     from benchmarks.common import time_call
     from drpo_trainer.config import load_config
-    from drpo_trainer.learner import Learner, TrainSample
+    from drpo_trainer.learner.learner import Learner, TrainSample
 
     init_single_process()
     total = sum(len(s) for s in seqs)

@@ -1,4 +1,4 @@
-"""Peak memory of token log-probs: chunked head (drpo_trainer.logprobs) vs full fp32 logits.
+"""Peak memory of token log-probs: chunked head (drpo_trainer.learner.logprobs) vs full fp32 logits.
 
 Run:  python benchmarks/bench_logprob_memory.py [--tokens 4096] [--vocab 151936] [--chunks 1024 512 256]
 
@@ -43,7 +43,7 @@ def _run_variant(variant: str, tokens: int, vocab: int) -> dict:
     import transformers
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from drpo_trainer.logprobs import naive_token_logprobs, token_logprobs
+    from drpo_trainer.learner.logprobs import naive_token_logprobs, token_logprobs
 
     torch.manual_seed(0)
     config = transformers.Qwen3Config(

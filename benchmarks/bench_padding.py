@@ -33,7 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import ratio_line  # noqa: E402
-from drpo_trainer.packing import pack_sequences, plan_micro_batches  # noqa: E402
+from drpo_trainer.learner.packing import pack_sequences, plan_micro_batches  # noqa: E402
 
 TARGET_FRACTION = 0.05
 

@@ -84,7 +84,7 @@ def write_problems(path: Path, n: int = 512) -> None:
 
 def run_ours(args, model_dir: str, data: str, out: str) -> dict:
     from drpo_trainer.config import load_config
-    from drpo_trainer.trainer import train
+    from drpo_trainer.runtime.loop import train
 
     cfg = load_config(
         None,

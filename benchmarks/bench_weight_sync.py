@@ -57,7 +57,7 @@ def param_bytes(model: torch.nn.Module) -> int:
 def zero3_module(model_dir: str) -> torch.nn.Module:
     """The learner's module, partitioned by ZeRO-3 exactly as `drpo-train` builds it."""
     from drpo_trainer.config import load_config
-    from drpo_trainer.learner import Learner
+    from drpo_trainer.learner.learner import Learner
 
     init_single_process()
     cfg = load_config(None, [f"model.path={model_dir}", "distributed.zero_stage=3"])
@@ -90,7 +90,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--bucket-mb", type=int, default=512, help="rollout.sync_bucket_mb")
     args = parser.parse_args()
-    from drpo_trainer.weight_sync import sync_weights
+    from drpo_trainer.rollout.weight_sync import sync_weights
 
     bucket = args.bucket_mb * 2**20
     with tempfile.TemporaryDirectory() as tmp:

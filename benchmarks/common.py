@@ -160,6 +160,6 @@ def default_job_runs(
 
 def init_single_process() -> None:
     """A one-process gloo group, as `drpo-train` sets up with distributed.nproc_per_node=1."""
-    from drpo_trainer.distributed import setup_distributed
+    from drpo_trainer.runtime.distributed import setup_distributed
 
     setup_distributed("gloo")

@@ -63,12 +63,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(dump_config(cfg), end="")
         return 0
 
-    from drpo_trainer.distributed import build_launch_command, free_port, launched_externally, resolve_nproc
+    from drpo_trainer.runtime.distributed import build_launch_command, free_port, launched_externally, resolve_nproc
 
     nproc = resolve_nproc(cfg.distributed.nproc_per_node)
     trains_here = launched_externally() is not None or nproc == 1
     if trains_here:  # from now on a SIGTERM asks for a clean stop instead of killing the start-up
-        from drpo_trainer.stop import StopFlag
+        from drpo_trainer.runtime.stop import StopFlag
 
         stop = StopFlag()
     launch = int(os.environ["WORLD_SIZE"]) if "WORLD_SIZE" in os.environ else nproc * cfg.distributed.nnodes
@@ -76,12 +76,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         learners = cfg.learner_processes(launch)  # the processes that train (the rest only sample)
         cfg.check_world(learners)  # before any heavy import or process start
         _check_registries(cfg)
-        from drpo_trainer.preflight import preflight
+        from drpo_trainer.runtime.preflight import preflight
 
         rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)))  # in the whole launch
         samples = not trains_here or not cfg.distributed.rollout_processes or rank >= learners
         preflight(cfg, int(os.environ.get("LOCAL_WORLD_SIZE", nproc)), samples=samples)
-        from drpo_trainer.run_identity import check_resume, check_world_change
+        from drpo_trainer.runtime.run_identity import check_resume, check_world_change
 
         allowed = [k.strip() for k in args.allow_config_change.split(",") if k.strip()]
         changes = check_resume(cfg, args.resume, allowed)
@@ -95,9 +95,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         cmd = build_launch_command(nproc, argv, master_port=free_port())
         return _run_children(cmd, cfg.output_dir)
 
-    from drpo_trainer.bridge import PeerLost
-    from drpo_trainer.data import DataError
-    from drpo_trainer.trainer import train
+    from drpo_trainer.io.data import DataError
+    from drpo_trainer.runtime.bridge import PeerLost
+    from drpo_trainer.runtime.loop import train
 
     try:
         train(cfg, resume=args.resume, stop=stop)
@@ -126,7 +126,7 @@ def _run_children(cmd: list[str], output_dir: str) -> int:
     import signal
     from pathlib import Path
 
-    from drpo_trainer.stop import EXIT_PREEMPTED, PREEMPTED_MARKER
+    from drpo_trainer.runtime.stop import EXIT_PREEMPTED, PREEMPTED_MARKER
 
     proc = subprocess.Popen(cmd)
     stopping = []
@@ -151,7 +151,7 @@ def _export(argv: list[str]) -> int:
         "--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="default: the run's model.dtype"
     )
     args = p.parse_args(argv)
-    from drpo_trainer.export import export_checkpoint
+    from drpo_trainer.io.export import export_checkpoint
 
     try:
         out = export_checkpoint(args.checkpoint, args.out_dir, dtype=args.dtype)
@@ -181,7 +181,7 @@ def _plot(argv: list[str]) -> int:
         "drawn as logged); default 1 = off",
     )
     args = p.parse_args(argv)
-    from drpo_trainer.plot import PlotError, make_report
+    from drpo_trainer.io.plot import PlotError, make_report
 
     labels = [s.strip() for s in args.labels.split(",")] if args.labels is not None else None
     try:

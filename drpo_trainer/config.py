@@ -148,7 +148,7 @@ class AlgorithmConfig(Section):
 
     @model_validator(mode="after")
     def _resolve_loss(self) -> "AlgorithmConfig":
-        from drpo_trainer.losses import validate_loss_params  # torch: only once a config is built
+        from drpo_trainer.algorithms.losses import validate_loss_params  # torch: only once a config is built
 
         # ValueError names the key and the fix; object.__setattr__: no re-validation of the completed dict
         object.__setattr__(self, "loss_params", validate_loss_params(self.loss, self.loss_params))

@@ -15,7 +15,7 @@ from typing import Iterable, Literal, Mapping, Optional, Union
 
 import torch
 
-from drpo_trainer.distributed import DistContext
+from drpo_trainer.runtime.distributed import DistContext
 
 Reduction = Literal["mean", "max", "min"]
 REDUCTIONS: tuple[Reduction, ...] = ("mean", "max", "min")

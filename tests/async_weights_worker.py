@@ -15,12 +15,12 @@ from pathlib import Path
 
 import torch
 
-from drpo_trainer.async_rollouts import RemoteRollouts, RolloutWorker
-from drpo_trainer.bridge import connect
 from drpo_trainer.config import load_config
-from drpo_trainer.learner import TrainSample
-from drpo_trainer.trainer import build_run
-from drpo_trainer.weight_sync import iter_gathered_buckets
+from drpo_trainer.learner.learner import TrainSample
+from drpo_trainer.rollout.weight_sync import iter_gathered_buckets
+from drpo_trainer.runtime.async_rollouts import RemoteRollouts, RolloutWorker
+from drpo_trainer.runtime.bridge import connect
+from drpo_trainer.runtime.loop import build_run
 
 VERSIONS = 3
 

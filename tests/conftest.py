@@ -37,7 +37,7 @@ def one_process_ctx():
     import deepspeed.comm
     import torch
 
-    from drpo_trainer.distributed import setup_distributed
+    from drpo_trainer.runtime.distributed import setup_distributed
 
     saved = dict(os.environ)
     yield setup_distributed("gloo")

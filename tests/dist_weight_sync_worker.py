@@ -41,7 +41,7 @@ def main(out_dir: str, bucket_bytes: int) -> None:
     import transformers
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
-    from drpo_trainer.weight_sync import iter_gathered_buckets, param_nbytes, plan_buckets, sync_weights
+    from drpo_trainer.rollout.weight_sync import iter_gathered_buckets, param_nbytes, plan_buckets, sync_weights
 
     deepspeed.init_distributed(dist_backend="gloo")
     rank = torch.distributed.get_rank()

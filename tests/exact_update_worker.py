@@ -21,7 +21,7 @@ NONZERO_GROUPS = (0, 3)
 
 def make_batch(vocab_size: int, groups: int = 4, seed: int = 0) -> list:
     """`groups` x G samples of random tokens; groups 1 and 2 have advantage exactly 0."""
-    from drpo_trainer.learner import TrainSample
+    from drpo_trainer.learner.learner import TrainSample
 
     gen = torch.Generator().manual_seed(seed)
     out = []
@@ -49,7 +49,7 @@ def reorder(samples: list, order: list[int]) -> list:
 
 
 def full_params(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    from drpo_trainer.weight_sync import iter_gathered_buckets
+    from drpo_trainer.rollout.weight_sync import iter_gathered_buckets
 
     out = {}
     for bucket in iter_gathered_buckets(module, 1 << 20):
@@ -59,9 +59,9 @@ def full_params(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def step_delta(cfg, model_dir: str, samples: list) -> tuple[dict[str, torch.Tensor], list[dict]]:
     """(parameter change of one rollout step, metrics of each mini-batch update)."""
-    from drpo_trainer.learner import Learner
+    from drpo_trainer.learner.learner import Learner
     from drpo_trainer.metrics import MetricAccumulator
-    from drpo_trainer.trainer import split_minibatches
+    from drpo_trainer.runtime.loop import split_minibatches
 
     learner = Learner(cfg, model_dir, total_optimizer_steps=cfg.trainer.minibatches_per_step)
     before = full_params(learner.module)
@@ -107,7 +107,7 @@ def step_config(model_dir: str, *overrides: str):
 def main(model_dir: str, out_file: str, skip: str, reuse: str, order: str) -> None:
     from transformers import AutoConfig
 
-    from drpo_trainer.distributed import setup_distributed
+    from drpo_trainer.runtime.distributed import setup_distributed
 
     ctx = setup_distributed("gloo")
     cfg = step_config(

@@ -205,7 +205,7 @@ def without_timings(row: dict) -> dict:
 
 def consolidated_weights(checkpoint: Path) -> dict:
     """fp32 parameters of a checkpoint (what `drpo-train export` writes)."""
-    from drpo_trainer.export import checkpoint_weights
+    from drpo_trainer.io.export import checkpoint_weights
 
     return checkpoint_weights(checkpoint)
 

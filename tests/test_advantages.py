@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from drpo_trainer.advantages import group_advantages
+from drpo_trainer.algorithms.advantages import group_advantages
 
 # Three prompts x G = 4: group 0 mixed, group 1 all correct (zero variance), group 2 one correct of four.
 REWARDS = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 1.0])

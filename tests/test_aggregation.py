@@ -3,8 +3,14 @@
 import pytest
 import torch
 
-from drpo_trainer.aggregation import AGG_MODES, aggregate_loss, count_tokens_and_seqs, masked_max, masked_mean
-from drpo_trainer.losses import compute_policy_loss, policy_loss_names
+from drpo_trainer.algorithms.aggregation import (
+    AGG_MODES,
+    aggregate_loss,
+    count_tokens_and_seqs,
+    masked_max,
+    masked_mean,
+)
+from drpo_trainer.algorithms.losses import compute_policy_loss, policy_loss_names
 
 # Row 0: three tokens 1, 2, 3. Row 1: one token 4 (then padding holding 7s). Row 2: empty (all padding).
 LOSS = torch.tensor([[1.0, 2.0, 3.0], [4.0, 7.0, 7.0], [9.0, 9.0, 9.0]], dtype=torch.float64)

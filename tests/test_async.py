@@ -22,9 +22,9 @@ import pytest
 import resume_helpers as h
 import torch
 
-from drpo_trainer.async_rollouts import source_of, version_for
 from drpo_trainer.config import ConfigError, load_config
-from drpo_trainer.stop import EXIT_PREEMPTED
+from drpo_trainer.runtime.async_rollouts import source_of, version_for
+from drpo_trainer.runtime.stop import EXIT_PREEMPTED
 
 pytestmark = pytest.mark.distributed
 HERE = Path(__file__).resolve().parent
@@ -135,7 +135,7 @@ def test_version_stamps_stay_within_k(uninterrupted):
 def test_plot_draws_the_lag_and_idle_panels(uninterrupted, tmp_path):
     import io
 
-    from drpo_trainer.plot import make_report
+    from drpo_trainer.io.plot import make_report
 
     fig = make_report([uninterrupted], tmp_path / "report.png", log=io.StringIO())
     axes = {ax.get_title(): ax for ax in fig.axes if ax.get_visible()}
@@ -244,7 +244,7 @@ def test_rollout_weights_equal_the_learners_after_every_transfer(tmp_path):
     env["DRPO_TEST_MODEL"] = h.workspace()["model"]
     env["DRPO_TEST_DATA"] = h.workspace()["train"]
     env["DRPO_TEST_OUT"] = str(tmp_path)
-    from drpo_trainer.distributed import free_port
+    from drpo_trainer.runtime.distributed import free_port
 
     res = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=3", f"--master_port={free_port()}"]

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from drpo_trainer.checkpoint import (
+from drpo_trainer.io.checkpoint import (
     MANIFEST,
     find_checkpoint,
     load_checkpoint,
@@ -22,7 +22,7 @@ from drpo_trainer.checkpoint import (
     save_checkpoint,
     verify_checkpoint,
 )
-from drpo_trainer.stop import StopFlag
+from drpo_trainer.runtime.stop import StopFlag
 
 
 class FakeEngine:
@@ -113,7 +113,7 @@ def test_resume_falls_back_past_a_damaged_checkpoint_with_a_warning(tmp_path, da
 
 
 def test_ranks_share_the_hashing_of_a_resume_and_together_catch_corruption(tmp_path):
-    from drpo_trainer.checkpoint import _verify_share
+    from drpo_trainer.io.checkpoint import _verify_share
 
     path = _save(tmp_path, 1)
     names = sorted(json.loads((path / MANIFEST).read_text())["files"])

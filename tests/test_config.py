@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from drpo_trainer.config import Config, ConfigError, load_config, parse_overrides
-from drpo_trainer.distributed import resolve_nproc
+from drpo_trainer.runtime.distributed import resolve_nproc
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -31,7 +31,7 @@ def test_every_shipped_config_parses_and_divides(path):
     nproc = cfg.distributed.nproc_per_node
     world = (nproc if isinstance(nproc, int) else 8) * cfg.distributed.nnodes
     cfg.check_world(world)
-    from drpo_trainer.losses import validate_loss_params
+    from drpo_trainer.algorithms.losses import validate_loss_params
 
     validate_loss_params(cfg.algorithm.loss, cfg.algorithm.loss_params)
 
@@ -159,7 +159,7 @@ def test_one_process_runs_without_zero_partitioning_unless_asked():
     "config", sorted(p.name for p in (Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 )
 def test_switching_the_loss_on_the_command_line_gives_that_losss_parameters(config):
-    from drpo_trainer.losses import loss_param_defaults, policy_loss_names
+    from drpo_trainer.algorithms.losses import loss_param_defaults, policy_loss_names
 
     path = Path(__file__).resolve().parents[1] / "configs" / config
     own = load_config(path).algorithm

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from drpo_trainer.algorithms.losses import validate_loss_params
 from drpo_trainer.config import ConfigError, load_config
-from drpo_trainer.losses import validate_loss_params
 
 ROOT = Path(__file__).resolve().parents[1]
 ALL_CONFIGS = sorted(p.name for p in (ROOT / "configs").glob("*.yaml"))
@@ -90,7 +90,7 @@ def test_deepspeed_jsons_merge_into_a_valid_deepspeed_config(json_name, offload)
     """Our keys <- the JSON's keys, then DeepSpeed's own (extra-forbidding) config parser."""
     from deepspeed.runtime.config import DeepSpeedConfig
 
-    from drpo_trainer.learner import deepspeed_config
+    from drpo_trainer.learner.learner import deepspeed_config
 
     cfg = _load(
         "qwen3_4b_base_drpo.yaml",
@@ -176,7 +176,7 @@ def test_data_files_are_the_converter_outputs(tmp_path, monkeypatch):
 
     from doc_commands import collect
 
-    from drpo_trainer.data import load_problems
+    from drpo_trainer.io.data import load_problems
 
     spec = importlib.util.spec_from_file_location("convert_hub_datasets", ROOT / "data/convert_hub_datasets.py")
     converter = importlib.util.module_from_spec(spec)

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from drpo_trainer.data import DataError, PromptSampler, SamplerState, load_problems
+from drpo_trainer.io.data import DataError, PromptSampler, SamplerState, load_problems
 
 
 class FakeTokenizer:
@@ -125,7 +125,7 @@ def test_loading_data_leaves_the_process_environment_alone(tmp_path, monkeypatch
     """Reading a local file must not switch the whole process offline for datasets (or anything else)."""
     import os
 
-    from drpo_trainer.data import _load_rows
+    from drpo_trainer.io.data import _load_rows
 
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
     path = tmp_path / "rows.jsonl"

@@ -219,7 +219,7 @@ def test_a_broken_readme_example_fails(runner, tmp_path):
 def test_every_registry_loss_runs_from_the_command_line(runner, loss):
     import yaml
 
-    from drpo_trainer.losses import loss_param_defaults, policy_loss_names
+    from drpo_trainer.algorithms.losses import loss_param_defaults, policy_loss_names
 
     assert loss in policy_loss_names()
     out = runner.tmp / f"loss_{loss}"

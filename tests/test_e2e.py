@@ -64,7 +64,7 @@ def test_two_process_zero3_run(small_run_files, warm_model_dir):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from drpo_trainer.export import checkpoint_weights
+    from drpo_trainer.io.export import checkpoint_weights
 
     f = small_run_files
     out = f["dir"] / "run2"

@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from drpo_trainer.aggregation import AGG_MODES
-from drpo_trainer.learner import _has_dropout
-from drpo_trainer.losses import policy_loss_names
+from drpo_trainer.algorithms.aggregation import AGG_MODES
+from drpo_trainer.algorithms.losses import policy_loss_names
+from drpo_trainer.learner.learner import _has_dropout
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -126,7 +126,7 @@ def test_two_processes_with_shortcuts_equal_one_process_without(model_dir, tmp_p
     """ZeRO-3, 2 ranks holding groups {0, 1} and {2, 3}: in mini-batch 1 rank 1 has nothing to
     train, in mini-batch 2 rank 0 (it runs a zero-weight forward to keep the collectives in step).
     One process without shortcuts, fed the same mini-batches, makes the same update."""
-    from drpo_trainer.distributed import free_port
+    from drpo_trainer.runtime.distributed import free_port
 
     def run(nproc: int, skip: str, reuse: str, order: str) -> dict:
         out = tmp_path / f"delta_{nproc}.pt"

@@ -40,7 +40,7 @@ def _logits(model, batch) -> torch.Tensor:
 
 
 def _learner_weights(checkpoint) -> dict:
-    """The checkpoint's weights as DeepSpeed reads them (independent of drpo_trainer.export)."""
+    """The checkpoint's weights as DeepSpeed reads them (independent of drpo_trainer.io.export)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     shards = checkpoint / "ds" / "state"
@@ -62,7 +62,7 @@ def _learner_model(checkpoint):
 def _check_export(nproc: int, tmp_path) -> None:
     from transformers import AutoModelForCausalLM
 
-    from drpo_trainer.universal import saved_at_zero3
+    from drpo_trainer.io.reshard import saved_at_zero3
 
     out, _ = h.baseline(nproc)
     ckpt = out / "checkpoints" / "step_000006"

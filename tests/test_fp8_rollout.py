@@ -17,7 +17,7 @@ import torch
 
 from drpo_trainer.rollout.fp8 import fake_quantize_fp8, fp8_scale_group, fp8_scale_groups, quantize_group
 from drpo_trainer.rollout.hf_engine import HFEngine
-from drpo_trainer.weight_sync import sync_weights
+from drpo_trainer.rollout.weight_sync import sync_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -203,8 +203,8 @@ def test_fp8_engine_opens_a_mismatch_the_fp32_engine_does_not(tmp_path, warm_mod
 def test_parity_gate_passes_fp8_at_its_default_and_catches_it_at_fp32s(warm_model_dir):
     from transformers import AutoTokenizer
 
-    from drpo_trainer.data import load_problems
-    from drpo_trainer.parity import check_parity, default_threshold, parity_metrics
+    from drpo_trainer.io.data import load_problems
+    from drpo_trainer.rollout.parity import check_parity, default_threshold, parity_metrics
 
     tok = AutoTokenizer.from_pretrained(warm_model_dir)
     problems, _ = load_problems(["data/synthetic_math_train.jsonl"], tok, max_prompt_tokens=64)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from drpo_trainer.distributed import (
+from drpo_trainer.runtime.distributed import (
     STOP_GRACE_S,
     _first_slurm_host,
     build_launch_command,
@@ -176,7 +176,7 @@ _WORKER = textwrap.dedent(
     """
     import os, signal, sys, time
     from pathlib import Path
-    from drpo_trainer.distributed import launched_externally
+    from drpo_trainer.runtime.distributed import launched_externally
     out = Path(sys.argv[1]); rank = os.environ["RANK"]; stop = []
     signal.signal(signal.SIGUSR1, lambda *_: stop.append(1))
     (out / f"ready{rank}").write_text("")
@@ -346,7 +346,7 @@ def test_dockerfile_pins_a_tested_vllm_and_runs_any_command():
 
 
 def test_local_launch_command_leaves_out_flags_an_older_torchrun_lacks(monkeypatch):
-    import drpo_trainer.distributed as dist
+    import drpo_trainer.runtime.distributed as dist
 
     monkeypatch.setattr(dist, "torchrun_options", lambda: frozenset({"--nproc_per_node", "--nnodes"}))
     cmd = dist.build_launch_command(2, ["--config", "c.yaml"], master_port=1, python="py")

@@ -15,11 +15,11 @@ import pytest
 import torch
 
 from drpo_trainer.config import load_config
-from drpo_trainer.learner import Learner, TrainSample
+from drpo_trainer.learner.learner import Learner, TrainSample
 from drpo_trainer.rollout import SamplingSpec
 from drpo_trainer.rollout.hf_engine import HFEngine
-from drpo_trainer.trainer import split_minibatches
-from drpo_trainer.weight_sync import iter_gathered_buckets, sync_weights
+from drpo_trainer.rollout.weight_sync import iter_gathered_buckets, sync_weights
+from drpo_trainer.runtime.loop import split_minibatches
 
 G = 4
 
@@ -166,7 +166,7 @@ def test_every_parameter_trains_and_sync_copies_exact_weights(model_dir, ctx, sa
 def test_parity_check_passes_after_sync_and_catches_stale_engine_weights(model_dir, ctx, samples):
     from types import SimpleNamespace
 
-    from drpo_trainer.trainer import check_engine_parity
+    from drpo_trainer.runtime.loop import check_engine_parity
 
     cfg = make_cfg(model_dir, "trainer.minibatches_per_step=1")  # the default fp32 threshold, 1e-4
     learner = Learner(cfg, model_dir, total_optimizer_steps=1)
@@ -189,7 +189,7 @@ def test_parity_check_passes_after_sync_and_catches_stale_engine_weights(model_d
 def test_learner_mu_is_the_engines_sampling_logprob(model_dir, ctx, temperature, top_k, top_p):
     """log mu (learner, recompute) and the engine's rollout log-probs share one definition: the
     sampling distribution at temperature T, truncated by top-k / top-p and renormalised."""
-    from drpo_trainer.logprobs import OUT_OF_SUPPORT_LOGPROB
+    from drpo_trainer.learner.logprobs import OUT_OF_SUPPORT_LOGPROB
 
     cfg = make_cfg(model_dir, f"rollout.temperature={temperature}", f"rollout.top_k={top_k}", f"rollout.top_p={top_p}")
     learner = Learner(cfg, model_dir, total_optimizer_steps=1)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from drpo_trainer.learner import Learner, lr_lambda
+from drpo_trainer.learner.learner import Learner, lr_lambda
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import exact_update_worker as w  # noqa: E402

@@ -12,7 +12,7 @@ import pytest
 import torch
 import transformers
 
-from drpo_trainer.logprobs import (
+from drpo_trainer.learner.logprobs import (
     IGNORE_INDEX,
     OUT_OF_SUPPORT_LOGPROB,
     naive_token_logprobs,
@@ -20,7 +20,7 @@ from drpo_trainer.logprobs import (
     token_logprobs,
     truncation_mask,
 )
-from drpo_trainer.packing import pack_sequences
+from drpo_trainer.learner.packing import pack_sequences
 
 VOCAB = 256
 

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from drpo_trainer.losses import (
+from drpo_trainer.algorithms.losses import (
     POLICY_LOSSES,
     binary_kl,
     compute_policy_loss,
@@ -440,7 +440,9 @@ def test_core_modules_import_only_torch_and_the_standard_library():
     import sys
 
     code = (
-        "import sys, drpo_trainer.losses, drpo_trainer.advantages, drpo_trainer.aggregation\n"
+        "import sys\n"
+        "import drpo_trainer.algorithms.losses, drpo_trainer.algorithms.advantages\n"
+        "import drpo_trainer.algorithms.aggregation\n"
         "heavy = [m for m in ('transformers', 'deepspeed', 'vllm', 'pydantic', 'yaml', 'wandb', 'datasets')"
         " if m in sys.modules]\n"
         "print(','.join(heavy))"

@@ -6,9 +6,9 @@ import os
 import pytest
 import torch
 
-from drpo_trainer.distributed import DistContext
-from drpo_trainer.losses import compute_policy_loss, metric_reductions, policy_loss_names
+from drpo_trainer.algorithms.losses import compute_policy_loss, metric_reductions, policy_loss_names
 from drpo_trainer.metrics import MetricAccumulator, all_reduce_max, all_reduce_sum
+from drpo_trainer.runtime.distributed import DistContext
 
 
 def test_means_are_weighted_and_extrema_ignore_weights():
@@ -86,7 +86,7 @@ def _two_rank_worker(rank: int, port: int, out: dict) -> None:
 def test_reductions_over_two_ranks():
     import torch.multiprocessing as mp
 
-    from drpo_trainer.distributed import free_port
+    from drpo_trainer.runtime.distributed import free_port
 
     with mp.Manager() as manager:
         out = manager.dict()

@@ -7,8 +7,8 @@ import random
 import pytest
 import torch
 
-from drpo_trainer.logprobs import IGNORE_INDEX, naive_token_logprobs, token_logprobs
-from drpo_trainer.packing import pack_sequences, plan_micro_batches
+from drpo_trainer.learner.logprobs import IGNORE_INDEX, naive_token_logprobs, token_logprobs
+from drpo_trainer.learner.packing import pack_sequences, plan_micro_batches
 
 
 # -- layout --------------------------------------------------------------------------------------

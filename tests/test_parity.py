@@ -1,10 +1,10 @@
-"""The parity check's arithmetic and its abort rule (drpo_trainer/parity.py)."""
+"""The parity check's arithmetic and its abort rule (drpo_trainer/rollout/parity.py)."""
 
 import math
 
 import pytest
 
-from drpo_trainer.parity import DEFAULT_THRESHOLDS, check_parity, default_threshold, parity_metrics
+from drpo_trainer.rollout.parity import DEFAULT_THRESHOLDS, check_parity, default_threshold, parity_metrics
 
 
 def test_metrics_by_hand():

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from drpo_trainer.data import load_problems
-from drpo_trainer.parity import check_parity, default_threshold, parity_metrics
+from drpo_trainer.io.data import load_problems
 from drpo_trainer.rollout.hf_engine import HFEngine
+from drpo_trainer.rollout.parity import check_parity, default_threshold, parity_metrics
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import pytest
 from job_helpers import run_tiny_job
 
 from drpo_trainer import cli
-from drpo_trainer.plot import PANELS, PlotError, load_run, load_runs, make_report, moving_average, panel_keys
+from drpo_trainer.io.plot import PANELS, PlotError, load_run, load_runs, make_report, moving_average, panel_keys
 
 REPO = Path(__file__).resolve().parents[1]
 

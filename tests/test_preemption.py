@@ -22,8 +22,8 @@ import pytest
 import resume_helpers as h
 import torch
 
-from drpo_trainer.checkpoint import find_checkpoint, verify_checkpoint
-from drpo_trainer.stop import EXIT_PREEMPTED
+from drpo_trainer.io.checkpoint import find_checkpoint, verify_checkpoint
+from drpo_trainer.runtime.stop import EXIT_PREEMPTED
 
 RESUMED = re.compile(r"resumed from (\S+) at step (\d+)")
 
@@ -37,7 +37,7 @@ def _steps_logged(out: Path) -> int:
 
 
 def _assert_final_weights_match_baseline(out: Path, nproc: int) -> None:
-    from drpo_trainer.universal import saved_at_zero3
+    from drpo_trainer.io.reshard import saved_at_zero3
 
     base, _ = h.baseline(nproc)
     assert saved_at_zero3(out / "checkpoints" / "step_000006") == (nproc > 1)

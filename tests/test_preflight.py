@@ -44,7 +44,7 @@ def test_paper_recipe_without_vllm_names_the_install_within_seconds(tmp_path):
 def test_only_processes_that_sample_need_the_rollout_backend(tmp_path):
     """Asynchronous layout on separate nodes: a learner node needs no vLLM (docs/async.md)."""
     from drpo_trainer.config import ConfigError, load_config
-    from drpo_trainer.preflight import preflight
+    from drpo_trainer.runtime.preflight import preflight
 
     cfg = load_config("configs/tiny_cpu.yaml", ["rollout.backend=vllm", "distributed.rollout_processes=1"])
     preflight(cfg, 1, samples=False)  # the learner: passes without vllm

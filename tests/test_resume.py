@@ -37,7 +37,7 @@ def _assert_same_run(full, resumed, *, nproc: int) -> None:
     # data position: 4 prompts per step from 32 -> index 4 * 6 = 24 of epoch 0, data.seed 0
     state = json.loads((resumed / "checkpoints" / "step_000006" / "loop_state.json").read_text())
     assert state["sampler"] == {"epoch": 0, "index": 24, "seed": 0} and state["world_size"] == nproc
-    from drpo_trainer.universal import saved_at_zero3
+    from drpo_trainer.io.reshard import saved_at_zero3
 
     assert saved_at_zero3(resumed / "checkpoints" / "step_000006") == (nproc > 1)  # the stage the docstring names
 
@@ -93,9 +93,9 @@ def test_resume_auto_on_an_empty_directory_starts_fresh():
 
 @pytest.mark.distributed
 def test_loading_another_world_size_needs_the_universal_conversion():
-    from drpo_trainer.checkpoint import load_checkpoint
     from drpo_trainer.config import ConfigError
-    from drpo_trainer.universal import check_convertible, saved_at_zero3
+    from drpo_trainer.io.checkpoint import load_checkpoint
+    from drpo_trainer.io.reshard import check_convertible, saved_at_zero3
 
     full, _ = h.baseline(2)
     ckpt = full / "checkpoints" / "step_000003"

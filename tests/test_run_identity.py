@@ -7,7 +7,7 @@ import json
 import pytest
 
 from drpo_trainer.config import ConfigError, dump_config, load_config
-from drpo_trainer.run_identity import check_resume, config_changes, data_fingerprint
+from drpo_trainer.runtime.run_identity import check_resume, config_changes, data_fingerprint
 
 
 @pytest.fixture

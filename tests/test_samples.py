@@ -12,8 +12,8 @@ import pytest
 from job_helpers import job_env, run_tiny_job
 
 from drpo_trainer.config import ConfigError, load_config
-from drpo_trainer.samples import SAMPLES_FILE, SampleLog, pick
-from drpo_trainer.tracking import Tracker
+from drpo_trainer.io.samples import SAMPLES_FILE, SampleLog, pick
+from drpo_trainer.io.tracking import Tracker
 
 REPO = Path(__file__).resolve().parents[1]
 G = 8  # configs/tiny_cpu.yaml: samples_per_prompt
@@ -57,7 +57,7 @@ def _metrics(run_dir: Path) -> dict[int, dict]:
 
 
 def test_train_rows_hold_the_steps_rewards_and_advantages(run_dir):
-    from drpo_trainer.data import PromptSampler
+    from drpo_trainer.io.data import PromptSampler
     from drpo_trainer.rewards import extract_final_answer, math_reward
 
     samples, metrics = _samples(run_dir), _metrics(run_dir)

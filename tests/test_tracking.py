@@ -5,7 +5,7 @@ import json
 import pytest
 
 from drpo_trainer.config import load_config
-from drpo_trainer.tracking import Tracker
+from drpo_trainer.io.tracking import Tracker
 
 
 def _cfg(tmp_path, *overrides):
@@ -66,7 +66,7 @@ def test_a_server_that_never_answers_is_given_up_after_the_timeout(monkeypatch):
     import socket
     import time
 
-    from drpo_trainer import tracking
+    from drpo_trainer.io import tracking
 
     monkeypatch.setattr(socket, "create_connection", lambda *a, **k: time.sleep(30))  # a hung DNS or connect
     assert tracking._server_unreachable(0.2).endswith("no answer within 0.2 s")

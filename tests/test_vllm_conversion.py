@@ -200,7 +200,7 @@ def test_missing_vllm_fails_at_startup_with_the_install_command(monkeypatch):
 def test_importing_the_package_never_imports_vllm():
     code = (
         "import sys, drpo_trainer, drpo_trainer.rollout, drpo_trainer.rollout.vllm_engine, "
-        "drpo_trainer.weight_sync, drpo_trainer.parity; print('vllm' in sys.modules)"
+        "drpo_trainer.rollout.weight_sync, drpo_trainer.rollout.parity; print('vllm' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert out.returncode == 0, out.stderr

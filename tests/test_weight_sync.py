@@ -1,4 +1,4 @@
-"""Bucketed weight sync (drpo_trainer/weight_sync.py): the plan, the sizes, and a real 2-process ZeRO-3 gather."""
+"""Bucketed weight sync (drpo_trainer/rollout/weight_sync.py): the plan, the sizes, a real 2-process ZeRO-3 gather."""
 
 import json
 import os
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from drpo_trainer.weight_sync import hf_name, iter_gathered_buckets, param_nbytes, plan_buckets, sync_weights
+from drpo_trainer.rollout.weight_sync import hf_name, iter_gathered_buckets, param_nbytes, plan_buckets, sync_weights
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -2,7 +2,7 @@
 
 The weight of a token is its gradient w.r.t. log pi divided by the unregularised one, -A r:
 1 means "plain importance-weighted policy gradient", 0 means "no gradient", below 0 means
-"pushed back toward mu". It is measured with autograd on drpo_trainer.losses, so the figure
+"pushed back toward mu". It is measured with autograd on drpo_trainer.algorithms.losses, so the figure
 shows what the code does. Run: python docs/figures/make_gradient_weights.py
 """
 
@@ -18,7 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from drpo_trainer.losses import compute_policy_loss  # noqa: E402
+from drpo_trainer.algorithms.losses import compute_policy_loss  # noqa: E402
 
 OUT = Path(__file__).with_name("gradient_weights.png")
 CURVES = [  # (label, loss, params, style)

@@ -3,7 +3,7 @@
 Same interface as the vLLM engine. It keeps its own full copy of the model (the learner's
 ZeRO-3 parameters are sharded), refreshed by `load_weights` after every update.
 Log-probs are of the sampling distribution, computed from the RAW logits (`output_logits`)
-by `drpo_trainer.logprobs.sampling_logprobs`: log_softmax(logits / T), truncated to the top-k /
+by `drpo_trainer.learner.logprobs.sampling_logprobs`: log_softmax(logits / T), truncated to the top-k /
 top-p set and renormalised when those are on (the learner's and vLLM's definition).
 `output_scores` would also carry other processors (min-length EOS ban), so they are not used.
 
@@ -18,7 +18,7 @@ from typing import Iterable, Optional
 
 import torch
 
-from drpo_trainer.logprobs import sampling_logprobs
+from drpo_trainer.learner.logprobs import sampling_logprobs
 from drpo_trainer.rollout.base import Completion, SamplingSpec
 from drpo_trainer.rollout.fp8 import fake_quantize_params, fp8_scale_group, fp8_scale_groups
 

@@ -64,8 +64,8 @@ PROMPTS = [[5, 17, 30, 41, 2], [7, 8, 9], [100, 3, 4, 60, 61, 62, 63]]
 
 
 def test_generate_n_samples_with_processed_logprobs(engine, learner):
-    from drpo_trainer.parity import parity_metrics
     from drpo_trainer.rollout.base import SamplingSpec
+    from drpo_trainer.rollout.parity import parity_metrics
 
     spec = SamplingSpec(n=4, temperature=0.7, max_new_tokens=16, seed=1)
     comps = engine.generate(PROMPTS, spec)
@@ -108,8 +108,8 @@ def test_sleep_frees_memory_and_wake_restores(engine):
 
 
 def test_sync_then_parity(engine, learner):
-    from drpo_trainer.parity import check_parity, parity_metrics
-    from drpo_trainer.weight_sync import sync_weights
+    from drpo_trainer.rollout.parity import check_parity, parity_metrics
+    from drpo_trainer.rollout.weight_sync import sync_weights
 
     probe = [p + [11, 12, 13, 14] for p in PROMPTS]
     ref = [_learner_logprobs(learner, s[:1], s[1:], 1.0) for s in probe]

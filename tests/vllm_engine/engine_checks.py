@@ -75,7 +75,7 @@ def max_diff(a: list[list[float]], b: list[list[float]]) -> float:
 
 
 def learner_rollout_logprobs(module, completions, temperature: float, top_k: int = 0, top_p: float = 1.0) -> list:
-    from drpo_trainer.logprobs import sampling_logprobs
+    from drpo_trainer.learner.logprobs import sampling_logprobs
 
     out = []
     with torch.no_grad():
@@ -89,12 +89,12 @@ def learner_rollout_logprobs(module, completions, temperature: float, top_k: int
 
 def main(kind: str, out_json: str) -> None:
     from drpo_trainer.config import load_config
-    from drpo_trainer.data import load_problems
-    from drpo_trainer.distributed import setup_distributed
-    from drpo_trainer.learner import Learner, TrainSample
+    from drpo_trainer.io.data import load_problems
+    from drpo_trainer.learner.learner import Learner, TrainSample
     from drpo_trainer.rollout import SamplingSpec, make_engine
-    from drpo_trainer.trainer import check_engine_parity
-    from drpo_trainer.weight_sync import sync_weights
+    from drpo_trainer.rollout.weight_sync import sync_weights
+    from drpo_trainer.runtime.distributed import setup_distributed
+    from drpo_trainer.runtime.loop import check_engine_parity
 
     work = Path(out_json).parent
     model_dir = build_model(kind, work / f"model_{kind}")

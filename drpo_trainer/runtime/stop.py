@@ -1,6 +1,6 @@
 """Stop requests: SIGTERM / SIGUSR1 ask the run to checkpoint and exit 75 at the next safe point.
 
-Safe points (drpo_trainer/trainer.py): after loading (model, data, checkpoint), after the step-0
+Safe points (drpo_trainer/runtime/loop.py): after loading (model, data, checkpoint), after the step-0
 evaluation, after every step (which then writes a checkpoint) and before the final export. A
 request is thus honoured within one step whatever the run is doing. Exit code 75 (EX_TEMPFAIL)
 tells a scheduler script to requeue; `PREEMPTED` in output_dir holds the step of the newest

@@ -1,6 +1,6 @@
 """A training run's state between steps (`Run`), and what of it a checkpoint keeps.
 
-`save_run` writes a Run through drpo_trainer.checkpoint (which owns the files: atomic publish,
+`save_run` writes a Run through drpo_trainer.io.checkpoint (which owns the files: atomic publish,
 manifest, verification); `restore_run` puts a checkpoint's state back into a freshly built Run:
 the DeepSpeed state (weights, optimizer, lr schedule), each rank's RNG, the step, the data
 position, the loop's extra state (W&B run id, ...) and each rank's own state (in the
@@ -13,18 +13,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
-from drpo_trainer.checkpoint import load_checkpoint, save_checkpoint
 from drpo_trainer.config import Config, dump_config
-from drpo_trainer.data import Problem, PromptSampler, SamplerState
-from drpo_trainer.distributed import DistContext
+from drpo_trainer.io.checkpoint import load_checkpoint, save_checkpoint
+from drpo_trainer.io.data import Problem, PromptSampler, SamplerState
+from drpo_trainer.runtime.distributed import DistContext
 
 if TYPE_CHECKING:  # heavy or circular at import time; annotations only
     from transformers import PreTrainedTokenizerBase
 
-    from drpo_trainer.learner import Learner
+    from drpo_trainer.io.samples import SampleLog
+    from drpo_trainer.learner.learner import Learner
     from drpo_trainer.rewards.pool import RewardScorer
     from drpo_trainer.rollout.base import RolloutEngine
-    from drpo_trainer.samples import SampleLog
 
 
 @dataclass

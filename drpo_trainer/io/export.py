@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from drpo_trainer.distributed import DistContext
+from drpo_trainer.runtime.distributed import DistContext
 
 
 def _save(state_dict: dict, hf_dir: Path, out_dir: Path, dtype: str) -> None:
@@ -48,7 +48,7 @@ def export_live(
     ctx: Optional[DistContext] = None,
 ) -> None:
     """Every rank of `ctx` calls this (each bucket is a collective gather); rank 0 writes."""
-    from drpo_trainer.weight_sync import iter_gathered_buckets
+    from drpo_trainer.rollout.weight_sync import iter_gathered_buckets
 
     ctx = ctx or DistContext.current()
     state: dict[str, torch.Tensor] = {}
@@ -64,7 +64,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
     """Offline: a `step_*` checkpoint directory -> an HF model directory."""
     import yaml
 
-    from drpo_trainer.checkpoint import verify_checkpoint
+    from drpo_trainer.io.checkpoint import verify_checkpoint
 
     ckpt = Path(checkpoint)
     problem = verify_checkpoint(ckpt, hashes=False)
@@ -81,7 +81,7 @@ def checkpoint_weights(checkpoint: str | os.PathLike) -> dict[str, torch.Tensor]
     """The full fp32 weights of a `step_*` checkpoint, whatever ZeRO stage wrote it."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    from drpo_trainer.checkpoint import STATE_TAG
+    from drpo_trainer.io.checkpoint import STATE_TAG
 
     ckpt = Path(checkpoint)
     shards = ckpt / "ds" / STATE_TAG

@@ -79,7 +79,7 @@ def check_world_change(cfg: Config, resume: Optional[str], world_size: int) -> N
     path = newest_checkpoint_files(resume, cfg.output_dir) if resume else None
     if path is None or not (path / "loop_state.json").is_file():
         return
-    from drpo_trainer import universal
+    from drpo_trainer.io import reshard as universal
 
     if universal.saved_world_size(path) != world_size:
         universal.check_convertible(path, world_size)

@@ -22,9 +22,9 @@ import shutil
 from pathlib import Path
 
 from drpo_trainer.config import ConfigError
-from drpo_trainer.distributed import DistContext
+from drpo_trainer.runtime.distributed import DistContext
 
-STATE_TAG = "state"  # the tag drpo_trainer.checkpoint saves under
+STATE_TAG = "state"  # the tag drpo_trainer.io.checkpoint saves under
 UNIVERSAL_DIR = "universal"
 
 

@@ -30,11 +30,11 @@ from typing import Optional
 
 import torch
 
+from drpo_trainer.algorithms.losses import compute_policy_loss, metric_reductions
 from drpo_trainer.config import Config, merge_dicts
-from drpo_trainer.distributed import DistContext
-from drpo_trainer.losses import compute_policy_loss, metric_reductions
+from drpo_trainer.learner.packing import pack_sequences, plan_micro_batches
 from drpo_trainer.metrics import MetricAccumulator, all_reduce_max, all_reduce_sum
-from drpo_trainer.packing import pack_sequences, plan_micro_batches
+from drpo_trainer.runtime.distributed import DistContext
 
 NO_CLIP = 1e30  # optim.grad_clip = 0: clip at a norm no gradient reaches, so the norm is still computed
 
@@ -67,7 +67,7 @@ def lr_lambda(schedule: str, warmup_steps: int, total_steps: int):
 
 
 def deepspeed_config(cfg: Config, world_size: int = 1, *, load_universal: bool = False, zero3: bool = False) -> dict:
-    # a universal or ZeRO-3 checkpoint loads only into ZeRO-3, also with one process (drpo_trainer.universal)
+    # a universal or ZeRO-3 checkpoint loads only into ZeRO-3, also with one process (drpo_trainer.io.reshard)
     stage = 3 if (load_universal or zero3) else cfg.effective_zero_stage(world_size)
     zero: dict = {"stage": stage}
     if stage == 3:
@@ -191,7 +191,7 @@ class Learner:
         """Packed forward; returns each sample's completion log-probs (Tc,) (and entropies) under
         the sampling distribution (rollout temperature, top-k, top-p), or at temperature 1
         without truncation for the parity probe."""
-        from drpo_trainer.logprobs import token_logprobs
+        from drpo_trainer.learner.logprobs import token_logprobs
 
         packed = pack_sequences(
             [s.input_ids for s in samples], prompt_lengths=[s.prompt_len for s in samples], row_tokens=self.row_tokens

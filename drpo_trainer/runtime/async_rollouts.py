@@ -1,7 +1,7 @@
 """Asynchronous off-policy training: rollout processes sample ahead of the learner (docs/async.md).
 
 With `distributed.rollout_processes: R` and `trainer.max_off_policy_steps: k`, the rollout
-processes (drpo_trainer/bridge.py) host the engine and the reward verifier; the learners train.
+processes (drpo_trainer/runtime/bridge.py) host the engine and the reward verifier; the learners train.
 
     policy version v   the learner's weights after v steps (0 = the initial model)
     batch of step t    sampled with version max(start, t - 1 - k): a rollout process takes the
@@ -31,13 +31,13 @@ from typing import Any, Optional
 
 import torch
 
-from drpo_trainer.bridge import Bridge, PeerLost
 from drpo_trainer.config import Config
-from drpo_trainer.data import PromptSampler, SamplerState
-from drpo_trainer.distributed import DistContext
+from drpo_trainer.io.data import PromptSampler, SamplerState
 from drpo_trainer.metrics import MetricAccumulator
-from drpo_trainer.run import Run
-from drpo_trainer.trainer import PARITY_PROBE_PROMPTS, RolloutBatch, eval_counts, eval_metrics, rollout_share
+from drpo_trainer.runtime.bridge import Bridge, PeerLost
+from drpo_trainer.runtime.distributed import DistContext
+from drpo_trainer.runtime.loop import PARITY_PROBE_PROMPTS, RolloutBatch, eval_counts, eval_metrics, rollout_share
+from drpo_trainer.runtime.run import Run
 
 BATCHES_DONE = "batches_done"  # store counter: steps whose batches the rollout processes have sent
 
@@ -98,7 +98,7 @@ class RemoteRollouts:
         self, version: int, *, weights: bool, evaluate: bool, parity: bool, stop: bool, first: bool = False
     ) -> dict[str, float]:
         """Learner 0 broadcasts the header; every learner takes part in gathering the weights."""
-        from drpo_trainer.weight_sync import iter_gathered_buckets
+        from drpo_trainer.rollout.weight_sync import iter_gathered_buckets
 
         b, run = self.bridge, self.run
         header = {"version": version, "weights": weights, "evaluate": evaluate, "parity": parity, "stop": stop}
@@ -131,7 +131,7 @@ class RemoteRollouts:
 
     def _check_parity(self, version: int) -> dict[str, float]:
         """Every rollout process scored the probe with the weights just sent; compare with the learner."""
-        from drpo_trainer.parity import check_parity, default_threshold, parity_metrics
+        from drpo_trainer.rollout.parity import check_parity, default_threshold, parity_metrics
 
         run, r = self.run, self.cfg.rollout
         probe = [p.prompt_ids for p in run.train_set[:PARITY_PROBE_PROMPTS]]
@@ -262,7 +262,7 @@ class RolloutWorker:
     def __init__(self, cfg: Config, ctx: DistContext, bridge: Bridge) -> None:
         from drpo_trainer.rewards import make_reward_scorer
         from drpo_trainer.rollout import make_engine
-        from drpo_trainer.trainer import load_run_data
+        from drpo_trainer.runtime.loop import load_run_data
 
         self.cfg, self.ctx, self.bridge = cfg, ctx, bridge
         self.data = load_run_data(cfg)
@@ -282,7 +282,7 @@ class RolloutWorker:
         self.idle += time.perf_counter() - start
         start = time.perf_counter()
         if header["weights"]:
-            from drpo_trainer.weight_sync import load_buckets
+            from drpo_trainer.rollout.weight_sync import load_buckets
 
             load_buckets(self.engine, self.bridge.receive_buckets())
             self.version = header["version"]

@@ -1,7 +1,7 @@
 """Checkpoint files that never lose a run: atomic publish, manifest, verified resume.
 
-What a trainer run puts in a checkpoint and takes back out is drpo_trainer.run (`save_run`,
-`restore_run`); the HF export is drpo_trainer.export. Functions that every rank calls take the
+What a trainer run puts in a checkpoint and takes back out is drpo_trainer.runtime.run (`save_run`,
+`restore_run`); the HF export is drpo_trainer.io.export. Functions that every rank calls take the
 run's `DistContext` (default: `DistContext.current()`).
 
 Layout of `<output_dir>/checkpoints/`:
@@ -38,7 +38,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from drpo_trainer.distributed import DistContext
+from drpo_trainer.runtime.distributed import DistContext
 
 STATE_TAG = "state"
 MANIFEST = "MANIFEST.json"
@@ -229,7 +229,7 @@ def load_checkpoint(
     """Every rank calls this; restores engine (model, optimizer, scheduler) and this rank's RNG.
 
     `universal_dir`: load the engine state from DeepSpeed's universal conversion of the checkpoint
-    (another world size, see drpo_trainer.universal); ranks the checkpoint had no RNG state for
+    (another world size, see drpo_trainer.io.reshard); ranks the checkpoint had no RNG state for
     keep their freshly seeded streams."""
     ctx = ctx or DistContext.current()
     rank, world = ctx.rank, ctx.world_size
@@ -237,7 +237,7 @@ def load_checkpoint(
     if state["world_size"] != world and universal_dir is None:
         raise RuntimeError(
             f"checkpoint {path} was written by {state['world_size']} processes, this run has {world}: "
-            "resume through drpo_trainer.universal (drpo-train does this when the world size changes)"
+            "resume through drpo_trainer.io.reshard (drpo-train does this when the world size changes)"
         )
     load_dir = universal_dir if universal_dir is not None else path / "ds"
     load_path, _ = engine.load_checkpoint(str(load_dir), tag=STATE_TAG)

@@ -15,7 +15,7 @@ Conventions
 - ``targets[0, j]`` is the token that position ``j`` predicts (the next token of the
   same sequence), or ``IGNORE_INDEX`` (-100) where no log-prob is needed (prompt
   positions, the last token of each packed sequence, padding). See
-  ``drpo_trainer.packing.pack_sequences``, which builds such targets.
+  ``drpo_trainer.learner.packing.pack_sequences``, which builds such targets.
 - Outputs are (1, N) fp32; at ignored positions both the log-prob and the entropy
   are exactly 0.0 with zero gradient.
 - Log-probs are of the sampling distribution: ``log_softmax(logits / temperature)``, and
@@ -49,7 +49,7 @@ from typing import Callable, Iterator, Optional
 import torch
 from torch import Tensor, nn
 
-from drpo_trainer.packing import IGNORE_INDEX
+from drpo_trainer.learner.packing import IGNORE_INDEX
 
 OUT_OF_SUPPORT_LOGPROB = -1e4  # log-prob of a token the truncated sampling distribution excludes
 
@@ -98,7 +98,7 @@ def _check_inputs(input_ids: Tensor, position_ids: Tensor, targets: Tensor, temp
     if input_ids.dim() != 2:
         raise ValueError(
             f"input_ids must be packed rows of shape (R, N), got {tuple(input_ids.shape)}; "
-            "pack the sequences with drpo_trainer.packing.pack_sequences."
+            "pack the sequences with drpo_trainer.learner.packing.pack_sequences."
         )
     if position_ids.shape != input_ids.shape or targets.shape != input_ids.shape:
         raise ValueError(
@@ -117,7 +117,7 @@ def _check_head_is_plain(core: nn.Module) -> None:
         if value not in (None, 1, 1.0):
             raise NotImplementedError(
                 f"model config has {name}={value}: its logits are not lm_head(hidden), which the chunked "
-                "log-prob path assumes; add that transform to drpo_trainer.logprobs._ChunkedHeadLogprobs."
+                "log-prob path assumes; add that transform to drpo_trainer.learner.logprobs._ChunkedHeadLogprobs."
             )
 
 

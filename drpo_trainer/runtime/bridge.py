@@ -30,7 +30,7 @@ from typing import Any, Iterable, Iterator
 
 import torch
 
-from drpo_trainer.distributed import DistContext
+from drpo_trainer.runtime.distributed import DistContext
 
 # A rollout process waits for the learner through whole checkpoint writes and evaluations, and
 # a learner for the rollouts through long generations: only a peer that is alive but stuck for
@@ -190,7 +190,7 @@ def _process_group(backend: str, store, rank: int, size: int):
 def connect(backend: str, rollout_processes: int) -> tuple[DistContext, Bridge]:
     """Join the launch as a learner or a rollout process; returns this process's role context
     (its rank and world within its role) and the bridge."""
-    from drpo_trainer.distributed import prepare_process
+    from drpo_trainer.runtime.distributed import prepare_process
 
     backend, local_rank, device = prepare_process(backend)
     store, rank, world = next(torch.distributed.rendezvous("env://", timeout=BRIDGE_TIMEOUT))

@@ -7,7 +7,7 @@ Every loss in `POLICY_LOSSES` has the same signature
 on float32 (float64 if given) (B, T) tensors (advantages already broadcast to tokens, A and mu detached), and
 returns the unmasked per-token loss and its own metrics. `compute_policy_loss` is what a
 trainer calls: it validates, upcasts bf16 inputs to float32, applies the optional
-train/inference mismatch correction, calls the loss, aggregates (drpo_trainer.aggregation)
+train/inference mismatch correction, calls the loss, aggregates (drpo_trainer.algorithms.aggregation)
 and adds the metrics common to all losses. The learner never branches on the loss name.
 
 Notation (docs/algorithms.md): r = exp(logprobs - old_logprobs), pi = exp(logprobs),
@@ -22,7 +22,7 @@ from typing import Callable, Optional
 
 import torch
 
-from drpo_trainer.aggregation import aggregate_loss, masked_max, masked_mean, masked_min
+from drpo_trainer.algorithms.aggregation import aggregate_loss, masked_max, masked_mean, masked_min
 from drpo_trainer.metrics import Reduction
 
 LossFn = Callable[..., tuple[torch.Tensor, dict]]
@@ -285,7 +285,7 @@ def compute_policy_loss(
     logprobs (B, T) with grad (log pi); old_logprobs (B, T) (log mu, detached here);
     advantages (B,) or (B, T) (detached here); mask (B, T), 1 for completion tokens.
     `params` are the loss's parameters (see `loss_param_defaults`). Aggregation: see
-    `drpo_trainer.aggregation.aggregate_loss`; pass `global_num_tokens` / `global_num_seqs`
+    `drpo_trainer.algorithms.aggregation.aggregate_loss`; pass `global_num_tokens` / `global_num_seqs`
     (whole mini-batch over micro-batches and ranks) so that the micro-batch losses sum to the
     mini-batch loss. Optional mismatch correction with `rollout_logprobs`, rho =
     exp(old_logprobs - rollout_logprobs): 'tis' multiplies each token's loss by the detached

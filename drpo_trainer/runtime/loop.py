@@ -22,19 +22,19 @@ from typing import Optional
 
 import torch
 
-from drpo_trainer.advantages import ADVANTAGE_METRIC_REDUCTIONS, group_advantages
-from drpo_trainer.checkpoint import resolve_resume
+from drpo_trainer.algorithms.advantages import ADVANTAGE_METRIC_REDUCTIONS, group_advantages
+from drpo_trainer.algorithms.losses import MISMATCH_METRIC_REDUCTIONS, metric_reductions, mismatch_metrics
 from drpo_trainer.config import Config
-from drpo_trainer.data import PromptSampler, load_problems
-from drpo_trainer.distributed import DistContext, setup_distributed
-from drpo_trainer.learner import Learner, TrainSample
-from drpo_trainer.losses import MISMATCH_METRIC_REDUCTIONS, metric_reductions, mismatch_metrics
+from drpo_trainer.io.checkpoint import resolve_resume
+from drpo_trainer.io.data import PromptSampler, load_problems
+from drpo_trainer.io.samples import open_sample_log
+from drpo_trainer.io.tracking import Tracker, write_resolved_config
+from drpo_trainer.learner.learner import Learner, TrainSample
 from drpo_trainer.metrics import MetricAccumulator, all_reduce_sum
 from drpo_trainer.rollout import Completion, SamplingSpec
-from drpo_trainer.run import Run, restore_run, save_run
-from drpo_trainer.samples import open_sample_log
-from drpo_trainer.stop import EXIT_PREEMPTED, PREEMPTED_MARKER, StopFlag
-from drpo_trainer.tracking import Tracker, write_resolved_config
+from drpo_trainer.runtime.distributed import DistContext, setup_distributed
+from drpo_trainer.runtime.run import Run, restore_run, save_run
+from drpo_trainer.runtime.stop import EXIT_PREEMPTED, PREEMPTED_MARKER, StopFlag
 
 
 class Timer:
@@ -67,7 +67,7 @@ def split_minibatches(samples: list[TrainSample], k: int, group_size: int) -> li
 class RolloutBatch:
     """One learner rank's share of a step's rollouts (steps 1-3 of the algorithm), stamped with the
     policy version that sampled it. Made by this rank's own engine (synchronous loop) or by a
-    rollout process (asynchronous, drpo_trainer/async_rollouts.py)."""
+    rollout process (asynchronous, drpo_trainer/runtime/async_rollouts.py)."""
 
     step: int
     version: int  # sampled by the learner's weights after `version` steps (0 = the initial model)
@@ -271,7 +271,7 @@ def _rollout_metrics(batch: RolloutBatch, samples, cfg, ctx) -> dict[str, float]
 
 def sync_engine(run: Run) -> dict[str, float]:
     """Push the learner's weights into the engine; with rollout.parity_check, prove it worked."""
-    from drpo_trainer.weight_sync import sync_weights
+    from drpo_trainer.rollout.weight_sync import sync_weights
 
     metrics = sync_weights(run.learner.module, run.engine, run.cfg.rollout.sync_bucket_mb * 2**20)
     if run.cfg.rollout.parity_check:
@@ -284,7 +284,7 @@ PARITY_PROBE_PROMPTS = 8
 
 def check_engine_parity(run: Run) -> dict[str, float]:
     """Score a fixed probe (the first training prompts) with engine and learner; abort on a gap."""
-    from drpo_trainer.parity import check_parity, default_threshold, parity_metrics
+    from drpo_trainer.rollout.parity import check_parity, default_threshold, parity_metrics
 
     r = run.cfg.rollout
     threshold = r.parity_max_abs_logprob_diff or default_threshold(
@@ -340,7 +340,7 @@ def _checkpoint_layout(ckpt: Optional[Path], ctx: DistContext) -> tuple[Optional
     """(universal dir to load or None, whether the learner must run ZeRO-3) for resuming `ckpt`.
     A ZeRO-3 checkpoint loads only into ZeRO-3 (also with one process); one of another world size
     loads through DeepSpeed's universal conversion."""
-    from drpo_trainer import universal
+    from drpo_trainer.io import reshard as universal
 
     if ckpt is None:
         return None, False
@@ -397,7 +397,7 @@ def build_run(
     """The learner's Run; `with_engine=False` when rollout processes sample (asynchronous layout)."""
     from drpo_trainer.rewards import make_reward_scorer
     from drpo_trainer.rollout import make_engine
-    from drpo_trainer.run_identity import data_fingerprint
+    from drpo_trainer.runtime.run_identity import data_fingerprint
 
     cfg.check_world(ctx.world_size)
     data = load_run_data(cfg)
@@ -445,11 +445,11 @@ def train(cfg: Config, *, resume: Optional[str] = None, stop: Optional[StopFlag]
     stop = stop or StopFlag()
     bridge = None
     if cfg.distributed.rollout_processes:  # asynchronous layout: learners and rollout processes
-        from drpo_trainer.bridge import connect
+        from drpo_trainer.runtime.bridge import connect
 
         ctx, bridge = connect(cfg.distributed.backend, cfg.distributed.rollout_processes)
         if bridge.is_rollout:
-            from drpo_trainer.async_rollouts import serve_rollouts
+            from drpo_trainer.runtime.async_rollouts import serve_rollouts
 
             serve_rollouts(cfg, ctx, bridge)
             return {}
@@ -464,7 +464,7 @@ def train(cfg: Config, *, resume: Optional[str] = None, stop: Optional[StopFlag]
     run = build_run(cfg, ctx, load_universal=universal_dir is not None, zero3=zero3, with_engine=bridge is None)
     restore_run(run, resumed, universal_dir=universal_dir)
     if bridge is not None:
-        from drpo_trainer.async_rollouts import RemoteRollouts
+        from drpo_trainer.runtime.async_rollouts import RemoteRollouts
 
         run.rollouts = RemoteRollouts(run, bridge)
     tracker = Tracker(cfg, enabled=ctx.is_main, run_id=run.extra.get("wandb_run_id"), start_step=run.step)
@@ -516,7 +516,7 @@ def train(cfg: Config, *, resume: Optional[str] = None, stop: Optional[StopFlag]
                 raise SystemExit(EXIT_PREEMPTED)
         stop_if_requested("before the final export")  # a resumed run at the last step exports again
         if ck.export_final:
-            from drpo_trainer.export import export_live
+            from drpo_trainer.io.export import export_live
 
             export_live(
                 run.learner.module,

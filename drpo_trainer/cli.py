@@ -97,10 +97,10 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     from drpo_trainer.io.data import DataError
     from drpo_trainer.runtime.bridge import PeerLost
-    from drpo_trainer.runtime.loop import train
+    from drpo_trainer.runtime.process import run_process
 
     try:
-        train(cfg, resume=args.resume, stop=stop)
+        run_process(cfg, resume=args.resume, stop=stop)
     except (ConfigError, DataError) as err:
         print(f"drpo-train: {err}", file=sys.stderr)
         return EXIT_CONFIG_ERROR

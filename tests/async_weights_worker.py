@@ -20,7 +20,7 @@ from drpo_trainer.learner.learner import TrainSample
 from drpo_trainer.rollout.weight_sync import iter_gathered_buckets
 from drpo_trainer.runtime.async_rollouts import RemoteRollouts, RolloutWorker
 from drpo_trainer.runtime.bridge import connect
-from drpo_trainer.runtime.loop import build_run
+from drpo_trainer.runtime.run import build_run
 
 VERSIONS = 3
 
@@ -80,8 +80,8 @@ def main() -> None:
         worker.finish()
         worker.close()
         return
-    run = build_run(cfg, ctx, with_engine=False)
-    rollouts = RemoteRollouts(run, bridge)
+    run = build_run(cfg, ctx, rollouts=lambda run: RemoteRollouts(run, bridge))
+    rollouts = run.rollouts
     report = {"versions": [], "params_compared": [], "mismatched": [], "changed": []}
     previous = None
     for version in range(VERSIONS):

@@ -166,7 +166,7 @@ def test_every_parameter_trains_and_sync_copies_exact_weights(model_dir, ctx, sa
 def test_parity_check_passes_after_sync_and_catches_stale_engine_weights(model_dir, ctx, samples):
     from types import SimpleNamespace
 
-    from drpo_trainer.runtime.loop import check_engine_parity
+    from drpo_trainer.runtime.rollouts import check_engine_parity
 
     cfg = make_cfg(model_dir, "trainer.minibatches_per_step=1")  # the default fp32 threshold, 1e-4
     learner = Learner(cfg, model_dir, total_optimizer_steps=1)

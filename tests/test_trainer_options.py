@@ -13,7 +13,9 @@ import pytest
 import torch
 
 from drpo_trainer.config import load_config
-from drpo_trainer.runtime.loop import build_run, evaluate, run_step
+from drpo_trainer.runtime.loop import run_step
+from drpo_trainer.runtime.rollouts import evaluate
+from drpo_trainer.runtime.run import build_run
 
 G, PROMPTS, EVAL_PROBLEMS, K = 4, 4, 3, 2
 

@@ -32,8 +32,10 @@ import torch
 
 from drpo_trainer.algorithms.losses import compute_policy_loss, metric_reductions
 from drpo_trainer.config import Config, merge_dicts
-from drpo_trainer.learner.packing import pack_sequences, plan_micro_batches
+from drpo_trainer.learner.packing import pack_sequences, pad_rows, plan_micro_batches
 from drpo_trainer.metrics import MetricAccumulator, all_reduce_max, all_reduce_sum
+from drpo_trainer.rollout.base import SamplingSpec
+from drpo_trainer.rollout.producer import sampling_spec
 from drpo_trainer.runtime.distributed import DistContext
 
 NO_CLIP = 1e30  # optim.grad_clip = 0: clip at a norm no gradient reaches, so the norm is still computed
@@ -105,6 +107,7 @@ class Learner:
         model_path: str,
         *,
         total_optimizer_steps: int,
+        sampling: Optional[SamplingSpec] = None,
         ctx: Optional[DistContext] = None,
         load_universal: bool = False,
         zero3: bool = False,
@@ -113,6 +116,8 @@ class Learner:
         from transformers import AutoModelForCausalLM
 
         self.cfg = cfg
+        # the distribution mu and pi are scored under: the rollouts' temperature, top-k and top-p
+        self.sampling = sampling or sampling_spec(cfg)
         self.ctx = ctx or DistContext.current()  # the ranks that train together (the default process group)
         self.world_size = self.ctx.world_size
         ds_config = deepspeed_config(cfg, self.world_size, load_universal=load_universal, zero3=zero3)
@@ -196,7 +201,7 @@ class Learner:
         packed = pack_sequences(
             [s.input_ids for s in samples], prompt_lengths=[s.prompt_len for s in samples], row_tokens=self.row_tokens
         )
-        r = self.cfg.rollout
+        r = self.sampling
         lp, ent = token_logprobs(
             self.engine,
             packed.input_ids.to(self.device),
@@ -210,7 +215,7 @@ class Learner:
         )
         return packed.split_targets(lp), (packed.split_targets(ent) if ent is not None else [])
 
-    def trained(self, samples: list[TrainSample]) -> list[TrainSample]:
+    def samples_to_train(self, samples: list[TrainSample]) -> list[TrainSample]:
         """The samples that carry gradient (all of them unless trainer.skip_zero_advantage)."""
         if not self.cfg.trainer.skip_zero_advantage:
             return list(samples)
@@ -229,7 +234,7 @@ class Learner:
         """Fill `old_logprobs` of every trained sample with the current (pre-update) weights; the
         tokens' policy entropy goes into `entropy` (token-weighted, not yet reduced over ranks)."""
         self.engine.eval()  # no dropout: mu must be the deterministic policy
-        trained = self.trained(samples)
+        trained = self.samples_to_train(samples)
         for mb in self._micro_batches(trained):
             if not mb:  # keep ZeRO-3 collectives in step with ranks that have more work
                 self._forward(samples[:1], with_entropy=False)
@@ -265,7 +270,7 @@ class Learner:
         entropy goes into `entropy`, as `recompute_logprobs` would have done."""
         a = self.cfg.algorithm
         use_rollout_mu = a.behaviour_logprobs == "rollout"
-        trained = self.trained(minibatch)
+        trained = self.samples_to_train(minibatch)
         if behaviour_from_forward and not self.can_reuse_logprobs:
             raise RuntimeError("behaviour_from_forward needs a model without active dropout; recompute instead")
         if not (use_rollout_mu or behaviour_from_forward) and any(s.old_logprobs is None for s in trained):
@@ -279,7 +284,7 @@ class Learner:
             # an empty micro-batch (ZeRO-3 collectives in step with busier ranks) runs one sample at weight 0
             chosen = [trained[i] for i in mb] or minibatch[:1]
             lps, ents = self._forward(chosen, with_entropy=bool(mb) and behaviour_from_forward and entropy is not None)
-            logprobs, mask = _pad(lps, self.device)
+            logprobs, mask = pad_rows(lps, device=self.device)
             if not mb:
                 mask.zero_()
             if behaviour_from_forward and mb:
@@ -288,12 +293,12 @@ class Learner:
                     if ent is not None and ent.numel():
                         entropy.add({"policy/entropy": ent.detach().float().mean()}, weight=ent.numel())
             if use_rollout_mu:
-                old, _ = _pad([s.rollout_logprobs for s in chosen], self.device)
+                old, _ = pad_rows([s.rollout_logprobs for s in chosen], device=self.device)
             elif behaviour_from_forward or not mb:
                 old = logprobs.detach()
             else:
-                old, _ = _pad([s.old_logprobs for s in chosen], self.device)
-            rollout, _ = _pad([s.rollout_logprobs for s in chosen], self.device)
+                old, _ = pad_rows([s.old_logprobs for s in chosen], device=self.device)
+            rollout, _ = pad_rows([s.rollout_logprobs for s in chosen], device=self.device)
             adv = torch.tensor([s.advantage if mb else 0.0 for s in chosen], dtype=torch.float32, device=self.device)
             loss, metrics = compute_policy_loss(
                 a.loss,
@@ -336,14 +341,3 @@ def _has_dropout(model: torch.nn.Module) -> bool:
     rates = [getattr(config, k, 0.0) or 0.0 for k in ("attention_dropout", "hidden_dropout", "dropout")]
     modules = (m.p for m in model.modules() if isinstance(m, torch.nn.Dropout))
     return any(float(r) > 0 for r in rates) or any(p > 0 for p in modules)
-
-
-def _pad(rows: list[torch.Tensor], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """List of (T_i,) -> (B, T_max) values and 0/1 mask."""
-    width = max(1, max(r.numel() for r in rows))
-    values = torch.zeros(len(rows), width, dtype=rows[0].dtype, device=device)
-    mask = torch.zeros(len(rows), width, dtype=torch.float32, device=device)
-    for i, r in enumerate(rows):
-        values[i, : r.numel()] = r.to(device)
-        mask[i, : r.numel()] = 1.0
-    return values, mask

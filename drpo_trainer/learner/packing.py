@@ -175,3 +175,18 @@ def plan_micro_batches(lengths: list[int], token_budget: int) -> list[list[int]]
             bins.append([i])
             room.append(token_budget - lengths[i])
     return bins
+
+
+def pad_rows(
+    rows: list[torch.Tensor], *, width: Optional[int] = None, device=None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample token values (T_i,) -> (B, width) values and their 0/1 mask, zero-filled. `width`
+    defaults to the longest row; an empty list gives one fully masked row (a rank with no samples)."""
+    width = width or max(1, max((r.numel() for r in rows), default=0))
+    dtype = rows[0].dtype if rows else torch.float32
+    values = torch.zeros(max(1, len(rows)), width, dtype=dtype, device=device)
+    mask = torch.zeros(max(1, len(rows)), width, dtype=torch.float32, device=device)
+    for i, r in enumerate(rows):
+        values[i, : r.numel()] = r.to(device) if device is not None else r
+        mask[i, : r.numel()] = 1.0
+    return values, mask

@@ -13,7 +13,7 @@ processes (drpo_trainer/runtime/bridge.py) host the engine and the reward verifi
                        loop's batches, in other processes.
 
 Rollout process j samples the steps t with (t - first) % R == j, every learner rank's share
-with that share's seed (trainer.rollout_share), and sends each learner its share. After every
+with that rank's seed (drpo_trainer.rollout.producer.sample_batch), and sends each learner its share. After every
 step learner 0 publishes a header (version, evaluate?, parity?, stop?) and, when a rollout
 will still sample with that version, the weights. An evaluation runs on the rollout processes
 with the version it names; its counts come back to learner 0.
@@ -34,17 +34,48 @@ import torch
 from drpo_trainer.config import Config
 from drpo_trainer.io.data import PromptSampler, SamplerState
 from drpo_trainer.metrics import MetricAccumulator
+from drpo_trainer.rollout.producer import (
+    RolloutBatch,
+    eval_counts,
+    eval_metrics,
+    eval_problems,
+    make_engine_and_scorer,
+    make_prompt_sampler,
+    parity_probe,
+    parity_threshold,
+    sample_batch,
+)
 from drpo_trainer.runtime.bridge import Bridge, PeerLost
 from drpo_trainer.runtime.distributed import DistContext
-from drpo_trainer.runtime.loop import PARITY_PROBE_PROMPTS, RolloutBatch, eval_counts, eval_metrics, rollout_share
-from drpo_trainer.runtime.run import Run
+from drpo_trainer.runtime.run import Run, load_run_inputs
 
 BATCHES_DONE = "batches_done"  # store counter: steps whose batches the rollout processes have sent
 
 
-def version_for(step: int, k: int, start: int = 0) -> int:
-    """The policy version that samples the batch of `step` (at most k versions behind step - 1)."""
-    return max(start, step - 1 - k)
+# -- versions and staleness: the only places that do this arithmetic --------------------------------
+def version_for(step: int, max_lag: int, start: int = 0) -> int:
+    """The policy version that samples the batch of `step` (at most max_lag versions behind step - 1)."""
+    return max(start, step - 1 - max_lag)
+
+
+def version_lag(step: int, version: int) -> int:
+    """How many versions the weights that sampled a batch trail the weights that train it (0 = on-policy)."""
+    return step - 1 - version
+
+
+def within_bound(step: int, version: int, max_lag: int) -> bool:
+    """May the learner train `step` on a batch sampled by `version`? (lag in [0, max_lag])"""
+    return 0 <= version_lag(step, version) <= max_lag
+
+
+def first_step_sampled_by(version: int, max_lag: int) -> int:
+    """The step whose batch is the first sampled with `version`, after the start (version_for's inverse)."""
+    return version + 1 + max_lag
+
+
+def steps_sampled_ahead(step: int, max_lag: int, max_steps: int) -> range:
+    """The steps whose batches exist once step `step` is trained (sampled by versions <= step - 1)."""
+    return range(step + 1, min(step + max_lag, max_steps) + 1)
 
 
 def source_of(step: int, first_step: int, n_learners: int, n_rollouts: int) -> int:
@@ -52,9 +83,9 @@ def source_of(step: int, first_step: int, n_learners: int, n_rollouts: int) -> i
     return n_learners + (step - first_step) % n_rollouts
 
 
-def _weights_needed(step: int, cfg: Config) -> bool:
-    """Will a rollout process still sample with version `step`?"""
-    return step + 1 + cfg.trainer.max_off_policy_steps <= cfg.trainer.max_steps
+def _weights_needed(version: int, cfg: Config) -> bool:
+    """Will a rollout process still sample with `version`?"""
+    return first_step_sampled_by(version, cfg.trainer.max_off_policy_steps) <= cfg.trainer.max_steps
 
 
 class RemoteRollouts:
@@ -62,11 +93,11 @@ class RemoteRollouts:
 
     def __init__(self, run: Run, bridge: Bridge) -> None:
         self.run, self.bridge, self.cfg = run, bridge, run.cfg
-        self.k = run.cfg.trainer.max_off_policy_steps
+        self.max_lag = run.cfg.trainer.max_off_policy_steps
         self.ahead: dict[int, RolloutBatch] = {}
         for b in (run.rank_state or {}).get("batches_ahead", []):  # in step order
-            if b.step != run.step + 1 + len(self.ahead) or b.step - 1 - b.version > self.k:
-                break  # a run resumed with a smaller k samples these steps again
+            if b.step != run.step + 1 + len(self.ahead) or not within_bound(b.step, b.version, self.max_lag):
+                break  # a run resumed with a smaller max_off_policy_steps samples these steps again
             self.ahead[b.step] = b
         # how many kept batches are not used; None: the checkpoint's (if any) were not loaded (another world size)
         self.dropped = None if run.rank_state is None else len(run.rank_state["batches_ahead"]) - len(self.ahead)
@@ -75,24 +106,25 @@ class RemoteRollouts:
         self.finished = False  # the rollout processes were told to stop
         self.broken = False  # a peer was lost: nothing more goes over the bridge
         self.publish_wait = 0.0  # seconds learner 0 waited for the rollout processes to take the last header
+        self._stamp: dict[str, float] = {}  # version lag, queue depth and wait of the batch just taken
 
     # -- messages ---------------------------------------------------------------------------------
     def _take(self, src: int, kind: str, step: int) -> Any:
         queue = self.pending[src]
-        for i, (k, s, _) in enumerate(queue):
-            if (k, s) == (kind, step):
+        for i, (got_kind, got_step, _) in enumerate(queue):
+            if (got_kind, got_step) == (kind, step):
                 return queue.pop(i)[2]
         while True:
             try:
-                k, s, payload = self.bridge.recv(src)
+                got_kind, got_step, payload = self.bridge.recv(src)
             except PeerLost:
                 self.broken = True
                 raise
-            if (k, s) == (kind, step):
+            if (got_kind, got_step) == (kind, step):
                 return payload
-            if k == "done":
+            if got_kind == "done":
                 raise RuntimeError(f"{self.bridge.describe(src)} finished without sending the {kind} of step {step}")
-            queue.append((k, s, payload))
+            queue.append((got_kind, got_step, payload))
 
     def _publish(
         self, version: int, *, weights: bool, evaluate: bool, parity: bool, stop: bool, first: bool = False
@@ -131,11 +163,10 @@ class RemoteRollouts:
 
     def _check_parity(self, version: int) -> dict[str, float]:
         """Every rollout process scored the probe with the weights just sent; compare with the learner."""
-        from drpo_trainer.rollout.parity import check_parity, default_threshold, parity_metrics
+        from drpo_trainer.rollout.parity import check_parity, parity_metrics
 
-        run, r = self.run, self.cfg.rollout
-        probe = [p.prompt_ids for p in run.train_set[:PARITY_PROBE_PROMPTS]]
-        learner_scores = run.learner.score(probe)  # every learner: a ZeRO-3 collective
+        run = self.run
+        learner_scores = run.learner.score(parity_probe(run.train_set))  # every learner: a ZeRO-3 collective
         worst: list[Optional[dict]] = [None]
         if self.bridge.rank == 0:
             for src in self.bridge.rollout_ranks:
@@ -144,13 +175,10 @@ class RemoteRollouts:
                     worst[0] = m
         if run.ctx.world_size > 1:
             torch.distributed.broadcast_object_list(worst, src=0)
-        threshold = r.parity_max_abs_logprob_diff or default_threshold(
-            self.cfg.model.dtype, r.dtype or self.cfg.model.dtype, r.quantization
-        )
-        check_parity(worst[0], threshold)
+        check_parity(worst[0], parity_threshold(self.cfg))
         return worst[0]
 
-    # -- the trainer's interface (as trainer.LocalRollouts) ----------------------------------------
+    # -- the Rollouts interface (drpo_trainer/runtime/rollouts.py) -----------------------------------
     def start(self) -> dict[str, float]:
         run = self.run
         r = self.cfg.rollout
@@ -169,15 +197,14 @@ class RemoteRollouts:
             src = source_of(step, self.first_step, b.n_learners, b.n_rollouts)
             batch = self._take(src, "batch", step)
         waited = time.perf_counter() - start
-        lag = step - 1 - batch.version
-        if batch.step != step or not 0 <= lag <= self.k:
+        if batch.step != step or not within_bound(step, batch.version, self.max_lag):
             raise RuntimeError(
                 f"batch of step {batch.step} sampled by policy version {batch.version} arrived for step {step} "
-                f"(trainer.max_off_policy_steps={self.k}): the rollout processes broke the staleness bound"
+                f"(trainer.max_off_policy_steps={self.max_lag}): the rollout processes broke the staleness bound"
             )
         self.run.sampler.state = SamplerState(*batch.sampler_after)  # the data position a checkpoint saves
         batch.seconds["wait_rollout"] = waited
-        self._stamp = {"lag": float(lag), "depth": depth, "waited": waited}
+        self._stamp = {"lag": float(version_lag(step, batch.version)), "depth": depth, "waited": waited}
         return batch
 
     def step_metrics(self, batch: RolloutBatch, step_seconds: float) -> dict[str, float]:
@@ -215,19 +242,26 @@ class RemoteRollouts:
                 totals[name][1] += attempts
             if j == 0 and run.samples is not None:  # rollout process 0's shard, as rank 0's in the synchronous loop
                 for name, (completions, scores) in rows.items():
-                    problems = run.eval_sets[name][: self.cfg.eval.max_problems or None][0 :: b.n_rollouts]
+                    problems = eval_problems(self.cfg, run.eval_sets[name], 0, b.n_rollouts)
                     run.samples.eval(step, name, problems, completions, scores)
         return eval_metrics(self.cfg, {name: tuple(v) for name, v in totals.items()})
 
     def hold_inflight(self, step: int) -> None:
         """Take the batches already sampled for steps step+1 .. step+k: the checkpoint keeps them."""
-        for t in range(step + 1, min(step + self.k, self.cfg.trainer.max_steps) + 1):
+        for t in steps_sampled_ahead(step, self.max_lag, self.cfg.trainer.max_steps):
             if t not in self.ahead:
                 b = self.bridge
                 self.ahead[t] = self._take(source_of(t, self.first_step, b.n_learners, b.n_rollouts), "batch", t)
 
     def checkpoint_state(self) -> Optional[dict]:
         return {"batches_ahead": [self.ahead[t] for t in sorted(self.ahead)]} if self.ahead else None
+
+    def unused_batches_reason(self) -> Optional[str]:
+        if self.dropped is None:
+            return "this run has another number of learners"
+        if self.dropped:
+            return "this run has a smaller trainer.max_off_policy_steps"
+        return None
 
     def close(self) -> None:
         """Tell the rollout processes to stop (if not yet) and take what they still send."""
@@ -260,16 +294,11 @@ class RolloutWorker:
     """A rollout process: samples, scores and sends batches; loads the versions it needs."""
 
     def __init__(self, cfg: Config, ctx: DistContext, bridge: Bridge) -> None:
-        from drpo_trainer.rewards import make_reward_scorer
-        from drpo_trainer.rollout import make_engine
-        from drpo_trainer.runtime.loop import load_run_data
-
         self.cfg, self.ctx, self.bridge = cfg, ctx, bridge
-        self.data = load_run_data(cfg)
-        self.engine = make_engine(
-            cfg, self.data.model_path, tokenizer=self.data.tokenizer, device=ctx.device, seed=cfg.trainer.seed
+        self.data = load_run_inputs(cfg)
+        self.engine, self.scorer = make_engine_and_scorer(
+            cfg, self.data.model_path, tokenizer=self.data.tokenizer, device=ctx.device
         )
-        self.scorer = make_reward_scorer(cfg.reward)
         self.index = bridge.rank - bridge.n_learners  # which rollout process
         self.version = -1
         self.idle = 0.0  # waiting for the learner since the last batch
@@ -287,8 +316,7 @@ class RolloutWorker:
             load_buckets(self.engine, self.bridge.receive_buckets())
             self.version = header["version"]
         if header["parity"]:
-            probe = [p.prompt_ids for p in self.data.train_set[:PARITY_PROBE_PROMPTS]]
-            self.bridge.send(0, ("parity", header["version"], self.engine.score(probe)))
+            self.bridge.send(0, ("parity", header["version"], self.engine.score(parity_probe(self.data.train_set))))
         if header["evaluate"]:
             rows = _EvalRows()
             counts = eval_counts(
@@ -307,24 +335,23 @@ class RolloutWorker:
 
     def serve(self) -> None:
         cfg, b = self.cfg, self.bridge
-        k, max_steps = cfg.trainer.max_off_policy_steps, cfg.trainer.max_steps
+        max_lag, max_steps = cfg.trainer.max_off_policy_steps, cfg.trainer.max_steps
         header = self.receive()
         if header["stop"]:
             return self.finish()
         first, start_version = header["next_step"], header["version"]
-        d = cfg.data
-        sampler = PromptSampler(len(self.data.train_set), cfg.trainer.prompts_per_step, seed=d.seed, shuffle=d.shuffle)
+        sampler = make_prompt_sampler(cfg, len(self.data.train_set))
         sampler.state = SamplerState(*header["sampler"])
         for step in range(first, max_steps + 1):
             indices = sampler.next_indices()  # every process draws every step: the same data order
             if (step - first) % b.n_rollouts != self.index:
                 continue
-            while self.version < version_for(step, k, start_version):
+            while self.version < version_for(step, max_lag, start_version):
                 if self.receive()["stop"]:
                     return self.finish()
             start = time.perf_counter()
             shares = [
-                rollout_share(
+                sample_batch(
                     cfg,
                     self.engine,
                     self.scorer,

@@ -1,4 +1,8 @@
-"""A training run's state between steps (`Run`), and what of it a checkpoint keeps.
+"""A training run's state between steps (`Run`): how it is built, and what of it a checkpoint keeps.
+
+`build_run` loads what every process reads (`load_run_inputs`: model path, tokenizer, prompts),
+builds the learner (and, synchronous layout, this rank's engine and verifier), restores the
+resumed checkpoint and connects the run to its `Rollouts`.
 
 `save_run` writes a Run through drpo_trainer.io.checkpoint (which owns the files: atomic publish,
 manifest, verification); `restore_run` puts a checkpoint's state back into a freshly built Run:
@@ -9,9 +13,10 @@ asynchronous layout: the batches the rollout processes had sampled ahead of the 
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from drpo_trainer.config import Config, dump_config
 from drpo_trainer.io.checkpoint import load_checkpoint, save_checkpoint
@@ -25,6 +30,7 @@ if TYPE_CHECKING:  # heavy or circular at import time; annotations only
     from drpo_trainer.learner.learner import Learner
     from drpo_trainer.rewards.pool import RewardScorer
     from drpo_trainer.rollout.base import RolloutEngine
+    from drpo_trainer.runtime.rollouts import Rollouts
 
 
 @dataclass
@@ -43,7 +49,7 @@ class Run:
     step: int = 0
     extra: dict[str, Any] = field(default_factory=dict)  # loop state saved in checkpoints (wandb id, ...)
     samples: Optional[SampleLog] = None  # samples.jsonl writer (rank 0)
-    rollouts: Any = None  # where batches come from: trainer.LocalRollouts or async_rollouts.RemoteRollouts
+    rollouts: Rollouts = field(init=False)  # where batches come from; set by build_run
     stopping: bool = False  # a stop was requested: the step just run is the last before exiting
     rank_state: Optional[dict] = None  # this rank's own state from the resumed checkpoint (batches sampled ahead)
 
@@ -65,7 +71,7 @@ def save_run(run: Run) -> Path:
         hf_save=hf_save,
         keep_last=run.cfg.checkpoint.keep_last,
         ctx=run.ctx,
-        rank_state=run.rollouts.checkpoint_state() if run.rollouts is not None else None,
+        rank_state=run.rollouts.checkpoint_state(),
     )
 
 
@@ -83,3 +89,103 @@ def restore_run(run: Run, path: Optional[Path], *, universal_dir: Optional[Path]
     keep = ("step", "sampler", "world_size", "data_fingerprint", "rank_state")
     run.extra.update({k: v for k, v in state.items() if k not in keep})
     return Path(path)
+
+
+@dataclass
+class RunInputs:
+    """What every process of a run reads: the model's path, its tokenizer and the prompts."""
+
+    model_path: str
+    tokenizer: object
+    train_set: list
+    eval_sets: dict
+    dropped_too_long: int
+
+
+def load_run_inputs(cfg: Config) -> RunInputs:
+    from transformers import AutoTokenizer
+
+    from drpo_trainer.io.data import load_problems
+
+    model_path = cfg.model.path
+    if model_path.startswith("builtin:"):  # the embedded tiny model, built and cached on first use
+        from drpo_trainer.builtin.tiny_model import resolve_model_path
+
+        model_path = resolve_model_path(model_path)
+    tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
+    d = cfg.data
+    load = dict(
+        prompt_field=d.prompt_field,
+        answer_field=d.answer_field,
+        system_prompt=d.system_prompt,
+        apply_chat_template=d.apply_chat_template,
+        max_prompt_tokens=d.max_prompt_tokens,
+    )
+    train_set, stats = load_problems(d.train_files, tokenizer, **load)
+    eval_sets = {name: load_problems([path], tokenizer, **load)[0] for name, path in cfg.eval.files.items()}
+    return RunInputs(model_path, tokenizer, train_set, eval_sets, stats.dropped_too_long)
+
+
+def resume_layout(ckpt: Optional[Path], ctx: DistContext) -> tuple[Optional[Path], bool]:
+    """(universal dir to load or None, whether the learner must run ZeRO-3) for resuming `ckpt`.
+    A ZeRO-3 checkpoint loads only into ZeRO-3 (also with one process); one of another world size
+    loads through DeepSpeed's universal conversion (drpo_trainer.io.reshard)."""
+    from drpo_trainer.io import reshard
+
+    if ckpt is None:
+        return None, False
+    zero3 = reshard.saved_at_zero3(ckpt)
+    if reshard.saved_world_size(ckpt) == ctx.world_size:
+        return None, zero3
+    reshard.check_convertible(ckpt, ctx.world_size)
+    if ctx.is_main:
+        print(
+            f"drpo-train: {ckpt} was written by {reshard.saved_world_size(ckpt)} process(es); resuming with "
+            f"{ctx.world_size} through DeepSpeed's universal checkpoint (ZeRO-3)",
+            file=sys.stderr,
+            flush=True,
+        )
+    return reshard.prepare(ckpt, ctx), True
+
+
+def build_run(
+    cfg: Config,
+    ctx: DistContext,
+    *,
+    resumed: Optional[Path] = None,
+    rollouts: Optional[Callable[[Run], Rollouts]] = None,
+) -> Run:
+    """The learner's Run, restored from `resumed` if given. `rollouts(run)` makes its Rollouts (default:
+    this rank's own engine samples, `LocalRollouts`); the engine and verifier are built here only then."""
+    from drpo_trainer.learner.learner import Learner
+    from drpo_trainer.rollout.producer import make_engine_and_scorer, make_prompt_sampler, sampling_spec
+    from drpo_trainer.runtime.rollouts import LocalRollouts
+    from drpo_trainer.runtime.run_identity import data_fingerprint
+
+    cfg.check_world(ctx.world_size)
+    universal_dir, zero3 = resume_layout(resumed, ctx)
+    inputs = load_run_inputs(cfg)
+    sampler = make_prompt_sampler(cfg, len(inputs.train_set))
+    learner = Learner(
+        cfg,
+        inputs.model_path,
+        ctx=ctx,
+        sampling=sampling_spec(cfg),
+        total_optimizer_steps=cfg.trainer.max_steps * cfg.trainer.minibatches_per_step,
+        load_universal=universal_dir is not None,
+        zero3=zero3,
+    )
+    engine = scorer = None
+    if rollouts is None:
+        engine, scorer = make_engine_and_scorer(cfg, inputs.model_path, tokenizer=inputs.tokenizer, device=ctx.device)
+    run = Run(cfg, ctx, inputs.tokenizer, inputs.train_set, inputs.eval_sets, sampler, learner, engine, scorer)
+    run.extra["data/prompts_dropped_too_long"] = inputs.dropped_too_long
+    run.extra["data_fingerprint"] = data_fingerprint(cfg.data.train_files)  # a resume checks it (run_identity)
+    restore_run(run, resumed, universal_dir=universal_dir)
+    run.rollouts = (rollouts or LocalRollouts)(run)
+    return run
+
+
+def kept_batches(ckpt: Path) -> bool:
+    """Did the checkpoint keep batches sampled ahead of its step (asynchronous layout)?"""
+    return any((Path(ckpt) / "ranks").glob("state_*"))

@@ -94,7 +94,7 @@ def main(kind: str, out_json: str) -> None:
     from drpo_trainer.rollout import SamplingSpec, make_engine
     from drpo_trainer.rollout.weight_sync import sync_weights
     from drpo_trainer.runtime.distributed import setup_distributed
-    from drpo_trainer.runtime.loop import check_engine_parity
+    from drpo_trainer.runtime.rollouts import check_engine_parity
 
     work = Path(out_json).parent
     model_dir = build_model(kind, work / f"model_{kind}")

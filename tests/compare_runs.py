@@ -15,10 +15,14 @@ from pathlib import Path
 MACHINE_KEYS = ("time/", "perf/")
 
 
+def _measures_the_machine(key: str) -> bool:
+    return key.startswith(MACHINE_KEYS) or key.endswith("/seconds")
+
+
 def _rows(path: Path, *, drop_machine_keys: bool) -> list[dict]:
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     if drop_machine_keys:
-        rows = [{k: v for k, v in r.items() if not k.startswith(MACHINE_KEYS) and not k.endswith("/seconds")} for r in rows]
+        rows = [{k: v for k, v in r.items() if not _measures_the_machine(k)} for r in rows]
     return rows
 
 

@@ -98,7 +98,7 @@ PANELS: tuple[Panel, ...] = (
 
 
 @dataclass
-class RunData:
+class PlottedRun:
     label: str
     path: Path  # the metrics.jsonl file
     rows: dict[int, dict] = field(default_factory=dict)  # step -> metrics (rows of one step merged)
@@ -128,7 +128,7 @@ def _metrics_file(run_dir: str | Path) -> Path:
     return f
 
 
-def load_run(run_dir: str | Path, label: Optional[str] = None, *, warn: Optional[TextIO] = None) -> RunData:
+def load_run(run_dir: str | Path, label: Optional[str] = None, *, warn: Optional[TextIO] = None) -> PlottedRun:
     """Read `run_dir/metrics.jsonl` (or a .jsonl file given directly).
 
     A run that is still going may have written half of its last line: that line is left out
@@ -137,7 +137,7 @@ def load_run(run_dir: str | Path, label: Optional[str] = None, *, warn: Optional
     f = _metrics_file(run_dir)
     warn = warn or sys.stderr
     lines = f.read_text(encoding="utf-8", errors="replace").split("\n")
-    run = RunData(label or (f.parent.name if f.name == METRICS_FILE else f.stem), f)
+    run = PlottedRun(label or (f.parent.name if f.name == METRICS_FILE else f.stem), f)
     last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
     for i, line in enumerate(lines):
         if not line.strip():
@@ -157,7 +157,7 @@ def load_run(run_dir: str | Path, label: Optional[str] = None, *, warn: Optional
 
 def load_runs(
     run_dirs: Sequence[str | Path], labels: Optional[Sequence[str]] = None, *, warn: Optional[TextIO] = None
-) -> list[RunData]:
+) -> list[PlottedRun]:
     """Every run, labelled by `labels` or by directory name (with its parent's name when two names clash)."""
     if not run_dirs:
         raise PlotError("no run directory given; pass at least one RUN_DIR")
@@ -183,7 +183,7 @@ def panel_keys(panel: Panel, keys: set[str]) -> list[str]:
     return out
 
 
-def choose_panels(runs: Sequence[RunData]) -> tuple[list[tuple[Panel, list[str]]], dict[str, list[str]]]:
+def choose_panels(runs: Sequence[PlottedRun]) -> tuple[list[tuple[Panel, list[str]]], dict[str, list[str]]]:
     """(panels to draw with their metric names, {panel title: labels of the runs that lack it}).
 
     A panel is drawn when at least one run has one of its metrics; a run that lacks them all is
@@ -225,7 +225,7 @@ _STYLES = (("-", None), ("--", None), (":", None), ("-.", None), ("-", "o"), ("-
 NCOLS = 4
 
 
-def draw(runs: Sequence[RunData], chosen: Sequence[tuple[Panel, list[str]]], *, smooth: int = 1):
+def draw(runs: Sequence[PlottedRun], chosen: Sequence[tuple[Panel, list[str]]], *, smooth: int = 1):
     """The figure: one axes per chosen panel, titled with the panel's title; one line per
     (run, metric) the run has, with `line.get_label()` = the run's label and `line.get_gid()` =
     "<label>|<metric>". The runs' colours are explained once, above the panels; a panel with

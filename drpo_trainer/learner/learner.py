@@ -292,31 +292,16 @@ class Learner:
                     s.old_logprobs = lp.detach().float().cpu()
                     if ent is not None and ent.numel():
                         entropy.add({"policy/entropy": ent.detach().float().mean()}, weight=ent.numel())
+            # log mu: the engine's (behaviour_logprobs: rollout), this forward's (mini-batch 1 reuse, or an
+            # empty micro-batch at weight 0), else the recomputation's
             if use_rollout_mu:
                 old, _ = pad_rows([s.rollout_logprobs for s in chosen], device=self.device)
             elif behaviour_from_forward or not mb:
                 old = logprobs.detach()
             else:
                 old, _ = pad_rows([s.old_logprobs for s in chosen], device=self.device)
-            rollout, _ = pad_rows([s.rollout_logprobs for s in chosen], device=self.device)
             adv = torch.tensor([s.advantage if mb else 0.0 for s in chosen], dtype=torch.float32, device=self.device)
-            loss, metrics = compute_policy_loss(
-                a.loss,
-                logprobs.float(),
-                old,
-                adv,
-                mask,
-                loss_agg_mode=a.loss_agg_mode,
-                horizon=self.cfg.horizon,
-                global_num_tokens=num_tokens,
-                global_num_seqs=num_seqs,
-                rollout_logprobs=rollout,
-                mismatch_correction=a.mismatch_correction,
-                tis_cap=a.tis_cap,
-                mis_lower=a.mis_lower,
-                mis_upper=a.mis_upper,
-                **a.loss_params,
-            )
+            loss, metrics = self._policy_loss(chosen, logprobs, old, adv, mask, num_tokens, num_seqs)
             # losses are normalised by global counts; DeepSpeed averages grads over ranks
             self.engine.backward(loss * self.world_size)
             total_loss += loss.detach()
@@ -334,6 +319,28 @@ class Learner:
         (trained_here, all_here) = all_reduce_sum([len(trained), len(minibatch)])
         out["perf/skipped_sample_fraction"] = 1.0 - trained_here / max(all_here, 1)
         return out
+
+    def _policy_loss(self, chosen, logprobs, old, adv, mask, num_tokens, num_seqs) -> tuple[torch.Tensor, dict]:
+        """The registry loss of one micro-batch, normalised by the whole mini-batch's global counts."""
+        a = self.cfg.algorithm
+        rollout, _ = pad_rows([s.rollout_logprobs for s in chosen], device=self.device)
+        return compute_policy_loss(
+            a.loss,
+            logprobs.float(),
+            old,
+            adv,
+            mask,
+            loss_agg_mode=a.loss_agg_mode,
+            horizon=self.cfg.horizon,
+            global_num_tokens=num_tokens,
+            global_num_seqs=num_seqs,
+            rollout_logprobs=rollout,
+            mismatch_correction=a.mismatch_correction,
+            tis_cap=a.tis_cap,
+            mis_lower=a.mis_lower,
+            mis_upper=a.mis_upper,
+            **a.loss_params,
+        )
 
 
 def _has_dropout(model: torch.nn.Module) -> bool:

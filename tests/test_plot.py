@@ -184,7 +184,7 @@ def test_moving_average_is_trailing_and_skips_nan():
 
 def test_every_trust_region_and_mismatch_metric_has_a_panel():
     """A metric name a loss or the mismatch code emits (losses.py) is drawn somewhere."""
-    source = (REPO / "drpo_trainer" / "losses.py").read_text()
+    source = (REPO / "drpo_trainer" / "algorithms" / "losses.py").read_text()
     names = set(re.findall(r'"((?:drpo|spo|dppo|grpo|policy|mismatch)/[a-z_0-9]+)"', source))
     assert len(names) >= 20  # the regex still finds them
     undrawn = [n for n in sorted(names) if not any(panel_keys(p, {n}) for p in PANELS)]

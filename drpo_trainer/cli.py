@@ -97,6 +97,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     from drpo_trainer.io.data import DataError
     from drpo_trainer.runtime.bridge import PeerLost
+    from drpo_trainer.runtime.loop import TrainingDiverged
     from drpo_trainer.runtime.process import run_process
 
     try:
@@ -104,6 +105,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     except (ConfigError, DataError) as err:
         print(f"drpo-train: {err}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
+    except TrainingDiverged as err:
+        print(f"drpo-train: {err}", file=sys.stderr, flush=True)
+        return 1
     except PeerLost as err:  # the other role's process died: its own log says why
         print(f"drpo-train: {err}", file=sys.stderr, flush=True)
         return 1

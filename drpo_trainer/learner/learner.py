@@ -41,6 +41,15 @@ from drpo_trainer.runtime.distributed import DistContext
 NO_CLIP = 1e30  # optim.grad_clip = 0: clip at a norm no gradient reaches, so the norm is still computed
 
 
+class NonFiniteUpdate(RuntimeError):
+    """The update's loss or gradient norm is NaN or infinite; `applied`: the optimizer step already ran."""
+
+    def __init__(self, metric: str, value: float, *, applied: bool) -> None:
+        self.metric, self.value, self.applied = metric, value, applied
+        when = "after the optimizer step (its weights are not saved)" if applied else "before the optimizer step"
+        super().__init__(f"{metric} is {value}; the run stopped {when}")
+
+
 @dataclass
 class TrainSample:
     """One completion as the learner sees it."""
@@ -182,6 +191,8 @@ class Learner:
                 parameters=engine.module.parameters(), max_norm=engine.gradient_clipping(), mpu=engine.mpu
             )
             self._grad_norm = float(norm)
+            if not math.isfinite(self._grad_norm):  # called before the optimizer step: stop before it
+                raise NonFiniteUpdate("optim/grad_norm", self._grad_norm, applied=False)
 
         engine.clip_fp32_gradients = clip_and_record
 
@@ -308,13 +319,18 @@ class Learner:
             acc.add(metrics, weight=float(mask.sum()), reduce=metric_reductions(a.loss))
         self._grad_norm = None
         lr = float(self.engine.get_lr()[0])  # this step's; step() moves the schedule on to the next
+        (loss,) = all_reduce_sum([float(total_loss)])
+        if not math.isfinite(loss):  # every rank sees the same sum: all stop before the optimizer step
+            raise NonFiniteUpdate("loss/policy", loss, applied=False)
         self.engine.step()
         out = acc.result(all_reduce=True)
-        (out["loss/policy"],) = all_reduce_sum([float(total_loss)])
+        out["loss/policy"] = loss
         grad_norm = self.engine.get_global_grad_norm()  # ZeRO and DeepSpeed's bf16/fp16 optimizers keep it
         if grad_norm is None:
             grad_norm = self._grad_norm  # stage 0 with a torch optimizer: recorded by our clip hook
         out["optim/grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+        if grad_norm is not None and not math.isfinite(float(grad_norm)):  # ZeRO: known only after the step
+            raise NonFiniteUpdate("optim/grad_norm", float(grad_norm), applied=True)
         out["optim/lr"] = lr
         (trained_here, all_here) = all_reduce_sum([len(trained), len(minibatch)])
         out["perf/skipped_sample_fraction"] = 1.0 - trained_here / max(all_here, 1)

@@ -28,7 +28,7 @@ from drpo_trainer.config import Config
 from drpo_trainer.io.checkpoint import resolve_resume
 from drpo_trainer.io.samples import open_sample_log
 from drpo_trainer.io.tracking import Tracker, write_resolved_config
-from drpo_trainer.learner.learner import TrainSample
+from drpo_trainer.learner.learner import NonFiniteUpdate, TrainSample
 from drpo_trainer.learner.packing import pad_rows
 from drpo_trainer.metrics import MetricAccumulator, all_reduce_sum
 from drpo_trainer.rollout.producer import RolloutBatch
@@ -219,7 +219,10 @@ def _train_steps(run: Run, tracker: Tracker, stop: StopFlag) -> dict[str, float]
         tracker.log(0, run.rollouts.evaluate(0))
         _stop_if_requested(run, tracker, stop, "during the step-0 evaluation")
     for step in range(run.step + 1, cfg.trainer.max_steps + 1):
-        last = run_step(run, step, stop)
+        try:
+            last = run_step(run, step, stop)
+        except NonFiniteUpdate as err:
+            raise TrainingDiverged(_diverged_message(run, step, err)) from None
         run.step = step
         if eval_due(cfg, step):
             last.update(run.rollouts.evaluate(step))
@@ -237,6 +240,19 @@ def _train_steps(run: Run, tracker: Tracker, stop: StopFlag) -> dict[str, float]
         hf_dir = out / "checkpoints" / f"step_{run.step:06d}" / "hf"
         export_live(run.learner.module, hf_dir, out / "final", dtype=cfg.model.dtype, ctx=run.ctx)
     return last
+
+
+class TrainingDiverged(RuntimeError):
+    """A step's loss or gradient norm was not finite; the message names the step and the last good checkpoint."""
+
+
+def _diverged_message(run: Run, step: int, err: NonFiniteUpdate) -> str:
+    saved = sorted((Path(run.cfg.output_dir) / "checkpoints").glob("step_*"))
+    good = str(saved[-1]) if saved else "none (no checkpoint was written)"
+    return (
+        f"step {step}: {err}. Last good checkpoint: {good}. Fix: resume it with --resume auto and a lower optim.lr "
+        "or a tighter optim.grad_clip, or check the reward and the data of this step (samples.jsonl)"
+    )
 
 
 def _stop_if_requested(run: Run, tracker: Tracker, stop: StopFlag, phase: str) -> None:

@@ -112,7 +112,16 @@ class RolloutConfig(Section):
 
 
 class RewardConfig(Section):
-    name: str = Field("math", description="Registered reward function (see drpo_trainer.rewards).")
+    name: str = Field(
+        "math",
+        description="Registered reward function (see drpo_trainer.rewards), or module:function for a registered "
+        "function of a module in import_modules.",
+    )
+    import_modules: list[str] = Field(
+        default_factory=list,
+        description="Your modules imported before reward.name is looked up; their @register_reward functions "
+        "become selectable. Nothing else is imported by name.",
+    )
     extraction: Literal["boxed", "answer_line", "auto"] = Field(
         "boxed", description="Where the final answer is: the LAST \\boxed{}, an 'Answer: X' line, or either."
     )

@@ -118,6 +118,7 @@ class RewardScorer:
         num_workers: int = 2,
         timeout_s: float = 5.0,
         memory_limit_mb: int = 2048,
+        import_modules: Sequence[str] = (),
     ) -> None:
         if extraction not in EXTRACTION_MODES:
             raise ValueError(f"reward.extraction={extraction!r} is not one of {', '.join(EXTRACTION_MODES)}")
@@ -127,7 +128,7 @@ class RewardScorer:
             raise ValueError(f"reward.timeout_s={timeout_s} must be > 0 (seconds per sample)")
         if memory_limit_mb < 256:
             raise ValueError(f"reward.memory_limit_mb={memory_limit_mb} is too small to import sympy; use >= 256")
-        fn = get_reward(name)
+        fn = get_reward(name, import_modules)
         self.name = name
         # None: the reward does not look for a final answer, so it gets no extraction mode
         self.extraction: Optional[str] = extraction if _takes_keyword(fn, "extraction") else None
@@ -339,13 +340,14 @@ def _takes_keyword(fn: Any, name: str) -> bool:
 
 
 def make_reward_scorer(cfg_reward: Any) -> RewardScorer:
-    """A scorer built from the ``reward`` config section (name, extraction, num_workers, timeout_s, memory_limit_mb)."""
+    """A scorer built from the ``reward`` config section."""
     return RewardScorer(
         cfg_reward.name,
         extraction=cfg_reward.extraction,
         num_workers=cfg_reward.num_workers,
         timeout_s=cfg_reward.timeout_s,
         memory_limit_mb=cfg_reward.memory_limit_mb,
+        import_modules=cfg_reward.import_modules,
     )
 
 

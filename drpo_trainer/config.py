@@ -128,6 +128,12 @@ class RewardConfig(Section):
     num_workers: int = Field(2, ge=1, description="Verifier worker processes (killable, reused across steps).")
     timeout_s: float = Field(5.0, gt=0, description="Wall-clock limit per verification; a hung sample scores 0.")
     memory_limit_mb: int = Field(2048, gt=0, description="Address-space cap of each verifier worker.")
+    worker_memory_growth_mb: int = Field(
+        256,
+        ge=16,
+        description="A verifier worker whose resident memory grew this much over its start-up size (timed-out "
+        "samples can leave memory behind) is replaced between samples.",
+    )
 
 
 class AlgorithmConfig(Section):

@@ -118,3 +118,18 @@ def test_cli_refuses_pipepager_in_one_line_and_runs_nothing(tmp_path, overrides)
     assert len(lines) == 1 and lines[0].startswith("drpo-train: reward.name: reward 'pydoc:pipepager': ")
     assert "Fix: " in lines[0]
     assert not marker.exists() and not out.exists()
+
+
+def test_checkpoint_config_from_before_import_modules_resumes_unchanged():
+    """A run saved before reward.import_modules and reward.worker_memory_growth_mb existed held their
+    defaults in effect: resuming it with the defaults is no config change; naming a module is one."""
+    import yaml
+
+    from drpo_trainer.config import dump_config, load_config
+    from drpo_trainer.runtime.run_identity import config_changes
+
+    saved = yaml.safe_load(dump_config(load_config(None, [])))
+    del saved["reward"]["import_modules"], saved["reward"]["worker_memory_growth_mb"]
+    assert config_changes(yaml.safe_dump(saved), load_config(None, [])) == {}
+    changed = load_config(None, ["reward.import_modules=[resume_helpers]"])
+    assert config_changes(yaml.safe_dump(saved), changed) == {"reward.import_modules": ([], ["resume_helpers"])}

@@ -58,6 +58,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from drpo_trainer.rewards import register_reward  # noqa: E402  (after the path is set; light: no torch)
+
 TARGET = 0.8
 RESULT = "BENCH_RESULT "
 
@@ -68,6 +70,7 @@ GEOMETRIES = {
 }
 
 
+@register_reward("bench_varied")
 def varied_reward(completion: str, answer: str = "", **_: object) -> float:
     """A deterministic score in [0, 1) of the text: distinct completions score differently, so every
     group has reward variance (a random model's math reward is 0 nearly everywhere)."""
@@ -107,6 +110,7 @@ def run_ours(args, model_dir: str, data: str, out: str) -> dict:
             f"distributed.single_process_zero_stage={args.zero_stage}",  # exactly the stage asked for
             "reward.num_workers=2",
             "reward.name=benchmarks.bench_vs_trl:varied_reward",
+            "reward.import_modules=[benchmarks.bench_vs_trl]",
             "checkpoint.export_final=false",
             "tracking.progress_bar=false",
         ],

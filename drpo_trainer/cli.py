@@ -119,7 +119,7 @@ def _check_registries(cfg) -> None:
     from drpo_trainer.rewards import get_reward
 
     try:
-        get_reward(cfg.reward.name)
+        get_reward(cfg.reward.name, cfg.reward.import_modules)
     except ValueError as err:
         raise ConfigError(f"reward.name: {err}") from None
 

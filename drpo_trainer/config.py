@@ -112,13 +112,28 @@ class RolloutConfig(Section):
 
 
 class RewardConfig(Section):
-    name: str = Field("math", description="Registered reward function (see drpo_trainer.rewards).")
+    name: str = Field(
+        "math",
+        description="Registered reward function (see drpo_trainer.rewards), or module:function for a registered "
+        "function of a module in import_modules.",
+    )
+    import_modules: list[str] = Field(
+        default_factory=list,
+        description="Your modules imported before reward.name is looked up; their @register_reward functions "
+        "become selectable. Nothing else is imported by name.",
+    )
     extraction: Literal["boxed", "answer_line", "auto"] = Field(
         "boxed", description="Where the final answer is: the LAST \\boxed{}, an 'Answer: X' line, or either."
     )
     num_workers: int = Field(2, ge=1, description="Verifier worker processes (killable, reused across steps).")
     timeout_s: float = Field(5.0, gt=0, description="Wall-clock limit per verification; a hung sample scores 0.")
     memory_limit_mb: int = Field(2048, gt=0, description="Address-space cap of each verifier worker.")
+    worker_memory_growth_mb: int = Field(
+        256,
+        ge=16,
+        description="A verifier worker whose resident memory grew this much over its start-up size (timed-out "
+        "samples can leave memory behind) is replaced between samples.",
+    )
 
 
 class AlgorithmConfig(Section):

@@ -1,8 +1,9 @@
 """Shared by the checkpoint / resume / preemption / export tests: a tiny run directory and a
 reward that gives a random model non-zero advantages.
 
-`odd_length_reward` is importable by the verifier worker processes because the runs are
-started with this folder on PYTHONPATH (reward.name=resume_helpers:odd_length_reward).
+`odd_length_reward` is registered here and importable by the verifier worker processes because the
+runs are started with this folder on PYTHONPATH (reward.import_modules=[resume_helpers],
+reward.name=resume_helpers:odd_length_reward).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from typing import Optional
 
 import yaml
 
+from drpo_trainer.rewards import register_reward
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 
@@ -34,6 +37,7 @@ TIMING_PREFIXES = (
 )
 
 
+@register_reward("odd_length")
 def odd_length_reward(completion: str, answer: str, **_: object) -> float:
     """1 for a completion with an odd number of characters: about half the group of a random
     model scores, so advantages are non-zero and every update moves the weights."""
@@ -98,7 +102,7 @@ def write_config(path: Path, ws: dict, output_dir: Path, **overrides) -> Path:
         "model": {"path": ws["model"], "dtype": "float32"},
         "data": {"train_files": [ws["train"]], "max_prompt_tokens": 64},
         "rollout": {"backend": "hf", "samples_per_prompt": 4, "max_new_tokens": 12, "temperature": 1.0},
-        "reward": {"name": "resume_helpers:odd_length_reward", "num_workers": 1},
+        "reward": {"name": "resume_helpers:odd_length_reward", "import_modules": ["resume_helpers"], "num_workers": 1},
         "algorithm": {"loss": "drpo", "loss_params": {"delta": 12.5}},
         "optim": {"lr": 1.0e-3, "weight_decay": 0.0},
         "trainer": {

@@ -39,6 +39,9 @@ def hang_or_math(completion, answer, **kwargs):
     return math_reward(completion, answer, **kwargs)
 
 
+hang_or_math.warm_up = math_reward.warm_up  # sympy's first-use set-up must not run inside a deadline
+
+
 def _injections(folder):
     path = os.path.join(folder, "pwned")
     return [

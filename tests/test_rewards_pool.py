@@ -40,6 +40,7 @@ def length_reward(completion, answer, **kwargs):
     return len(completion) / 10
 
 
+@register_reward("test_exact_match")
 def exact_match(completion, answer):
     """A custom reward with no keyword arguments: it must be called without reward.extraction."""
     return float(completion.strip() == answer)
@@ -155,14 +156,14 @@ def test_custom_reward_by_name_and_by_path():
     assert metrics["reward/mean"] == pytest.approx((0.4 + 2.5) / 2)
     assert metrics["reward/accuracy"] == 0.5  # only 2.5 reaches full credit (>= 1)
     assert metrics["reward/no_answer_fraction"] == 1.0
-    with RewardScorer(f"{__name__}:length_reward", num_workers=1) as scorer:
+    with RewardScorer(f"{__name__}:length_reward", num_workers=1, import_modules=[__name__]) as scorer:
         assert scorer.score(["abc"], [""])[0] == [pytest.approx(0.3)]
 
 
 def test_a_reward_without_extraction_gets_none_and_no_answer_metric():
     """reward.extraction belongs to rewards that look for a final answer: a reward without the
     keyword is called with (completion, answer) only, and no_answer_fraction is not reported."""
-    with RewardScorer(f"{__name__}:exact_match", extraction="answer_line", num_workers=1) as scorer:
+    with RewardScorer("test_exact_match", extraction="answer_line", num_workers=1) as scorer:
         scores, metrics = scorer.score(["42", "Answer: 42", " 7 "], ["42", "42", "7"])
     assert scores == [1.0, 0.0, 1.0]  # exact match, no answer extraction
     assert metrics == pytest.approx(
@@ -180,9 +181,11 @@ def test_registry_errors():
     with pytest.raises(ValueError, match="cannot be imported by the verifier workers"):
         importable_ref(lambda c, a: 0.0)
     with pytest.raises(ValueError, match="has no function"):
-        get_reward(f"{__name__}:missing")
-    with pytest.raises(ValueError, match="cannot import module"):
+        get_reward(f"{__name__}:missing", [__name__])
+    with pytest.raises(ValueError, match="is not in reward.import_modules"):
         get_reward("no_such_module_xyz:fn")
+    with pytest.raises(ValueError, match="cannot import 'no_such_module_xyz' \\(ModuleNotFoundError"):
+        get_reward("no_such_module_xyz:fn", ["no_such_module_xyz"])
 
 
 def test_failures_are_counted_and_workers_survive_or_are_replaced():

@@ -45,6 +45,7 @@ def run(tmp_path_factory, tiny_model_dir, one_process_ctx):
             "trainer.micro_batch_tokens_per_gpu=512",
             "algorithm.normalize_by_std=true",
             "reward.name=resume_helpers:odd_length_reward",  # rewards that vary within a group
+            "reward.import_modules=[resume_helpers]",
             "reward.num_workers=1",
         ],
     )

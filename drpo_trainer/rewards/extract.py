@@ -7,6 +7,8 @@ Owns the extraction modes of ``reward.extraction``:
 - ``answer_line``: the last ``Answer: X`` line (the DAPO prompt format).
 - ``auto``: ``boxed`` when the completion has a complete box, else ``answer_line``.
 
+An answer with nothing in it (``\\boxed{}``, ``\\boxed{\\text{}}``, ``\\boxed{ }``) is no answer.
+
 Every scan here is a single linear pass with no recursion and no backtracking regex, so a
 100,000-character completion or ten thousand nested braces cost microseconds, not a hang; the
 expensive part (math-verify) happens later, in a killable worker.
@@ -16,6 +18,8 @@ from __future__ import annotations
 
 import re
 from typing import Optional
+
+from drpo_trainer.rewards.answer_form import is_blank
 
 EXTRACTION_MODES = ("boxed", "answer_line", "auto")
 
@@ -174,7 +178,7 @@ def extract_final_answer(text: str, mode: str = "boxed") -> Optional[str]:
     if answer is None:
         return None
     answer = _strip_math_delimiters(answer)
-    return answer or None
+    return None if is_blank(answer) else answer
 
 
 def normalize_gold(answer: str) -> str:

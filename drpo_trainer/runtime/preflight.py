@@ -70,6 +70,8 @@ def check_model(cfg: Config) -> None:
 
 
 def check_data(cfg: Config) -> None:
+    from drpo_trainer.io.data import DataError, check_data_file
+
     named = [("data.train_files", f) for f in cfg.data.train_files]
     named += [(f"eval.files.{k}", f) for k, f in cfg.eval.files.items()]
     for key, f in named:
@@ -78,6 +80,10 @@ def check_data(cfg: Config) -> None:
             raise ConfigError(f"{key}: {f} does not exist. Fix: check the path (relative to {Path.cwd()})")
         if not os.access(p, os.R_OK):
             raise ConfigError(f"{key}: {f} cannot be read (permissions). Fix: make it readable for this user")
+        try:  # every row, before the model loads: a bad row is one line naming its file and line
+            check_data_file(f, prompt_field=cfg.data.prompt_field, answer_field=cfg.data.answer_field)
+        except DataError as err:
+            raise ConfigError(str(err)) from None
 
 
 def check_gpus(cfg: Config, local_processes: int) -> None:

@@ -54,6 +54,9 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 def config_changes(saved_yaml: str, current: Config) -> dict[str, tuple[Any, Any]]:
     """{key: (checkpoint's value, this run's value)} for every key that differs."""
     old, new = _flatten(yaml.safe_load(saved_yaml) or {}), _flatten(yaml.safe_load(dump_config(current)))
+    # a key added since the checkpoint was written held its default then, in effect
+    defaults = _flatten(yaml.safe_load(dump_config(Config())))
+    old = {**{k: v for k, v in defaults.items() if k in new and k not in old}, **old}
     return {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)}
 
 

@@ -27,6 +27,7 @@ from drpo_trainer.algorithms.losses import MISMATCH_METRIC_REDUCTIONS, metric_re
 from drpo_trainer.config import Config
 from drpo_trainer.io.checkpoint import resolve_resume
 from drpo_trainer.io.data import PromptSampler, load_problems
+from drpo_trainer.io.run_dir import check_output_dir
 from drpo_trainer.io.samples import open_sample_log
 from drpo_trainer.io.tracking import Tracker, write_resolved_config
 from drpo_trainer.learner.learner import Learner, TrainSample
@@ -443,6 +444,7 @@ def _say_dropped_batches(resumed: Path, run: Run, tracker: Tracker) -> None:
 def train(cfg: Config, *, resume: Optional[str] = None, stop: Optional[StopFlag] = None) -> dict[str, float]:
     """Run (or continue) training; returns the last step's metrics on rank 0 (of the learners)."""
     stop = stop or StopFlag()
+    check_output_dir(cfg.output_dir, resume)  # nothing is written in output_dir before every check passed
     bridge = None
     if cfg.distributed.rollout_processes:  # asynchronous layout: learners and rollout processes
         from drpo_trainer.runtime.bridge import connect
@@ -456,13 +458,13 @@ def train(cfg: Config, *, resume: Optional[str] = None, stop: Optional[StopFlag]
     else:
         ctx = setup_distributed(cfg.distributed.backend)
     torch.manual_seed(cfg.trainer.seed + ctx.rank)
-    if ctx.is_main:
-        write_resolved_config(cfg)
-        (Path(cfg.output_dir) / PREEMPTED_MARKER).unlink(missing_ok=True)
     resumed = resolve_resume(resume, cfg.output_dir, shared=True, ctx=ctx)  # every rank verifies a share
     universal_dir, zero3 = _checkpoint_layout(resumed, ctx)
     run = build_run(cfg, ctx, load_universal=universal_dir is not None, zero3=zero3, with_engine=bridge is None)
     restore_run(run, resumed, universal_dir=universal_dir)
+    if ctx.is_main:
+        write_resolved_config(cfg)
+        (Path(cfg.output_dir) / PREEMPTED_MARKER).unlink(missing_ok=True)
     if bridge is not None:
         from drpo_trainer.runtime.async_rollouts import RemoteRollouts
 

@@ -2,10 +2,11 @@
 
     drpo-train --config configs/tiny_cpu.yaml [key=value ...]      train (or continue: --resume auto)
     drpo-train --config X --print-config                           show the resolved config and exit
-    drpo-train export <checkpoint> <dir>                           checkpoint -> HF safetensors model
+    drpo-train export <checkpoint> <dir> [--overwrite]             checkpoint -> HF safetensors model
     drpo-train plot RUN_DIR [RUN_DIR ...] [-o report.png]          runs' metrics.jsonl -> one figure
 
-Exit codes: 0 done, 2 bad configuration (for plot: a directory that is not a run), 75 stopped by
+Exit codes: 0 done, 1 a file could not be written or read (a full disk, an incomplete checkpoint to
+export), 2 bad configuration or input (for plot: a directory that is not a run), 75 stopped by
 SIGTERM/SIGUSR1 after a checkpoint.
 
 On one machine it starts `distributed.nproc_per_node` processes itself, unless it was
@@ -86,6 +87,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         allowed = [k.strip() for k in args.allow_config_change.split(",") if k.strip()]
         changes = check_resume(cfg, args.resume, allowed)
         check_world_change(cfg, args.resume, learners)
+        from drpo_trainer.io.run_dir import check_output_dir
+
+        check_output_dir(cfg.output_dir, args.resume)  # a new run never writes over another one
     except ConfigError as err:
         print(f"drpo-train: {err}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
@@ -95,6 +99,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         cmd = build_launch_command(nproc, argv, master_port=free_port())
         return _run_children(cmd, cfg.output_dir)
 
+    from drpo_trainer.io.checkpoint import CheckpointWriteError
     from drpo_trainer.io.data import DataError
     from drpo_trainer.runtime.bridge import PeerLost
     from drpo_trainer.runtime.loop import TrainingDiverged
@@ -105,7 +110,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     except (ConfigError, DataError) as err:
         print(f"drpo-train: {err}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
-    except TrainingDiverged as err:
+    except (TrainingDiverged, CheckpointWriteError) as err:  # a non-finite step, a full disk: checkpoints intact
         print(f"drpo-train: {err}", file=sys.stderr, flush=True)
         return 1
     except PeerLost as err:  # the other role's process died: its own log says why
@@ -154,12 +159,21 @@ def _export(argv: list[str]) -> int:
     p.add_argument(
         "--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="default: the run's model.dtype"
     )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a non-empty out_dir that is not an earlier export (never the current directory, a run "
+        "directory or the checkpoint itself)",
+    )
     args = p.parse_args(argv)
     from drpo_trainer.io.export import export_checkpoint
 
     try:
-        out = export_checkpoint(args.checkpoint, args.out_dir, dtype=args.dtype)
-    except FileNotFoundError as err:
+        out = export_checkpoint(args.checkpoint, args.out_dir, dtype=args.dtype, overwrite=args.overwrite)
+    except ConfigError as err:  # a target it may not replace, a file that could run code
+        print(f"drpo-train export: {err}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    except OSError as err:  # an incomplete checkpoint, a full disk
         print(f"drpo-train export: {err}", file=sys.stderr)
         return 1
     print(f"exported {args.checkpoint} -> {out}")

@@ -1,6 +1,7 @@
 """Checkpoint mechanics in one process, with a stand-in for the DeepSpeed engine: atomic
 publish, manifest, pruning, fallback past truncated / corrupt / unfinished checkpoints with a
-warning, explicit paths, RNG states, and the stop flag."""
+warning, refusal when none is valid, explicit paths, RNG states (plain data, and the previous
+release's pickled numpy state), a full disk during a write, and the stop flag."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ import torch
 
 from drpo_trainer.io.checkpoint import (
     MANIFEST,
+    CheckpointError,
+    CheckpointWriteError,
     find_checkpoint,
     load_checkpoint,
     resolve_resume,
@@ -172,9 +175,9 @@ def test_explicit_resume_path_must_be_complete(tmp_path):
     path = _save(tmp_path, 1)
     assert resolve_resume(str(path), "elsewhere") == path
     (path / "config.yaml").write_text("changed")
-    with pytest.raises(FileNotFoundError, match="config.yaml .*Fix: pass --resume auto"):
+    with pytest.raises(CheckpointError, match="config.yaml .*Fix: pass --resume auto"):
         resolve_resume(str(path), "elsewhere")
-    with pytest.raises(FileNotFoundError, match="no such directory"):
+    with pytest.raises(CheckpointError, match="no such directory"):
         resolve_resume(str(tmp_path / "nope"), "elsewhere")
 
 
@@ -200,3 +203,122 @@ def test_stop_flag_is_set_by_sigterm_and_sigusr1():
     finally:
         for sig, handler in old.items():
             signal.signal(sig, handler)
+
+
+def _tree(root) -> dict:
+    """Every file under `root` with its bytes' hash: equal before and after means nothing changed."""
+    import hashlib
+
+    files = (p for p in root.rglob("*") if p.is_file())
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+
+def _rehash(ckpt, rel) -> None:
+    """Rewrite the manifest entry of `rel`, as whoever ships a tampered checkpoint would."""
+    import hashlib
+
+    manifest = json.loads((ckpt / MANIFEST).read_text())
+    data = (ckpt / rel).read_bytes()
+    manifest["files"][rel] = [len(data), hashlib.sha256(data).hexdigest()]
+    (ckpt / MANIFEST).write_text(json.dumps(manifest))
+
+
+def test_every_checkpoint_invalid_refuses_to_start_and_changes_nothing(tmp_path):
+    _save(tmp_path, 1)
+    _save(tmp_path, 2)
+    newest = tmp_path / "checkpoints" / "step_000002"
+    (newest / "loop_state.json").write_text('{"step": 2, "wor')  # truncated
+    (tmp_path / "checkpoints" / "step_000001" / "rng" / "rank_00000.pt").unlink()
+    before = _tree(tmp_path)
+    with pytest.raises(CheckpointError) as err:
+        resolve_resume("auto", str(tmp_path))
+    msg = str(err.value)
+    assert "step_000002: loop_state.json has 16 bytes, the manifest says" in msg
+    assert "step_000001: missing file rng/rank_00000.pt" in msg
+    assert "Fix:" in msg and "\n" not in msg
+    assert _tree(tmp_path) == before
+
+
+def test_rng_file_is_plain_data(tmp_path):
+    path = _save(tmp_path, 1)
+    state = torch.load(path / "rng" / "rank_00000.pt", weights_only=True)  # no allow-list needed
+    assert sorted(state) == ["numpy", "python", "torch"]
+    assert state["python"][0] == 3 and len(state["python"][1]) == 625
+    assert state["numpy"]["kind"] == "MT19937" and state["numpy"]["keys"].shape == (624,)
+
+
+def test_rng_state_of_the_previous_release_still_resumes(tmp_path):
+    """The previous release pickled numpy's state tuple (with an ndarray) and python's tuple."""
+    path = _save(tmp_path, 1)
+    random.seed(4), np.random.seed(5), torch.manual_seed(6)
+    old = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    torch.save(old, path / "rng" / "rank_00000.pt")
+    _rehash(path, "rng/rank_00000.pt")
+    want = (random.random(), np.random.rand(), torch.rand(1).item())
+    random.seed(9), np.random.seed(9), torch.manual_seed(9)
+    assert resolve_resume("auto", str(tmp_path)) == path
+    load_checkpoint(FakeEngine(), path)
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == want
+
+
+class Payload:
+    """Unpickling it creates `marker` through a shell command (os.system, pickled as posix.system), or
+    through subprocess.call (pickled under its Python 2 name, commands.call, by torch's protocol 2)."""
+
+    def __init__(self, marker, via: str = "os.system") -> None:
+        self.marker, self.via = str(marker), via
+
+    def __reduce__(self):
+        import subprocess
+
+        if self.via == "os.system":
+            return os.system, (f"touch {self.marker}",)
+        return subprocess.call, (["touch", self.marker],)
+
+
+@pytest.mark.parametrize("via", ["os.system", "subprocess.call"])
+def test_the_payload_runs_when_unpickled_unsafely(tmp_path, via):
+    """The probe works: without the restricted loader the marker appears (so its absence below means something)."""
+    torch.save({"x": Payload(tmp_path / "marker", via)}, tmp_path / "p.pt")
+    torch.load(tmp_path / "p.pt", weights_only=False)
+    assert (tmp_path / "marker").exists()
+
+
+@pytest.mark.parametrize("rel", ["rng/rank_00000.pt", "ranks/state_00000.pt", "ds/state/shard.pt"])
+def test_a_file_that_would_run_code_is_refused_before_loading(tmp_path, rel):
+    from drpo_trainer.io.safe_load import UnsafeCheckpointError
+
+    path = _save(tmp_path, 1)
+    (path / rel).parent.mkdir(exist_ok=True)
+    torch.save({"python": Payload(tmp_path / "marker")}, path / rel)
+    _rehash(path, rel)
+    assert verify_checkpoint(path) is None  # the manifest does not help: it was rewritten too
+    before = _tree(tmp_path)
+    with pytest.raises(UnsafeCheckpointError, match=f"{rel} needs posix.system, .*refused"):
+        resolve_resume("auto", str(tmp_path))
+    with pytest.raises(UnsafeCheckpointError, match=f"{rel} needs posix.system"):
+        load_checkpoint(FakeEngine(), path)
+    assert not (tmp_path / "marker").exists()
+    assert _tree(tmp_path) == before
+
+
+def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
+    import errno
+
+    _save(tmp_path, 1)
+    real_save = torch.save
+
+    def full(obj, f, *a, **k):
+        if "step_000002" in str(f):
+            raise OSError(errno.ENOSPC, "No space left on device", str(f))
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(CheckpointWriteError) as err:
+        _save(tmp_path, 2)
+    msg = str(err.value)
+    assert f"could not write checkpoint {tmp_path / 'checkpoints' / '.tmp-step_000002'}" in msg
+    assert "GiB free on" in msg and "No space left on device" in msg and "step_000001 is intact" in msg
+    assert _steps(tmp_path) == ["step_000001"]  # the half-written one is gone, the old one untouched
+    assert (tmp_path / "checkpoints" / "latest").read_text() == "step_000001"
+    assert verify_checkpoint(tmp_path / "checkpoints" / "step_000001") is None

@@ -46,7 +46,7 @@ def _learner_weights(checkpoint) -> dict:
     shards = checkpoint / "ds" / "state"
     if any(shards.glob("zero_pp_rank_*")):
         return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint / "ds"), tag="state")
-    return torch.load(shards / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    return torch.load(shards / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)["module"]
 
 
 def _learner_model(checkpoint):

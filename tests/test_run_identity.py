@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
 
 from drpo_trainer.config import ConfigError, dump_config, load_config
 from drpo_trainer.runtime.run_identity import check_resume, config_changes, data_fingerprint
+
+SMALL = ("config.yaml", "loop_state.json")
 
 
 @pytest.fixture
@@ -23,6 +26,8 @@ def run(tmp_path):
     (ckpt / "config.yaml").write_text(dump_config(cfg))
     state = {"step": 5, "world_size": 1, "data_fingerprint": data_fingerprint([str(data)])}
     (ckpt / "loop_state.json").write_text(json.dumps(state))
+    files = {n: [(ckpt / n).stat().st_size, hashlib.sha256((ckpt / n).read_bytes()).hexdigest()] for n in SMALL}
+    (ckpt / "MANIFEST.json").write_text(json.dumps({"files": files}))  # resume reads only a verified checkpoint
     return base, data
 
 

@@ -3,7 +3,10 @@
 Two ways in: from a live learner at the end of a run (ZeRO-3 parameters gathered in
 buckets; rank 0 assembles the full state dict on CPU), or offline from a checkpoint
 directory (`drpo-train export <checkpoint> <dir>`), which consolidates the ZeRO shards
-with DeepSpeed's own converter and needs no process group.
+with DeepSpeed's own converter and needs no process group. The checkpoint's files are read with
+weights_only=True and an allow-list (drpo_trainer.io.safe_load); what the export may replace is
+drpo_trainer.io.run_dir's rule (an earlier export, or with --overwrite another directory; never the
+current directory, a run or the checkpoint), and it is written beside the target and renamed in.
 """
 
 from __future__ import annotations
@@ -15,10 +18,12 @@ from typing import Optional
 
 import torch
 
+from drpo_trainer.io.run_dir import check_export_target, publish_export, staging_dir
 from drpo_trainer.runtime.distributed import DistContext
 
 
 def _save(state_dict: dict, hf_dir: Path, out_dir: Path, dtype: str) -> None:
+    """Write the export beside `out_dir` and rename it into place (the caller checked the target)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     config = AutoConfig.from_pretrained(hf_dir)
@@ -29,13 +34,13 @@ def _save(state_dict: dict, hf_dir: Path, out_dir: Path, dtype: str) -> None:
     missing = [n for n, p in model.named_parameters() if p.is_meta]
     if missing:
         raise RuntimeError(f"export: no weights for {missing[:5]}{'...' if len(missing) > 5 else ''}")
-    tmp = Path(str(out_dir) + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    AutoTokenizer.from_pretrained(hf_dir).save_pretrained(tmp)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.rename(tmp, out_dir)
+    staged = staging_dir(out_dir)
+    try:
+        model.save_pretrained(staged, safe_serialization=True)
+        AutoTokenizer.from_pretrained(hf_dir).save_pretrained(staged)
+        publish_export(staged, out_dir, source=str(hf_dir.parent))
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)  # ours; gone already once published
 
 
 def export_live(
@@ -51,6 +56,7 @@ def export_live(
     from drpo_trainer.rollout.weight_sync import iter_gathered_buckets
 
     ctx = ctx or DistContext.current()
+    check_export_target(out_dir, hf_dir, overwrite=True)  # final/ of a run: replaced when a resumed run ends again
     state: dict[str, torch.Tensor] = {}
     for bucket in iter_gathered_buckets(module, bucket_bytes):
         if ctx.is_main:
@@ -60,16 +66,22 @@ def export_live(
     ctx.barrier()
 
 
-def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: str | None = None) -> Path:
-    """Offline: a `step_*` checkpoint directory -> an HF model directory."""
+def export_checkpoint(
+    checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: str | None = None, overwrite: bool = False
+) -> Path:
+    """Offline: a `step_*` checkpoint directory -> an HF model directory. ConfigError (a target it
+    may not replace, a checkpoint file that needs a type outside the allow-list) before anything is
+    written; FileNotFoundError for an incomplete checkpoint."""
     import yaml
 
-    from drpo_trainer.io.checkpoint import verify_checkpoint
+    from drpo_trainer.io.checkpoint import scan_checkpoint, verify_checkpoint
 
     ckpt = Path(checkpoint)
+    check_export_target(out_dir, ckpt, overwrite=overwrite)
     problem = verify_checkpoint(ckpt, hashes=False)
     if problem:
         raise FileNotFoundError(f"{ckpt} is not a complete checkpoint: {problem}")
+    scan_checkpoint(ckpt)
     if dtype is None:
         dtype = yaml.safe_load((ckpt / "config.yaml").read_text())["model"]["dtype"]
     state = checkpoint_weights(ckpt)
@@ -78,14 +90,17 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
 
 
 def checkpoint_weights(checkpoint: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The full fp32 weights of a `step_*` checkpoint, whatever ZeRO stage wrote it."""
+    """The full fp32 weights of a `step_*` checkpoint, whatever ZeRO stage wrote it (every file read
+    with weights_only=True and DeepSpeed's allow-list)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     from drpo_trainer.io.checkpoint import STATE_TAG
+    from drpo_trainer.io.safe_load import DEEPSPEED_TYPES, weights_only_loads
 
     ckpt = Path(checkpoint)
     shards = ckpt / "ds" / STATE_TAG
-    if any(shards.glob("zero_pp_rank_*")):  # ZeRO: consolidate the partitions (fp32 master weights)
-        return get_fp32_state_dict_from_zero_checkpoint(str(ckpt / "ds"), tag=STATE_TAG)
-    # ZeRO stage 0 (one process): the module's full state dict is stored as it is
-    return torch.load(shards / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    with weights_only_loads(DEEPSPEED_TYPES, where=shards):
+        if any(shards.glob("zero_pp_rank_*")):  # ZeRO: consolidate the partitions (fp32 master weights)
+            return get_fp32_state_dict_from_zero_checkpoint(str(ckpt / "ds"), tag=STATE_TAG)
+        # ZeRO stage 0 (one process): the module's full state dict is stored as it is
+        return torch.load(shards / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)["module"]

@@ -12,6 +12,9 @@ shards, and loads a universal checkpoint only into a ZeRO engine of the same sta
 one-process run therefore resumes a multi-process checkpoint at stage 3 (not its usual stage 0),
 and a one-process run that may later grow must checkpoint at stage 3
 (`distributed.single_process_zero_stage: null`).
+
+The converter reads the shards with `torch.load`: it runs with weights_only=True and DeepSpeed's
+allow-list (drpo_trainer.io.safe_load), after the shards were scanned, like every other load.
 """
 
 from __future__ import annotations
@@ -55,20 +58,29 @@ def prepare(ckpt: Path, ctx: DistContext) -> Path:
     if ctx.is_main and not (out / STATE_TAG / "zero" / "optimizer_state.pt").is_file():
         from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
 
+        from drpo_trainer.io.safe_load import DEEPSPEED_TYPES, checkpoint_files, scan, weights_only_loads
+
+        shards = ckpt / "ds" / STATE_TAG
+        scan(checkpoint_files(shards), DEEPSPEED_TYPES)
         tmp = ckpt / f".tmp-{UNIVERSAL_DIR}"
         shutil.rmtree(tmp, ignore_errors=True)
-        ds_to_universal(
-            argparse.Namespace(
-                input_folder=str(ckpt / "ds" / STATE_TAG),
-                output_folder=str(tmp / STATE_TAG),
-                num_extract_workers=1,
-                num_merge_workers=1,
-                keep_temp_folder=False,
-                strict=True,
-                inject_missing_state=False,
-            )
-        )
+        with weights_only_loads(DEEPSPEED_TYPES, where=shards):
+            _convert(ds_to_universal, shards, tmp)
         shutil.rmtree(out, ignore_errors=True)
         tmp.rename(out)  # a crash mid-conversion leaves only the temp dir, redone next time
     ctx.barrier()
     return out
+
+
+def _convert(ds_to_universal, shards: Path, tmp: Path) -> None:
+    ds_to_universal(
+        argparse.Namespace(
+            input_folder=str(shards),
+            output_folder=str(tmp / STATE_TAG),
+            num_extract_workers=1,
+            num_merge_workers=1,
+            keep_temp_folder=False,
+            strict=True,
+            inject_missing_state=False,
+        )
+    )

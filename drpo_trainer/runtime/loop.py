@@ -26,6 +26,7 @@ from drpo_trainer.algorithms.advantages import ADVANTAGE_METRIC_REDUCTIONS
 from drpo_trainer.algorithms.losses import MISMATCH_METRIC_REDUCTIONS, metric_reductions, mismatch_metrics
 from drpo_trainer.config import Config
 from drpo_trainer.io.checkpoint import resolve_resume
+from drpo_trainer.io.run_dir import check_output_dir
 from drpo_trainer.io.samples import open_sample_log
 from drpo_trainer.io.tracking import Tracker, write_resolved_config
 from drpo_trainer.learner.learner import NonFiniteUpdate, TrainSample
@@ -167,6 +168,7 @@ def train(
     `ctx` and `rollouts` come from drpo_trainer.runtime.process in the asynchronous layout; by default every
     process of the launch trains and samples its own share (`LocalRollouts`)."""
     stop = stop or StopFlag()
+    check_output_dir(cfg.output_dir, resume)  # nothing is written in output_dir before every check passed
     ctx = ctx or setup_distributed(cfg.distributed.backend)
     run, tracker = open_run(cfg, resume, ctx, rollouts)
     try:
@@ -183,11 +185,11 @@ def open_run(
 ) -> tuple[Run, Tracker]:
     """Build (or resume) the run and open its metrics, W&B and samples logs."""
     torch.manual_seed(cfg.trainer.seed + ctx.rank)
-    if ctx.is_main:
-        write_resolved_config(cfg)
-        (Path(cfg.output_dir) / PREEMPTED_MARKER).unlink(missing_ok=True)
     resumed = resolve_resume(resume, cfg.output_dir, shared=True, ctx=ctx)  # every rank verifies a share
     run = build_run(cfg, ctx, resumed=resumed, rollouts=rollouts)
+    if ctx.is_main:  # written once the run has loaded and resumed: a failed start leaves the old run as it was
+        write_resolved_config(cfg)
+        (Path(cfg.output_dir) / PREEMPTED_MARKER).unlink(missing_ok=True)
     tracker = Tracker(cfg, enabled=ctx.is_main, run_id=run.extra.get("wandb_run_id"), start_step=run.step)
     run.extra["wandb_run_id"] = tracker.run_id
     run.samples = open_sample_log(cfg, is_main=ctx.is_main, start_step=run.step, tracker=tracker)

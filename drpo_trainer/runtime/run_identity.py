@@ -65,16 +65,12 @@ def _allowed(key: str, allowed: list[str]) -> bool:
 
 
 def newest_checkpoint_files(resume: str, output_dir: str) -> Optional[Path]:
-    """The checkpoint a resume will most likely use (newest step with its config), unverified: cheap."""
-    if resume != "auto":
-        path = Path(resume)
-        return path if (path / "config.yaml").is_file() else None
-    root = Path(output_dir) / "checkpoints"
-    steps = sorted(root.glob("step_*"), key=lambda p: int(p.name.split("_")[1]) if p.name[5:].isdigit() else -1)
-    for path in reversed(steps):
-        if (path / "config.yaml").is_file() and (path / "loop_state.json").is_file():
-            return path
-    return None
+    """The checkpoint a resume will use: the newest whose files have their manifest's sizes and whose
+    config.yaml and loop_state.json their hashes (cheap; the run then hashes every file). A damaged
+    one is skipped with a warning; CheckpointError (a ConfigError) when none is usable."""
+    from drpo_trainer.io.checkpoint import SMALL_FILES, resolve_resume
+
+    return resolve_resume(resume, output_dir, hashes=SMALL_FILES)
 
 
 def check_world_change(cfg: Config, resume: Optional[str], world_size: int) -> None:

@@ -25,9 +25,9 @@ import shutil
 from pathlib import Path
 
 from drpo_trainer.config import ConfigError
+from drpo_trainer.io.checkpoint import STATE_TAG
 from drpo_trainer.runtime.distributed import DistContext
 
-STATE_TAG = "state"  # the tag drpo_trainer.io.checkpoint saves under
 UNIVERSAL_DIR = "universal"
 
 

@@ -17,7 +17,7 @@ import os
 import socket
 import sys
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 
@@ -77,6 +77,25 @@ def resolve_nproc(nproc_per_node: int | str) -> int:
         return max(1, torch.cuda.device_count())
     except Exception:
         return 1
+
+
+def broadcast_plain(value: Any, ctx: "DistContext", src: int = 0) -> Any:
+    """`value` (plain data, runtime/wire.py) of rank `src` on every rank of the default group, sent
+    as bytes that are decoded, never unpickled."""
+    if ctx.world_size == 1:
+        return value
+    import torch
+
+    from drpo_trainer.runtime.wire import decode, encode
+
+    dev = ctx.comm_device
+    payload = torch.frombuffer(bytearray(encode(value)), dtype=torch.uint8).to(dev) if ctx.rank == src else None
+    size = torch.tensor([payload.numel() if payload is not None else 0], dtype=torch.int64, device=dev)
+    torch.distributed.broadcast(size, src)
+    if payload is None:
+        payload = torch.empty(int(size.item()), dtype=torch.uint8, device=dev)
+    torch.distributed.broadcast(payload, src)
+    return value if ctx.rank == src else decode(payload.cpu().numpy().tobytes(), f"broadcast from rank {src}")
 
 
 # A stop request lets the trainer finish its step and write a checkpoint; torchrun forwards the

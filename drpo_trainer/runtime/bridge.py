@@ -16,8 +16,9 @@ and a bridge joins the two roles:
                     the gathered weights bucket by bucket (never through the filesystem).
     store           the launcher's TCP store: a counter of finished batches (queue depth).
 
-All groups come from the launcher's one rendezvous (`torch.distributed.rendezvous("env://")`),
-each under its own store prefix. A process sees RANK / WORLD_SIZE of its role's group, so that
+All groups come from the launcher's one rendezvous (distributed.rendezvous_store: env://, with
+the store bound to MASTER_ADDR), each under its own store prefix. On one node the store and gloo
+listen on loopback only (runtime/distributed.py). A process sees RANK / WORLD_SIZE of its role's group, so that
 DeepSpeed (learners) and vLLM's external launcher (rollouts) see only their own world.
 """
 
@@ -218,10 +219,10 @@ def _process_group(backend: str, store, rank: int, size: int):
 def connect(backend: str, rollout_processes: int) -> tuple[DistContext, Bridge]:
     """Join the launch as a learner or a rollout process; returns this process's role context
     (its rank and world within its role) and the bridge."""
-    from drpo_trainer.runtime.distributed import prepare_process
+    from drpo_trainer.runtime.distributed import prepare_process, rendezvous_store
 
     backend, local_rank, device = prepare_process(backend)
-    store, rank, world = next(torch.distributed.rendezvous("env://", timeout=BRIDGE_TIMEOUT))
+    store, rank, world = rendezvous_store(BRIDGE_TIMEOUT)
     n_learners = world - rollout_processes
     if n_learners < 1:
         raise RuntimeError(

@@ -64,7 +64,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(dump_config(cfg), end="")
         return 0
 
-    from drpo_trainer.runtime.distributed import build_launch_command, free_port, launched_externally, resolve_nproc
+    from drpo_trainer.runtime.distributed import build_launch_command, launched_externally, resolve_nproc
 
     nproc = resolve_nproc(cfg.distributed.nproc_per_node)
     trains_here = launched_externally() is not None or nproc == 1
@@ -96,7 +96,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if changes and int(os.environ.get("RANK", 0)) == 0 and trains_here:
         print("drpo-train: resuming with changed settings: " + "; ".join(changes), file=sys.stderr)
     if not trains_here:
-        cmd = build_launch_command(nproc, argv, master_port=free_port())
+        cmd = build_launch_command(nproc, argv)  # its store listens on a free loopback port
         return _run_children(cmd, cfg.output_dir)
 
     from drpo_trainer.io.checkpoint import CheckpointWriteError

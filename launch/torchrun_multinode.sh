@@ -23,6 +23,9 @@
 #   RDZV_ID          job id shared by the nodes; change it for concurrent jobs on one host (drpo)
 #   SHUTDOWN_TIMEOUT seconds the workers get to finish a step and checkpoint after a stop signal (1800)
 #   DRY_RUN=1        print the torchrun command and exit
+#   GLOO_SOCKET_IFNAME, NCCL_SOCKET_IFNAME  the cluster network's interface (e.g. ib0): gloo and NCCL
+#                    listen there. The rendezvous store listens on every interface of RDZV_HOST:
+#                    only the job's nodes should reach RDZV_PORT (docs/launch.md, "Ports").
 set -uo pipefail
 
 : "${RDZV_HOST:?set RDZV_HOST to the hostname or IP of one node that every node can reach (see step 2)}"

@@ -22,11 +22,40 @@ from drpo_trainer.runtime.distributed import (
 
 
 def test_local_launch_command_reruns_the_cli_under_torch_distributed_run():
-    cmd = build_launch_command(2, ["--config", "c.yaml", "trainer.max_steps=3"], master_port=12345, python="py")
-    assert cmd[:3] == ["py", "-m", "torch.distributed.run"]
-    assert "--nproc_per_node=2" in cmd and "--master_port=12345" in cmd and "--nnodes=1" in cmd
+    cmd = build_launch_command(2, ["--config", "c.yaml", "trainer.max_steps=3"], python="py")
+    assert cmd[:3] == ["py", "-m", "drpo_trainer.runtime.local_launch"]  # torchrun, its store on loopback
+    assert "--nproc_per_node=2" in cmd and "--nnodes=1" in cmd
+    assert not any(a.startswith(("--master", "--store_port")) for a in cmd)  # the port is chosen when bound
     i = cmd.index("drpo_trainer.cli")
     assert cmd[i - 1] == "-m" and cmd[i + 1 :] == ["--config", "c.yaml", "trainer.max_steps=3"]
+    assert build_launch_command(2, [], master_port=12345, python="py")[3] == "--store_port=12345"
+
+
+def test_local_launch_runs_torchrun_with_its_store_already_listening_on_loopback(monkeypatch):
+    """torchrun gets --master_addr=127.0.0.1 and the port of a store that listens there only; its
+    own TCPStore on that port shares that server (multi-tenant) instead of opening one on every interface."""
+    import torch.distributed.run
+    from test_network import listening
+
+    from drpo_trainer.runtime import local_launch
+
+    got = {}
+
+    def fake_torchrun(args):
+        got["args"] = args
+        got["port"] = port = int(args[1].split("=")[1])
+        got["listening"] = [s for s in listening(os.getpid()) if s[1] == port]
+        store = torch.distributed.TCPStore("127.0.0.1", port, 1, True, multi_tenant=True)  # as torchrun's is made
+        store.set("k", "v")
+        got["clients_see"] = torch.distributed.TCPStore("127.0.0.1", port, 1, False).get("k")
+        got["after"] = [s for s in listening(os.getpid()) if s[1] == port]
+
+    monkeypatch.setattr(torch.distributed.run, "main", fake_torchrun)
+    monkeypatch.setattr(os, "environ", dict(os.environ))
+    local_launch.main(["--nproc_per_node=2", "--nnodes=1", "-m", "drpo_trainer.cli", "--config", "c.yaml"])
+    assert got["args"][0] == "--master_addr=127.0.0.1" and got["args"][2:4] == ["--nproc_per_node=2", "--nnodes=1"]
+    assert got["listening"] == got["after"] == [("127.0.0.1", got["port"])] and got["clients_see"] == b"v"
+    assert os.environ["GLOO_SOCKET_IFNAME"] == "lo" and os.environ["MASTER_ADDR"] == "127.0.0.1"
 
 
 def test_detects_launchers():
@@ -64,8 +93,8 @@ def _torchrun_args(cmd):
 
 
 def test_local_launch_command_gives_workers_time_to_checkpoint_and_forwards_sigusr1():
-    cmd = build_launch_command(4, ["--config", "c.yaml"], master_port=29511, python="py")
-    args = _torchrun_args(cmd[3:])
+    cmd = build_launch_command(4, ["--config", "c.yaml"], python="py")
+    args = _torchrun_args(["--master_addr=127.0.0.1", "--master_port=29511", *cmd[3:]])  # as local_launch adds them
     assert args.shutdown_timeout == STOP_GRACE_S == 1800  # torchrun's default would SIGKILL after 30 s
     assert "SIGUSR1" in args.signals_to_handle.split(",") and "SIGTERM" in args.signals_to_handle.split(",")
     assert (args.nproc_per_node, args.nnodes, args.master_port, args.module) == ("4", "1", 29511, True)

@@ -29,8 +29,6 @@ import time
 from collections import defaultdict
 from typing import Any, Optional
 
-import torch
-
 from drpo_trainer.config import Config
 from drpo_trainer.io.data import PromptSampler, SamplerState
 from drpo_trainer.metrics import MetricAccumulator
@@ -46,8 +44,9 @@ from drpo_trainer.rollout.producer import (
     sample_batch,
 )
 from drpo_trainer.runtime.bridge import Bridge, PeerLost
-from drpo_trainer.runtime.distributed import DistContext
+from drpo_trainer.runtime.distributed import DistContext, broadcast_plain
 from drpo_trainer.runtime.run import Run, load_run_inputs
+from drpo_trainer.runtime.wire import batch_from_plain, batch_to_plain, completions_from_plain, completions_to_plain
 
 BATCHES_DONE = "batches_done"  # store counter: steps whose batches the rollout processes have sent
 
@@ -95,7 +94,7 @@ class RemoteRollouts:
         self.run, self.bridge, self.cfg = run, bridge, run.cfg
         self.max_lag = run.cfg.trainer.max_off_policy_steps
         self.ahead: dict[int, RolloutBatch] = {}
-        for b in (run.rank_state or {}).get("batches_ahead", []):  # in step order
+        for b in map(batch_from_plain, (run.rank_state or {}).get("batches_ahead", [])):  # in step order
             if b.step != run.step + 1 + len(self.ahead) or not within_bound(b.step, b.version, self.max_lag):
                 break  # a run resumed with a smaller max_off_policy_steps samples these steps again
             self.ahead[b.step] = b
@@ -174,7 +173,7 @@ class RemoteRollouts:
                 if worst[0] is None or m["parity/mean_abs_logprob_diff"] > worst[0]["parity/mean_abs_logprob_diff"]:
                     worst[0] = m
         if run.ctx.world_size > 1:
-            torch.distributed.broadcast_object_list(worst, src=0)
+            worst[0] = broadcast_plain(worst[0], run.ctx)
         check_parity(worst[0], parity_threshold(self.cfg))
         return worst[0]
 
@@ -195,7 +194,7 @@ class RemoteRollouts:
             batch = self.ahead.pop(step)
         else:
             src = source_of(step, self.first_step, b.n_learners, b.n_rollouts)
-            batch = self._take(src, "batch", step)
+            batch = batch_from_plain(self._take(src, "batch", step))
         waited = time.perf_counter() - start
         if batch.step != step or not within_bound(step, batch.version, self.max_lag):
             raise RuntimeError(
@@ -243,7 +242,7 @@ class RemoteRollouts:
             if j == 0 and run.samples is not None:  # rollout process 0's shard, as rank 0's in the synchronous loop
                 for name, (completions, scores) in rows.items():
                     problems = eval_problems(self.cfg, run.eval_sets[name], 0, b.n_rollouts)
-                    run.samples.eval(step, name, problems, completions, scores)
+                    run.samples.eval(step, name, problems, completions_from_plain(completions), scores)
         return eval_metrics(self.cfg, {name: tuple(v) for name, v in totals.items()})
 
     def hold_inflight(self, step: int) -> None:
@@ -251,10 +250,11 @@ class RemoteRollouts:
         for t in steps_sampled_ahead(step, self.max_lag, self.cfg.trainer.max_steps):
             if t not in self.ahead:
                 b = self.bridge
-                self.ahead[t] = self._take(source_of(t, self.first_step, b.n_learners, b.n_rollouts), "batch", t)
+                plain = self._take(source_of(t, self.first_step, b.n_learners, b.n_rollouts), "batch", t)
+                self.ahead[t] = batch_from_plain(plain)
 
     def checkpoint_state(self) -> Optional[dict]:
-        return {"batches_ahead": [self.ahead[t] for t in sorted(self.ahead)]} if self.ahead else None
+        return {"batches_ahead": [batch_to_plain(self.ahead[t]) for t in sorted(self.ahead)]} if self.ahead else None
 
     def unused_batches_reason(self) -> Optional[str]:
         if self.dropped is None:
@@ -287,7 +287,7 @@ class _EvalRows:
         self.rows: dict[str, tuple[list, list]] = {}
 
     def eval(self, step, name, problems, completions, scores) -> None:
-        self.rows[name] = (completions, list(scores))
+        self.rows[name] = (completions_to_plain(completions), list(scores))
 
 
 class RolloutWorker:
@@ -368,7 +368,7 @@ class RolloutWorker:
             spent = {key: sum(s.seconds[key] for s in shares) for key in ("generate", "score")}  # this process's
             for r, share in enumerate(shares):
                 share.seconds.update(spent, rollout_idle=self.idle, rollout_busy=busy)
-                b.send(r, ("batch", step, share))
+                b.send(r, ("batch", step, batch_to_plain(share)))
             b.store.add(BATCHES_DONE, 1)
             self.idle = self.busy = 0.0
         while not self.receive()["stop"]:  # evaluations and the final header

@@ -10,20 +10,21 @@ L = W - R are learners:
 and a bridge joins the two roles:
 
     data group      gloo, all W ranks; rollout -> learner messages (batches, eval counts, parity
-                    scores), point to point, pickled. gloo reports a peer that died at once.
+                    scores), point to point, as plain data (runtime/wire.py: JSON and tensor bytes,
+                    never a pickle). gloo reports a peer that died at once.
     weights group   learner 0 + the rollout ranks; gloo on CPU, NCCL on GPU; learner 0 broadcasts
                     the gathered weights bucket by bucket (never through the filesystem).
     store           the launcher's TCP store: a counter of finished batches (queue depth).
 
-All groups come from the launcher's one rendezvous (`torch.distributed.rendezvous("env://")`),
-each under its own store prefix. A process sees RANK / WORLD_SIZE of its role's group, so that
+All groups come from the launcher's one rendezvous (distributed.rendezvous_store: env://, with
+the store bound to MASTER_ADDR), each under its own store prefix. On one node the store and gloo
+listen on loopback only (runtime/distributed.py). A process sees RANK / WORLD_SIZE of its role's group, so that
 DeepSpeed (learners) and vLLM's external launcher (rollouts) see only their own world.
 """
 
 from __future__ import annotations
 
 import os
-import pickle
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Iterable, Iterator
@@ -31,6 +32,7 @@ from typing import Any, Iterable, Iterator
 import torch
 
 from drpo_trainer.runtime.distributed import DistContext
+from drpo_trainer.runtime.wire import WireError, decode, dtype_from_name, dtype_name, encode
 
 # A rollout process waits for the learner through whole checkpoint writes and evaluations, and
 # a learner for the rollouts through long generations: only a peer that is alive but stuck for
@@ -41,6 +43,10 @@ _ALIGN = 16  # byte offset of every tensor in a flat weight bucket (a dtype view
 
 class PeerLost(RuntimeError):
     """The process at the other end of the bridge stopped (crashed, was killed, or failed)."""
+
+
+class BadMessage(PeerLost):
+    """What arrived is not a message of ours: nothing more is taken from that peer."""
 
 
 @dataclass
@@ -73,8 +79,9 @@ class Bridge:
 
     # -- messages: rollout -> learner, in order per (sender, receiver) --------------------------
     def send(self, dst: int, obj: Any) -> None:
-        """Queue `obj` for `dst` without waiting for it to be received (completed by `flush`)."""
-        payload = torch.frombuffer(bytearray(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)), dtype=torch.uint8)
+        """Queue `obj` (plain data, runtime/wire.py) for `dst` without waiting for it to be received
+        (completed by `flush`)."""
+        payload = torch.frombuffer(bytearray(encode(obj)), dtype=torch.uint8)
         size = torch.tensor([payload.numel()], dtype=torch.int64)
         self._pending.append((self.data.send([size], dst, 0), size))
         self._pending.append((self.data.send([payload], dst, 0), payload))
@@ -85,13 +92,19 @@ class Bridge:
         self._wait(self.data.recv([size], src, 0), src)
         payload = torch.empty(int(size.item()), dtype=torch.uint8)
         self._wait(self.data.recv([payload], src, 0), src)
-        return pickle.loads(payload.numpy().tobytes())
+        return self._decode(payload, src)
 
     def flush(self, peer: int) -> None:
         """Wait until every queued message was received (`peer`: whom to blame if it never is)."""
         for work, _ in self._pending:
             self._wait(work, peer)
         self._pending.clear()
+
+    def _decode(self, payload: torch.Tensor, src: int) -> Any:
+        try:
+            return decode(payload.cpu().numpy().tobytes(), f"message from {self.describe(src)}")
+        except WireError as err:
+            raise BadMessage(f"{err}; {self.describe(self.rank)} stops instead of guessing") from None
 
     def _wait(self, work, peer: int) -> None:
         try:
@@ -105,10 +118,10 @@ class Bridge:
 
     # -- weights group: learner 0 -> every rollout process ----------------------------------------
     def broadcast_object(self, obj: Any = None) -> Any:
-        """Learner 0 sends `obj`; every rollout process returns it."""
+        """Learner 0 sends `obj` (plain data); every rollout process returns it."""
         dev = self.weights_device
         if self.rank == 0:
-            payload = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8).to(dev)
+            payload = torch.frombuffer(bytearray(encode(obj)), dtype=torch.uint8).to(dev)
             size = torch.tensor([payload.numel()], dtype=torch.int64, device=dev)
         else:
             size = torch.zeros(1, dtype=torch.int64, device=dev)
@@ -116,7 +129,7 @@ class Bridge:
         if self.rank != 0:
             payload = torch.empty(int(size.item()), dtype=torch.uint8, device=dev)
         self._broadcast(payload)
-        return obj if self.rank == 0 else pickle.loads(payload.cpu().numpy().tobytes())
+        return obj if self.rank == 0 else self._decode(payload, 0)
 
     def _broadcast(self, tensor: torch.Tensor) -> None:
         opts = torch.distributed.BroadcastOptions()
@@ -132,7 +145,7 @@ class Bridge:
             n_bytes += sum(t.numel() * t.element_size() for _, t in bucket)
             if self.rank != 0:
                 continue
-            meta = [(name, t.dtype, tuple(t.shape)) for name, t in bucket]
+            meta = [[name, dtype_name(t.dtype), list(t.shape)] for name, t in bucket]
             self.broadcast_object(meta)
             self._broadcast(_flatten([t for _, t in bucket], self.weights_device))
         if self.rank == 0:
@@ -145,6 +158,7 @@ class Bridge:
             meta = self.broadcast_object()
             if not meta:
                 return
+            meta = self._bucket_meta(meta)
             offsets, total = _layout([(dtype, shape) for _, dtype, shape in meta])
             flat = torch.empty(total, dtype=torch.uint8, device=self.weights_device)
             self._broadcast(flat)
@@ -152,6 +166,21 @@ class Bridge:
                 (name, flat[off : off + _nbytes(dtype, shape)].view(dtype).view(shape))
                 for (name, dtype, shape), off in zip(meta, offsets)
             ]
+
+    def _bucket_meta(self, meta: Any) -> list[tuple[str, torch.dtype, tuple]]:
+        """[[name, dtype, shape], ...] as learner 0 sent it -> (name, torch dtype, shape), checked."""
+        try:
+            if not isinstance(meta, list):
+                raise WireError(f"bucket list is a {type(meta).__name__}")
+            out = []
+            for entry in meta:
+                ok = isinstance(entry, list) and len(entry) == 3 and isinstance(entry[0], str)
+                if not (ok and isinstance(entry[2], list) and all(type(d) is int and d >= 0 for d in entry[2])):
+                    raise WireError(f"bucket entry {str(entry)[:80]} is not [name, dtype, shape]")
+                out.append((entry[0], dtype_from_name(entry[1]), tuple(entry[2])))
+            return out
+        except WireError as err:
+            raise BadMessage(f"malformed weights header from {self.describe(0)}: {err}") from None
 
 
 def _nbytes(dtype: torch.dtype, shape: tuple) -> int:
@@ -190,10 +219,10 @@ def _process_group(backend: str, store, rank: int, size: int):
 def connect(backend: str, rollout_processes: int) -> tuple[DistContext, Bridge]:
     """Join the launch as a learner or a rollout process; returns this process's role context
     (its rank and world within its role) and the bridge."""
-    from drpo_trainer.runtime.distributed import prepare_process
+    from drpo_trainer.runtime.distributed import prepare_process, rendezvous_store
 
     backend, local_rank, device = prepare_process(backend)
-    store, rank, world = next(torch.distributed.rendezvous("env://", timeout=BRIDGE_TIMEOUT))
+    store, rank, world = rendezvous_store(BRIDGE_TIMEOUT)
     n_learners = world - rollout_processes
     if n_learners < 1:
         raise RuntimeError(

@@ -8,18 +8,27 @@ the `deepspeed` launcher and `accelerate launch` set RANK / WORLD_SIZE / LOCAL_R
 Multi-node command lines (torchrun with c10d rendezvous, srun with one task per GPU, the
 DeepSpeed launcher with a hostfile) are spelled once, in the launch/ scripts that users run;
 tests/test_launch.py checks them with the launchers' own argument parsers.
+
+Listening sockets (docs/launch.md, "Ports"): a run on one machine listens on loopback only. Its
+rendezvous store is bound to 127.0.0.1 (torch's TCPStore would listen on every interface), by
+local_launch.py for torchrun's agent and by `rendezvous_store` where rank 0 hosts it, and gloo
+(NCCL's bootstrap) is pointed at the loopback interface. A multi-node run's store listens on the
+address MASTER_ADDR names when that is an IP address.
 """
 
 from __future__ import annotations
 
 import functools
+import ipaddress
 import os
 import socket
 import sys
 from dataclasses import dataclass
-from typing import Optional
+from datetime import timedelta
+from typing import Any, Optional
 
 LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+LOOPBACK = "127.0.0.1"
 
 
 def launched_externally(env: Optional[dict] = None) -> Optional[str]:
@@ -64,8 +73,103 @@ def _first_slurm_host(nodelist: str) -> str:
 
 def free_port() -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((LOOPBACK, 0))
         return s.getsockname()[1]
+
+
+def loopback_interface() -> str:
+    """The loopback interface's name: gloo and NCCL bind to the interface their *_SOCKET_IFNAME names."""
+    try:
+        for name in sorted(os.listdir("/sys/class/net")):
+            with open(f"/sys/class/net/{name}/flags") as f:
+                if int(f.read(), 16) & 0x8:  # IFF_LOOPBACK
+                    return name
+    except (OSError, ValueError):
+        pass
+    return "lo0" if sys.platform == "darwin" else "lo"
+
+
+def single_node_env() -> dict[str, str]:
+    """The variables that keep every listening socket of a run on this machine alone on loopback."""
+    lo = loopback_interface()
+    return {"MASTER_ADDR": LOOPBACK, "GLOO_SOCKET_IFNAME": lo, "NCCL_SOCKET_IFNAME": lo}
+
+
+def bind_address(master_addr: str) -> Optional[str]:
+    """Where the process hosting the store listens: MASTER_ADDR if it is an IP address (`localhost`:
+    loopback), or None (a host name: every interface, torch's default, since the name may resolve
+    to another address on that host than on the others)."""
+    if master_addr == "localhost":
+        return LOOPBACK
+    try:
+        return str(ipaddress.ip_address(master_addr.strip("[]")))
+    except ValueError:
+        return None
+
+
+def listening_socket(address: str, port: int) -> tuple[int, int]:
+    """A socket bound to (address, port) and listening; returns (file descriptor, port). The
+    caller's TCPStore owns the descriptor from then on."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((address, port))
+    except OSError as err:
+        sock.close()
+        raise RuntimeError(
+            f"cannot listen on {address}:{port} for the rendezvous store: {err.strerror}. Fix: set MASTER_PORT to a "
+            "free port, and MASTER_ADDR to an address of the machine of rank 0"
+        ) from None
+    sock.listen(1024)
+    port = sock.getsockname()[1]
+    return sock.detach(), port
+
+
+def store_server(address: str, port: int, world: Optional[int], timeout: timedelta, wait: bool = True) -> Any:
+    """A TCPStore server listening on (address, port) only; port 0 picks a free one (read `.port`).
+    multi_tenant: a later TCPStore of this process on the same port (torchrun's) shares this server."""
+    import torch
+
+    fd, port = listening_socket(address, port)
+    return torch.distributed.TCPStore(
+        address, port, world, True, timeout, wait_for_workers=wait, multi_tenant=True, master_listen_fd=fd
+    )
+
+
+def rendezvous_store(timeout: timedelta) -> tuple[Any, int, int]:
+    """(store, rank, world) of the launch from RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT: what
+    `torch.distributed.rendezvous("env://")` returns, except that a store hosted by rank 0 listens
+    on `bind_address(MASTER_ADDR)` instead of every interface."""
+    import torch
+
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    bind = bind_address(addr)
+    if rank == 0 and bind is not None and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return store_server(bind, port, world, timeout), rank, world
+    # a client of torchrun's agent store or of rank 0's; or rank 0 of a launch that names a host name
+    store = next(torch.distributed.rendezvous("env://", timeout=timeout))[0]
+    return store, rank, world
+
+
+def broadcast_plain(value: Any, ctx: "DistContext", src: int = 0) -> Any:
+    """`value` (plain data, runtime/wire.py) of rank `src` on every rank of the default group, sent
+    as bytes that are decoded, never unpickled."""
+    if ctx.world_size == 1:
+        return value
+    import torch
+
+    from drpo_trainer.runtime.wire import decode, encode
+
+    dev = ctx.comm_device
+    payload = torch.frombuffer(bytearray(encode(value)), dtype=torch.uint8).to(dev) if ctx.rank == src else None
+    size = torch.tensor([payload.numel() if payload is not None else 0], dtype=torch.int64, device=dev)
+    torch.distributed.broadcast(size, src)
+    if payload is None:
+        payload = torch.empty(int(size.item()), dtype=torch.uint8, device=dev)
+    torch.distributed.broadcast(payload, src)
+    return value if ctx.rank == src else decode(payload.cpu().numpy().tobytes(), f"broadcast from rank {src}")
 
 
 def resolve_nproc(nproc_per_node: int | str) -> int:
@@ -100,11 +204,13 @@ def build_launch_command(
     nproc: int,
     argv: list[str],
     *,
-    master_port: int,
+    master_port: int = 0,
     python: str = sys.executable,
     shutdown_timeout_s: int = STOP_GRACE_S,
 ) -> list[str]:
-    """The command that re-runs this CLI as `nproc` local processes."""
+    """The command that re-runs this CLI as `nproc` local processes: torchrun's arguments, run by
+    local_launch.py, which binds the rendezvous store to loopback (port 0: a free port, chosen
+    when it is bound) and adds --master_addr / --master_port."""
     # Older torch (the package allows >= 2.6) lacks these flags; their runs keep torchrun's defaults.
     stop_flags = [
         flag
@@ -114,11 +220,10 @@ def build_launch_command(
     return [
         python,
         "-m",
-        "torch.distributed.run",
+        "drpo_trainer.runtime.local_launch",
+        *([f"--store_port={master_port}"] if master_port else []),
         f"--nproc_per_node={nproc}",
         "--nnodes=1",
-        "--master_addr=127.0.0.1",
-        f"--master_port={master_port}",
         *stop_flags,
         "-m",
         "drpo_trainer.cli",
@@ -174,10 +279,13 @@ class DistContext:
 
 def prepare_process(backend: str = "auto") -> tuple[str, int, "object"]:
     """This process's launch variables (srun's translated, a lone process's defaulted), its
-    collective backend (auto = nccl on GPU) and device; returns (backend, local_rank, device)."""
-    if launched_externally() == "slurm":
+    collective backend (auto = nccl on GPU) and device; returns (backend, local_rank, device).
+    A lone process (no launcher) is a single-node run: it listens on loopback only."""
+    if launched_externally() is None:
+        os.environ.update(single_node_env())
+    elif launched_externally() == "slurm":
         os.environ.update(slurm_to_torch_env(dict(os.environ)))
-    for var, default in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")):
+    for var, default in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", LOOPBACK)):
         os.environ.setdefault(var, default)
     if "MASTER_PORT" not in os.environ:
         os.environ["MASTER_PORT"] = str(free_port())
@@ -202,7 +310,13 @@ def setup_distributed(backend: str = "auto") -> DistContext:
     import torch
 
     if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend=backend)
+        from deepspeed.constants import default_pg_timeout
+
+        store, rank, world = rendezvous_store(default_pg_timeout)
+        torch.distributed.init_process_group(
+            backend, store=store, rank=rank, world_size=world, timeout=default_pg_timeout
+        )
+        deepspeed.init_distributed(dist_backend=backend)  # wraps the initialised group
     return DistContext(
         rank=torch.distributed.get_rank(),
         world_size=torch.distributed.get_world_size(),

@@ -180,8 +180,6 @@ def batch_to_plain(batch: RolloutBatch) -> dict:
 
 
 def batch_from_plain(plain: Any) -> RolloutBatch:
-    if isinstance(plain, RolloutBatch):  # a checkpoint of the previous format, unpickled by its loader
-        return plain
     _keys(plain, {*_BATCH_INTS, *_BATCH_METRICS, "indices", "completions", "rewards", "advantages", "sampler_after"})
     for k in _BATCH_INTS:
         _check(_is_int(plain[k]), f"{k} is not an int")

@@ -52,7 +52,7 @@ from drpo_trainer.io.safe_load import (
     scan,
     weights_only_loads,
 )
-from drpo_trainer.runtime.distributed import DistContext
+from drpo_trainer.runtime.distributed import DistContext, all_gather_plain
 
 STATE_TAG = "state"
 MANIFEST = "MANIFEST.json"
@@ -93,9 +93,7 @@ def _hash_share(root: Path, names: list[str], ctx: DistContext) -> dict[str, lis
     mine = {n: [(root / n).stat().st_size, _sha256(root / n)] for n in names[rank::world]}
     if world == 1:
         return mine
-    parts: list = [None] * world
-    torch.distributed.all_gather_object(parts, mine)
-    return {k: v for part in parts for k, v in part.items()}
+    return {k: v for part in all_gather_plain(mine, ctx) for k, v in part.items()}
 
 
 def checkpoints_dir(output_dir: str | os.PathLike) -> Path:
@@ -261,9 +259,7 @@ def verify_checkpoint(
     problem = _verify_share(path, hashes, rank, world)
     if world == 1:
         return problem
-    problems: list = [None] * world
-    torch.distributed.all_gather_object(problems, problem)
-    return next((p for p in problems if p is not None), None)
+    return next((p for p in all_gather_plain(problem, ctx) if p is not None), None)
 
 
 def _verify_share(path: Path, hashes: bool | tuple[str, ...], rank: int, world: int) -> Optional[str]:

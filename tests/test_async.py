@@ -88,8 +88,10 @@ def test_config_refuses_async_settings_that_cannot_work():
     assert cfg.learner_processes(3) == 2
     with pytest.raises(ConfigError, match="distributed.nproc_per_node=2"):
         cfg.learner_processes(1)
-    with pytest.raises(ConfigError, match="rollout.tensor_parallel_size=1"):
-        load_config(None, ["distributed.rollout_processes=1", "rollout.backend=vllm", "rollout.tensor_parallel_size=2"])
+    with pytest.raises(ConfigError, match="rollout.vllm.tensor_parallel_size=1"):
+        load_config(
+            None, ["distributed.rollout_processes=1", "rollout.backend=vllm", "rollout.vllm.tensor_parallel_size=2"]
+        )
     # the CLI counts only the learners against the batch: 2 processes, 1 learner, prompts_per_step=3 is fine
     res = subprocess.run(
         [sys.executable, "-m", "drpo_trainer.cli", "--config", "configs/tiny_cpu.yaml", "--print-config"]

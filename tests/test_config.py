@@ -222,3 +222,90 @@ def test_removed_schedule_name_says_what_replaces_it():
     msg = str(e.value)
     assert msg.startswith("invalid configuration: optim.schedule:") and "Fix: set optim.schedule=constant" in msg
     assert load_config(None, ["optim.schedule=constant", "optim.warmup_steps=5"]).optim.schedule == "constant"
+
+
+# ------------------------------------------------------------------ bounds on every number
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("optim.lr=.inf", "optim.lr: Input should be a finite number (got inf)"),
+        ("optim.lr=.nan", "optim.lr: Input should be a finite number (got nan)"),
+        ("optim.lr=2", "optim.lr: Input should be less than or equal to 1 (got 2)"),
+        ("optim.betas=[1.0,1.0]", "optim.betas.0: Input should be less than 1 (got 1.0)"),
+        ("optim.betas=[1.0,1.0]", "optim.betas.1: Input should be less than 1 (got 1.0)"),
+        ("optim.betas=[5,-3]", "optim.betas.0: Input should be less than 1 (got 5)"),
+        ("optim.betas=[5,-3]", "optim.betas.1: Input should be greater than or equal to 0 (got -3)"),
+        ("optim.eps=1e-300", "optim.eps: Input should be greater than or equal to 1e-12 (got '1e-300')"),
+        ("optim.weight_decay=.inf", "optim.weight_decay: Input should be a finite number"),
+        ("rollout.temperature=1e-300", "rollout.temperature: Input should be greater than or equal to 0.001"),
+        ("rollout.temperature=.inf", "rollout.temperature: Input should be a finite number (got inf)"),
+        ("eval.temperature=1000", "eval.temperature: Input should be less than or equal to 100"),
+        ("rollout.top_p=0", "rollout.top_p: Input should be greater than 0 (got 0)"),
+        (
+            "rollout.samples_per_prompt=10000000",
+            "rollout.samples_per_prompt: Input should be less than or equal to 1024",
+        ),
+        ("rollout.max_new_tokens=10000000", "rollout.max_new_tokens: Input should be less than or equal to 1048576"),
+        (
+            "trainer.prompts_per_step=10000000",
+            "trainer.prompts_per_step: Input should be less than or equal to 1048576",
+        ),
+        ("reward.num_workers=100000", "reward.num_workers=100000 is more than 256 verifier processes per rank"),
+        ("reward.timeout_s=.inf", "reward.timeout_s: Input should be a finite number (got inf)"),
+        ("reward.timeout_s=86400", "reward.timeout_s=86400.0 is more than 3600 s"),
+        ("tracking.wandb.init_timeout_s=.inf", "tracking.wandb.init_timeout_s: Input should be a finite number"),
+        ("distributed.nproc_per_node=0", "distributed.nproc_per_node: Input should be greater than or equal to 1"),
+        ("trainer.seed=-1", "trainer.seed: Input should be greater than or equal to 0 (got -1)"),
+    ],
+)
+def test_out_of_range_numbers_are_refused_at_load_with_the_key(override, expected):
+    with pytest.raises(ConfigError) as e:
+        load_config("configs/tiny_cpu.yaml", [override])
+    assert expected.replace("1e-12", "0.000000000001") in str(e.value)
+    assert "Fix:" in str(e.value)
+
+
+def test_a_bound_error_names_the_default_as_the_fix():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["optim.lr=.inf"])
+    assert str(e.value) == (
+        "invalid configuration: optim.lr: Input should be a finite number (got inf). "
+        "Fix: set optim.lr within its range, e.g. its default 1e-06"
+    )
+
+
+def _numeric_keys(model=Config, prefix=""):
+    """(dotted key, field) of every field holding an int or a float, nested sections included."""
+    import re
+
+    from pydantic import BaseModel
+
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            yield from _numeric_keys(ann, f"{prefix}{name}.")
+        elif re.search(r"\b(int|float)\b", str(ann)):  # not 'float32', a dtype name
+            yield prefix + name, field
+
+
+# checked by Config._check_reward_bounds (the reward section's fields are the rewards' own)
+BOUNDED_BY_THE_CONFIG = {"reward.num_workers", "reward.timeout_s", "reward.memory_limit_mb"}
+
+
+def test_every_number_key_refuses_infinity_and_nan_and_has_an_upper_bound():
+    keys = dict(_numeric_keys())
+    assert len(keys) == 49 and "model.dtype" not in keys and "rollout.dtype" not in keys
+    assert {"optim.lr", "optim.betas", "rollout.vllm.kv_cache_gib", "trainer.packed_row_tokens"} <= set(keys)
+    for key in keys:
+        for value in (".inf", ".nan", "-.inf"):
+            with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+                load_config(None, [f"{key}={[value, value] if key == 'optim.betas' else value}".replace("'", "")])
+        if key in BOUNDED_BY_THE_CONFIG:
+            continue
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):  # a typo's worth of zeros too many
+            load_config(None, [f"{key}={[10**12, 10**12] if key == 'optim.betas' else 10**12}"])
+    for key in BOUNDED_BY_THE_CONFIG:
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            load_config(None, [f"{key}={10**12}"])

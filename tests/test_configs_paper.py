@@ -61,10 +61,10 @@ def test_config_parses_and_batch_sizes_divide_its_world(name):
     # one full-length sample must fit one micro-batch (the packer refuses longer samples)
     longest = cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens
     assert cfg.trainer.micro_batch_tokens_per_gpu >= longest
-    if cfg.rollout.max_model_len is not None:
-        assert cfg.rollout.max_model_len >= longest
+    if cfg.rollout.vllm.max_model_len is not None:
+        assert cfg.rollout.vllm.max_model_len >= longest
     # a tensor-parallel engine lives inside one node
-    tp = cfg.rollout.tensor_parallel_size
+    tp = cfg.rollout.vllm.tensor_parallel_size
     assert gpus_per_node % tp == 0 and world % tp == 0
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from drpo_trainer.config import RolloutConfig
+from drpo_trainer.config import VLLMRolloutConfig
 from drpo_trainer.rollout import vllm_engine as ve
 from drpo_trainer.rollout.base import SamplingSpec
 
@@ -194,7 +194,7 @@ def test_untested_versions_fail_with_the_install_command(version):
 def test_missing_vllm_fails_at_startup_with_the_install_command(monkeypatch):
     monkeypatch.setitem(sys.modules, "vllm", None)  # makes `import vllm` raise ImportError
     with pytest.raises(RuntimeError, match=r"pip install 'drpo-trainer\[vllm\]'"):
-        ve.VLLMEngine("some/model", RolloutConfig(backend="vllm"), seed=0, max_model_len=64, dtype="bfloat16")
+        ve.VLLMEngine("some/model", VLLMRolloutConfig(), seed=0, max_model_len=64, dtype="bfloat16")
 
 
 def test_importing_the_package_never_imports_vllm():
@@ -224,10 +224,10 @@ def test_vllm_is_imported_in_exactly_one_module():
 def test_engine_rejects_tp_that_does_not_divide_world(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "3")
     monkeypatch.setenv("RANK", "0")
-    with pytest.raises(ValueError, match="tensor_parallel_size=2 must divide the number of processes \\(3\\)"):
-        ve.VLLMEngine(
-            "m", RolloutConfig(backend="vllm", tensor_parallel_size=2), seed=0, max_model_len=8, dtype="bfloat16"
-        )
+    with pytest.raises(
+        ValueError, match=r"rollout.vllm.tensor_parallel_size=2 must divide the number of processes \(3\)"
+    ):
+        ve.VLLMEngine("m", VLLMRolloutConfig(tensor_parallel_size=2), seed=0, max_model_len=8, dtype="bfloat16")
 
 
 # ------------------------------------------------------------------- checkpoint layout of a sync

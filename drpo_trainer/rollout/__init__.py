@@ -1,29 +1,40 @@
 """Rollout engines: sample G completions per prompt and report their log-probs.
 
-`make_engine` picks the backend; `vllm` is imported only by `vllm_engine`.
+`make_engine` picks the backend by `rollout.backend`; each backend reads its own config section
+(`rollout.hf`, `rollout.vllm`) and the keys both share. `vllm` is imported only by `vllm_engine`.
 """
 
 from __future__ import annotations
 
 from drpo_trainer.rollout.base import Completion, RolloutEngine, SamplingSpec
 
-__all__ = ["Completion", "RolloutEngine", "SamplingSpec", "make_engine"]
+__all__ = ["ENGINE_NAMES", "Completion", "RolloutEngine", "SamplingSpec", "make_engine"]
+
+ENGINE_NAMES = ("hf", "vllm")
 
 
 def make_engine(cfg, model_path: str, *, tokenizer, device, seed: int) -> RolloutEngine:
     r = cfg.rollout
+    dtype = r.dtype or cfg.model.dtype
     if r.backend == "hf":
         from drpo_trainer.rollout.hf_engine import HFEngine
 
         return HFEngine(
             model_path,
-            dtype=r.dtype or cfg.model.dtype,
+            dtype=dtype,
             device=device,
-            generation_batch_size=r.generation_batch_size,
+            generation_batch_size=r.hf.generation_batch_size,
             tokenizer=tokenizer,
             quantization=r.quantization,
         )
-    from drpo_trainer.rollout.vllm_engine import VLLMEngine
+    if r.backend == "vllm":
+        from drpo_trainer.rollout.vllm_engine import VLLMEngine
 
-    max_len = r.max_model_len or (cfg.data.max_prompt_tokens + r.max_new_tokens)
-    return VLLMEngine(model_path, r, seed=seed, max_model_len=max_len, dtype=r.dtype or cfg.model.dtype)
+        max_len = r.vllm.max_model_len or (cfg.data.max_prompt_tokens + r.max_new_tokens)
+        return VLLMEngine(
+            model_path, r.vllm, seed=seed, max_model_len=max_len, dtype=dtype, quantization=r.quantization
+        )
+    raise ValueError(
+        f"unknown rollout backend {r.backend!r}; known engines: {', '.join(ENGINE_NAMES)}. "
+        "Fix: set rollout.backend to one of them"
+    )

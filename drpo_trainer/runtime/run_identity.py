@@ -17,7 +17,7 @@ from typing import Any, Optional
 
 import yaml
 
-from drpo_trainer.config import Config, ConfigError, dump_config
+from drpo_trainer.config import RENAMED_KEYS, Config, ConfigError, dump_config
 
 DATA_KEY = "data.contents"  # the pseudo-key of the training files' contents
 ALWAYS_ALLOWED = (
@@ -52,8 +52,10 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def config_changes(saved_yaml: str, current: Config) -> dict[str, tuple[Any, Any]]:
-    """{key: (checkpoint's value, this run's value)} for every key that differs."""
-    old, new = _flatten(yaml.safe_load(saved_yaml) or {}), _flatten(yaml.safe_load(dump_config(current)))
+    """{key: (checkpoint's value, this run's value)} for every key that differs. A checkpoint
+    written before a key moved has it under its old name: it is compared under the new one."""
+    old = {RENAMED_KEYS.get(k, k): v for k, v in _flatten(yaml.safe_load(saved_yaml) or {}).items()}
+    new = _flatten(yaml.safe_load(dump_config(current)))
     # a key added since the checkpoint was written held its default then, in effect
     defaults = _flatten(yaml.safe_load(dump_config(Config())))
     old = {**{k: v for k, v in defaults.items() if k in new and k not in old}, **old}

@@ -30,7 +30,7 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engine(model_dir):
-    from drpo_trainer.config import RolloutConfig
+    from drpo_trainer.config import VLLMRolloutConfig
     from drpo_trainer.rollout.vllm_engine import VLLMEngine
 
     for k, v in {
@@ -41,7 +41,7 @@ def engine(model_dir):
         "MASTER_PORT": "29533",
     }.items():
         os.environ.setdefault(k, v)
-    cfg = RolloutConfig(backend="vllm", gpu_memory_utilization=0.3, enable_sleep_mode=True)
+    cfg = VLLMRolloutConfig(gpu_memory_utilization=0.3, enable_sleep_mode=True)
     return VLLMEngine(model_dir, cfg, seed=0, max_model_len=256, dtype="float32")
 
 

@@ -77,7 +77,7 @@ def test_two_processes(tmp_path, tp):
         "eval.files={}",
         "rollout.backend=vllm",
         "distributed.nproc_per_node=2",
-        f"rollout.tensor_parallel_size={tp}",
+        f"rollout.vllm.tensor_parallel_size={tp}",
         "rollout.parity_check=true",
     )
     trained = [r for r in rows if "reward/mean" in r]

@@ -74,9 +74,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         stop = StopFlag()
     launch = int(os.environ["WORLD_SIZE"]) if "WORLD_SIZE" in os.environ else nproc * cfg.distributed.nnodes
     try:
+        # config rules that need the launch's process count, then facts about this machine and its files
         learners = cfg.learner_processes(launch)  # the processes that train (the rest only sample)
         cfg.check_world(learners)  # before any heavy import or process start
-        _check_registries(cfg)
         from drpo_trainer.runtime.preflight import preflight
 
         rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)))  # in the whole launch
@@ -117,16 +117,6 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"drpo-train: {err}", file=sys.stderr, flush=True)
         return 1
     return 0
-
-
-def _check_registries(cfg) -> None:
-    """The reward name exists: fail now, not after model loading (losses are checked by the config)."""
-    from drpo_trainer.rewards import get_reward
-
-    try:
-        get_reward(cfg.reward.name, cfg.reward.import_modules)
-    except ValueError as err:
-        raise ConfigError(f"reward.name: {err}") from None
 
 
 def _run_children(cmd: list[str], output_dir: str) -> int:

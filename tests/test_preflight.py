@@ -89,3 +89,102 @@ def test_print_config_loads_nothing_even_for_a_gpu_recipe():
     res, _ = cli("--config", "configs/qwen3_30b_a3b_base_drpo.yaml", "--print-config")
     assert res.returncode == 0 and "backend: vllm" in res.stdout
     assert "Loading" not in res.stderr  # nothing loaded: no model, data or engine
+
+
+# ------------------------------------------------------------------ files and machine: one line, exit 2
+
+
+def test_a_config_file_that_is_not_utf8_is_one_line(tmp_path):
+    bad = tmp_path / "latin1.yaml"
+    bad.write_bytes(b"trainer:\n  max_steps: 3  # caf\xe9\n")  # latin-1 e-acute
+    res, _ = cli("--config", str(bad), f"output_dir={tmp_path / 'run'}")
+    assert one_line_refusal(res) == (
+        # offset: 9 bytes of "trainer:\n" + 21 of "  max_steps: 3  # caf"
+        f"drpo-train: {bad} is not UTF-8 text (byte 0xe9 at offset 30). Fix: save the file as UTF-8"
+    )
+
+
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        (None, "distributed.deepspeed_config: {path} does not exist. Fix: check the path"),
+        ('{"zero_optimization": {"stage": 3,}', "distributed.deepspeed_config: {path} is not valid JSON (Expecting"),
+        ("[1, 2]", "distributed.deepspeed_config: {path} holds a JSON list, not an object of DeepSpeed settings"),
+    ],
+)
+def test_a_missing_or_invalid_deepspeed_json_is_one_line(tmp_path, content, expected):
+    path = tmp_path / "ds.json"
+    if content is not None:
+        path.write_text(content)
+    res, _ = cli(
+        "--config", "configs/tiny_cpu.yaml", f"distributed.deepspeed_config={path}", f"output_dir={tmp_path}/r"
+    )
+    line = one_line_refusal(res)
+    assert expected.format(path=path) in line and "Fix:" in line
+    assert not (tmp_path / "r").exists()
+
+
+def test_an_output_dir_that_is_a_file_is_one_line(tmp_path):
+    (tmp_path / "taken").write_text("keep me\n")
+    res, _ = cli("--config", "configs/tiny_cpu.yaml", f"output_dir={tmp_path / 'taken'}")
+    assert f"output_dir={tmp_path / 'taken'} is a file, not a directory. Fix:" in one_line_refusal(res)
+    res, _ = cli("--config", "configs/tiny_cpu.yaml", f"output_dir={tmp_path / 'taken' / 'run'}")
+    assert f"cannot be created: {tmp_path / 'taken'} is a file" in one_line_refusal(res)
+    assert (tmp_path / "taken").read_text() == "keep me\n"
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/sys") or os.access("/proc/sys", os.W_OK), reason="needs /proc/sys")
+@pytest.mark.parametrize("out, where", [("/proc/sys", "it is"), ("/proc/sys/drpo_run", "its parent /proc/sys is")])
+def test_a_read_only_output_dir_is_one_line(out, where):
+    # /proc/sys is read-only even for root, who may write into a chmod-555 directory
+    res, _ = cli("--config", "configs/tiny_cpu.yaml", f"output_dir={out}")
+    assert f"output_dir={out} is not writable: {where} read-only for this user. Fix:" in one_line_refusal(res)
+
+
+def test_a_read_only_directory_for_this_user_is_refused(tmp_path, monkeypatch):
+    from drpo_trainer.config import ConfigError, load_config
+    from drpo_trainer.runtime.preflight import check_output_dir
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("{}\n")
+    check_output_dir(load_config(None, [f"output_dir={run}"]))  # writable: passes
+    check_output_dir(load_config(None, [f"output_dir={run}/a/b"]))  # creatable: passes
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["metrics.jsonl", "run"]  # nothing written by the check
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != run)  # the user's view of a chmod-555 dir
+    with pytest.raises(ConfigError, match=f"output_dir={run} is not writable: it is read-only for this user"):
+        check_output_dir(load_config(None, [f"output_dir={run}"]))
+
+
+def test_a_verifier_memory_limit_too_small_to_start_a_worker_is_one_line(tmp_path):
+    res, wall = cli("--config", "configs/tiny_cpu.yaml", "reward.memory_limit_mb=1", f"output_dir={tmp_path}")
+    assert one_line_refusal(res) == (
+        "drpo-train: reward.memory_limit_mb=1 is too small to start a verifier worker (its imports need 256 MB of "
+        "address space). Fix: set reward.memory_limit_mb >= 256 (default 2048)"
+    )
+    assert not (tmp_path / "config.yaml").exists()  # before the model or the data loaded
+
+
+def test_a_model_directory_without_weights_is_one_line(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "qwen3"}')
+    res, _ = cli("--config", "configs/tiny_cpu.yaml", f"model.path={model}", f"output_dir={tmp_path / 'r'}")
+    assert f"model.path={model} has config.json but no weights (*.safetensors or *.bin). Fix:" in one_line_refusal(res)
+    (model / "model.safetensors.index.json").write_text(
+        '{"weight_map": {"a.weight": "model-00001-of-00002.safetensors"}}'
+    )
+    res, _ = cli("--config", "configs/tiny_cpu.yaml", f"model.path={model}", f"output_dir={tmp_path / 'r'}")
+    line = one_line_refusal(res)
+    assert "model.safetensors.index.json names missing shards model-00001-of-00002.safetensors" in line
+
+
+def test_plot_to_an_unknown_image_format_names_the_supported_ones(tmp_path):
+    res, _ = cli("plot", str(tmp_path), "-o", str(tmp_path / "x.xyz"))
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    (line,) = res.stderr.strip().splitlines()
+    assert line.startswith(
+        f"drpo-train plot: -o {tmp_path / 'x.xyz'}: .xyz is not a supported image format; supported:"
+    )
+    assert "pdf, " in line and "png, " in line and "svg, " in line and line.endswith("e.g. -o x.png")
+    assert not (tmp_path / "x.xyz").exists()

@@ -292,6 +292,20 @@ def _short(key: str, keys: Sequence[str]) -> str:
 
 
 # ------------------------------------------------------------------------------------------------
+def check_image_format(out: str | Path) -> None:
+    """The file name's extension is an image format matplotlib writes; checked before any run is read."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    formats = sorted(FigureCanvasBase.get_supported_filetypes())
+    ext = Path(out).suffix.lower().lstrip(".")
+    if ext not in formats:
+        raise PlotError(
+            f"-o {out}: {f'.{ext} is not a supported image format' if ext else 'the name has no image extension'}; "
+            "supported: "
+            f"{', '.join(formats)}. Fix: name the file with one of them, e.g. -o {Path(out).stem or 'report'}.png"
+        )
+
+
 def make_report(
     run_dirs: Sequence[str | Path],
     out: str | Path,
@@ -305,6 +319,7 @@ def make_report(
     (`Description`: JSON with keys "runs" and "panels")."""
     if smooth < 1:
         raise PlotError(f"--smooth {smooth}: the window must be >= 1 step (1 = no smoothing)")
+    check_image_format(out)
     runs = load_runs(run_dirs, labels, warn=log)
     chosen, gaps = choose_panels(runs)
     if gaps:

@@ -56,6 +56,7 @@ logger = logging.getLogger(__name__)
 KILL_GRACE_S = 0.5  # parent-side margin over timeout_s before a worker is killed
 STARTUP_TIMEOUT_S = 120.0  # a worker that has not said 'ready' by then is broken (or the machine is)
 _MAX_START_FAILURES = 3
+MIN_MEMORY_LIMIT_MB = 256  # a worker's address space for its imports (sympy, math-verify); checked by preflight
 MAX_ATTEMPTS = 2  # a sample whose worker dies is scored again once; a second death makes it an error
 _MAX_CHUNK = 16  # samples per message to a worker (amortises the pipe round trip)
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])  # the folder holding drpo_trainer/
@@ -144,8 +145,10 @@ class RewardScorer:
             raise ValueError(f"reward.timeout_s={timeout_s} must be > 0 (seconds per sample)")
         if not memory_growth_mb > 0:
             raise ValueError(f"reward.worker_memory_growth_mb={memory_growth_mb} must be > 0")
-        if memory_limit_mb < 256:
-            raise ValueError(f"reward.memory_limit_mb={memory_limit_mb} is too small to import sympy; use >= 256")
+        if memory_limit_mb < MIN_MEMORY_LIMIT_MB:
+            raise ValueError(
+                f"reward.memory_limit_mb={memory_limit_mb} is too small to import sympy; use >= {MIN_MEMORY_LIMIT_MB}"
+            )
         fn = get_reward(name, import_modules)
         self.name = name
         # None: the reward does not look for a final answer, so it gets no extraction mode

@@ -1,16 +1,22 @@
-"""Checks that run before any model or data is loaded: each failure is one line naming the key
-and the fix (the CLI prints it and exits 2), instead of a traceback minutes into start-up.
+"""Checks of facts about this machine and its files, run before any model or data is loaded:
+each failure is one line naming the key and the fix (the CLI prints it and exits 2), instead of
+a traceback minutes into start-up.
 
   rollout backend   vllm installed (without importing it) and of a tested version
-  model.path        the builtin, a local model directory, or a hub id in the local cache
+  model.path        the builtin, a local model directory with weights, or a hub id in the local cache
   data files        train and eval files exist and can be read
+  deepspeed_config  exists and holds a JSON object
+  output_dir        a directory that can be created or written (checked without writing into it)
+  reward            reward.name resolves to a function; memory_limit_mb can start a verifier worker
   GPUs              tensor-parallel size fits the local GPUs, where there are GPUs
 
-Token budgets and batch-size divisibility are config rules (drpo_trainer/config.py).
+Rules about the values themselves (bounds, token budgets, batch-size divisibility) are config
+rules (drpo_trainer/config.py).
 """
 
 from __future__ import annotations
 
+import json
 import os
 from importlib import metadata, util
 from pathlib import Path
@@ -52,6 +58,7 @@ def check_model(cfg: Config) -> None:
     if local.is_dir():
         if not (local / "config.json").is_file():
             raise ConfigError(f"model.path={path} is a directory without config.json. Fix: point it at a saved model")
+        _check_weights(path, local)
         return
     if local.exists() or path.startswith((".", "/", "~")):
         raise ConfigError(
@@ -66,6 +73,86 @@ def check_model(cfg: Config) -> None:
             f"model.path={path} is not a local directory and not in the local Hugging Face cache, and offline mode "
             f"is on (HF_HUB_OFFLINE=1). Fix: `huggingface-cli download {path}` where a network exists, or set "
             "model.path to a local directory"
+        )
+
+
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin")
+WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+def _check_weights(path: str, local: Path) -> None:
+    """A saved model has weight files, and every shard its index names (what from_pretrained reads)."""
+    fix = "Fix: point model.path at a directory written by save_pretrained (config.json + weights)"
+    for name in WEIGHT_INDEXES:
+        if (local / name).is_file():
+            try:
+                shards = set(json.loads((local / name).read_text(encoding="utf-8"))["weight_map"].values())
+            except (ValueError, KeyError, AttributeError, TypeError) as exc:
+                raise ConfigError(f"model.path={path}: {name} is not a weight index ({exc!r}). {fix}") from None
+            missing = sorted(s for s in shards if not (local / s).is_file())
+            if missing:
+                raise ConfigError(f"model.path={path}: {name} names missing shards {', '.join(missing[:3])}. {fix}")
+            return
+    if not any(any(local.glob(pattern)) for pattern in WEIGHT_PATTERNS):
+        raise ConfigError(f"model.path={path} has config.json but no weights (*.safetensors or *.bin). {fix}")
+
+
+def check_deepspeed_config(cfg: Config) -> None:
+    path = cfg.distributed.deepspeed_config
+    if path is None:
+        return
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(
+            f"distributed.deepspeed_config: {path} does not exist. Fix: check the path (relative to {Path.cwd()}), "
+            "or drop the key to use drpo-train's DeepSpeed settings"
+        )
+    try:
+        ds = json.loads(p.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ConfigError(
+            f"distributed.deepspeed_config: {path} is not valid JSON ({exc}). Fix: correct the file "
+            "(configs/deepspeed/ holds examples)"
+        ) from None
+    if not isinstance(ds, dict):
+        raise ConfigError(
+            f"distributed.deepspeed_config: {path} holds a JSON {type(ds).__name__}, not an object of DeepSpeed "
+            'settings. Fix: write it as {"key": value, ...} (configs/deepspeed/ holds examples)'
+        )
+
+
+def check_output_dir(cfg: Config) -> None:
+    """output_dir is a directory we may write, or can be created: checked on it (or its nearest
+    existing parent) with os.access, so nothing is written into an existing run."""
+    out = Path(cfg.output_dir).expanduser()
+    fix = "Fix: set output_dir to a directory you can write"
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output_dir={cfg.output_dir} is a file, not a directory. {fix}")
+    probe = out
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ConfigError(f"output_dir={cfg.output_dir} cannot be created: {probe} is a file. {fix}")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        where = "it is" if probe == out else f"its parent {probe} is"
+        raise ConfigError(f"output_dir={cfg.output_dir} is not writable: {where} read-only for this user. {fix}")
+
+
+def check_reward(cfg: Config) -> None:
+    """The reward exists (a registered name or an importable module:function) and its workers can
+    start: fail now, not after the model has loaded."""
+    from drpo_trainer.rewards import get_reward
+    from drpo_trainer.rewards.pool import MIN_MEMORY_LIMIT_MB
+
+    try:
+        get_reward(cfg.reward.name, cfg.reward.import_modules)
+    except ValueError as err:
+        raise ConfigError(f"reward.name: {err}") from None
+    if cfg.reward.memory_limit_mb < MIN_MEMORY_LIMIT_MB:
+        raise ConfigError(
+            f"reward.memory_limit_mb={cfg.reward.memory_limit_mb} is too small to start a verifier worker (its "
+            f"imports need {MIN_MEMORY_LIMIT_MB} MB of address space). Fix: set reward.memory_limit_mb >= "
+            f"{MIN_MEMORY_LIMIT_MB} (default 2048)"
         )
 
 
@@ -92,11 +179,11 @@ def check_gpus(cfg: Config, local_processes: int) -> None:
     import torch
 
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    tp = cfg.rollout.tensor_parallel_size
+    tp = cfg.rollout.vllm.tensor_parallel_size
     if gpus and cfg.rollout.backend == "vllm" and tp > gpus:
         raise ConfigError(
-            f"rollout.tensor_parallel_size={tp} is more than the {gpus} GPU(s) of this node. "
-            f"Fix: set rollout.tensor_parallel_size to at most {gpus}"
+            f"rollout.vllm.tensor_parallel_size={tp} is more than the {gpus} GPU(s) of this node. "
+            f"Fix: set rollout.vllm.tensor_parallel_size to at most {gpus}"
         )
     if gpus and local_processes > gpus:
         raise ConfigError(
@@ -113,4 +200,7 @@ def preflight(cfg: Config, local_processes: int, *, samples: bool = True) -> Non
         check_backend(cfg)
     check_data(cfg)
     check_model(cfg)
+    check_deepspeed_config(cfg)
+    check_output_dir(cfg)
+    check_reward(cfg)
     check_gpus(cfg, local_processes)

@@ -6,7 +6,8 @@
     drpo-train plot RUN_DIR [RUN_DIR ...] [-o report.png]          runs' metrics.jsonl -> one figure
 
 Exit codes: 0 done, 1 a file could not be written or read (a full disk, an incomplete checkpoint to
-export), 2 bad configuration or input (for plot: a directory that is not a run), 75 stopped by
+export), 2 bad configuration or input, or a file or machine check that failed before loading (for
+plot: a directory that is not a run, or an image format it cannot write), 75 stopped by
 SIGTERM/SIGUSR1 after a checkpoint.
 
 On one machine it starts `distributed.nproc_per_node` processes itself, unless it was

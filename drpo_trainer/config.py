@@ -33,8 +33,8 @@ from typing import Annotated, Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from drpo_trainer.config_input import RENAMED_KEYS as RENAMED_KEYS  # re-exported: run_identity maps old keys
 from drpo_trainer.config_input import (
-    RENAMED_KEYS,
     ConfigError,
     check_renamed,
     drop_params_of_a_switched_loss,
@@ -43,17 +43,6 @@ from drpo_trainer.config_input import (
     parse_overrides,
     read_config_file,
 )
-
-__all__ = [
-    "RENAMED_KEYS",
-    "Config",
-    "ConfigError",
-    "config_from_dict",
-    "dump_config",
-    "load_config",
-    "merge_dicts",
-    "parse_overrides",
-]
 
 # Upper bounds that catch a typo or a unit slip, far above any real run.
 MAX_TOKENS = 2**20  # a prompt, a response, a context, a token budget

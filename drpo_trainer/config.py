@@ -450,11 +450,15 @@ class Config(Section):
                 f"reward.num_workers={r.num_workers} is more than {MAX_REWARD_WORKERS} verifier processes per rank. "
                 f"Fix: set reward.num_workers to at most the CPU cores per rank (<= {MAX_REWARD_WORKERS})"
             )
-        if r.memory_limit_mb > MAX_REWARD_MEMORY_MB:
-            raise ValueError(
-                f"reward.memory_limit_mb={r.memory_limit_mb} is more than {MAX_REWARD_MEMORY_MB} MB (4 TiB). "
-                "Fix: set reward.memory_limit_mb to what one verification may use (default 2048)"
-            )
+        for key, value, default in (
+            ("memory_limit_mb", r.memory_limit_mb, 2048),
+            ("worker_memory_growth_mb", r.worker_memory_growth_mb, 256),
+        ):
+            if value > MAX_REWARD_MEMORY_MB:
+                raise ValueError(
+                    f"reward.{key}={value} is more than {MAX_REWARD_MEMORY_MB} MB (4 TiB). "
+                    f"Fix: set reward.{key} to what a verifier worker may use (default {default})"
+                )
         if r.timeout_s > MAX_REWARD_TIMEOUT_S:
             raise ValueError(
                 f"reward.timeout_s={r.timeout_s} is more than {MAX_REWARD_TIMEOUT_S:g} s for one verification. "

@@ -291,12 +291,17 @@ def _numeric_keys(model=Config, prefix=""):
 
 
 # checked by Config._check_reward_bounds (the reward section's fields are the rewards' own)
-BOUNDED_BY_THE_CONFIG = {"reward.num_workers", "reward.timeout_s", "reward.memory_limit_mb"}
+BOUNDED_BY_THE_CONFIG = {
+    "reward.num_workers",
+    "reward.timeout_s",
+    "reward.memory_limit_mb",
+    "reward.worker_memory_growth_mb",
+}
 
 
 def test_every_number_key_refuses_infinity_and_nan_and_has_an_upper_bound():
     keys = dict(_numeric_keys())
-    assert len(keys) == 49 and "model.dtype" not in keys and "rollout.dtype" not in keys
+    assert len(keys) == 50 and "model.dtype" not in keys and "rollout.dtype" not in keys
     assert {"optim.lr", "optim.betas", "rollout.vllm.kv_cache_gib", "trainer.packed_row_tokens"} <= set(keys)
     for key in keys:
         for value in (".inf", ".nan", "-.inf"):

@@ -13,8 +13,8 @@ Where checks live:
                   process count (`learner_processes`, `check_world`: called by the CLI before
                   any process starts and again by the trainer, for library callers);
   runtime/preflight.py  facts about this machine and its files, checked before anything heavy
-                  loads: installed backend, model weights, data and DeepSpeed files, the output
-                  directory, GPUs, the reward function and its worker memory.
+                  loads: installed backend, model weights, data and DeepSpeed files, GPUs,
+                  the reward function and its worker memory (the output directory: io/run_dir.py).
 Keys of one rollout backend live under rollout.hf / rollout.vllm; an old name is refused with
 "renamed to" (drpo_trainer/config_input.py).
 

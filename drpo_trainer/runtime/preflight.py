@@ -6,12 +6,12 @@ a traceback minutes into start-up.
   model.path        the builtin, a local model directory with weights, or a hub id in the local cache
   data files        train and eval files exist and can be read
   deepspeed_config  exists and holds a JSON object
-  output_dir        a directory that can be created or written (checked without writing into it)
   reward            reward.name resolves to a function; memory_limit_mb can start a verifier worker
   GPUs              tensor-parallel size fits the local GPUs, where there are GPUs
 
 Rules about the values themselves (bounds, token budgets, batch-size divisibility) are config
-rules (drpo_trainer/config.py).
+rules (drpo_trainer/config.py); whether output_dir may be written (a writable directory holding no
+other run) is drpo_trainer/io/run_dir.py's, checked by the CLI after the resume checks.
 """
 
 from __future__ import annotations
@@ -121,23 +121,6 @@ def check_deepspeed_config(cfg: Config) -> None:
         )
 
 
-def check_output_dir(cfg: Config) -> None:
-    """output_dir is a directory we may write, or can be created: checked on it (or its nearest
-    existing parent) with os.access, so nothing is written into an existing run."""
-    out = Path(cfg.output_dir).expanduser()
-    fix = "Fix: set output_dir to a directory you can write"
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"output_dir={cfg.output_dir} is a file, not a directory. {fix}")
-    probe = out
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    if not probe.is_dir():
-        raise ConfigError(f"output_dir={cfg.output_dir} cannot be created: {probe} is a file. {fix}")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        where = "it is" if probe == out else f"its parent {probe} is"
-        raise ConfigError(f"output_dir={cfg.output_dir} is not writable: {where} read-only for this user. {fix}")
-
-
 def check_reward(cfg: Config) -> None:
     """The reward exists (a registered name or an importable module:function) and its workers can
     start: fail now, not after the model has loaded."""
@@ -201,6 +184,5 @@ def preflight(cfg: Config, local_processes: int, *, samples: bool = True) -> Non
     check_data(cfg)
     check_model(cfg)
     check_deepspeed_config(cfg)
-    check_output_dir(cfg)
     check_reward(cfg)
     check_gpus(cfg, local_processes)

@@ -4,6 +4,8 @@ validating a config imports no torch."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -107,6 +109,9 @@ def _old_checkpoint(tmp_path: Path, cfg, rollout_section: str) -> Path:
     ckpt.mkdir(parents=True)
     (ckpt / "config.yaml").write_text(yaml.safe_dump(tree, sort_keys=False))
     (ckpt / "loop_state.json").write_text("{}")
+    small = ("config.yaml", "loop_state.json")  # resume reads only a checkpoint its manifest verifies
+    files = {n: [(ckpt / n).stat().st_size, hashlib.sha256((ckpt / n).read_bytes()).hexdigest()] for n in small}
+    (ckpt / "MANIFEST.json").write_text(json.dumps({"files": files}))
     return ckpt
 
 

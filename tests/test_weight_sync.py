@@ -118,14 +118,21 @@ def test_plain_module_buckets_and_names():
             assert torch.equal(t, ref[n])
 
 
-def test_sync_weights_reports_bytes_and_buckets():
+def test_sync_weights_reports_bytes_and_buckets(monkeypatch):
+    from types import SimpleNamespace
+
+    import drpo_trainer.rollout.weight_sync as ws
+
     inner, wrapped = _tiny()
     rec = _Recorder()
+    clock = iter([100.0, 100.75])  # the sync's start and end on a clock the test controls
+    monkeypatch.setattr(ws, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
     m = sync_weights(wrapped, rec, 160)
+    monkeypatch.undo()
     assert rec.calls == [["0.weight", "0.bias"], ["1.weight"]]
     assert m["sync/bytes"] == 128 + 32 + 64
     assert m["sync/buckets"] == 2 and m["sync/params"] == 3
-    assert m["sync/seconds"] >= 0
+    assert m["sync/seconds"] == 0.75  # the whole sync: from before the first bucket to after the last
     assert all(torch.equal(rec.weights[n], t) for n, t in inner.state_dict().items())
 
 

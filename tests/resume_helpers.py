@@ -245,6 +245,7 @@ def wandb_offline_records(run_file: Path) -> dict:
     return out
 
 
+@register_reward("text_value")
 def text_value_reward(completion: str, answer: str, **_: object) -> float:
     """A value in [0, 1) that differs between (almost) any two different completions: a group of
     sampled completions has reward variance unless all its completions are the same text."""

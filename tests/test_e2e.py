@@ -90,6 +90,7 @@ def test_two_process_zero3_run(small_run_files, warm_model_dir):
             "optim.lr=1e-4",
             "optim.weight_decay=0.1",
             "reward.name=resume_helpers:odd_length_reward",
+            "reward.import_modules=[resume_helpers]",
             "reward.num_workers=1",
             "tracking.progress_bar=false",
         ]

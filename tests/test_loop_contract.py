@@ -25,6 +25,7 @@ import torch
 from drpo_trainer.config import load_config
 from drpo_trainer.learner.learner import Learner
 from drpo_trainer.runtime import loop
+from drpo_trainer.runtime.wire import batch_to_plain
 
 STEPS, MINIBATCHES, G, PROMPTS = 4, 3, 4, 6
 LR, WARMUP = 1.0e-3, 2
@@ -56,6 +57,7 @@ def tiny_config(data_dir, model_dir, out, *overrides: str):
             f"optim.lr={LR}",
             f"optim.warmup_steps={WARMUP}",
             "reward.name=resume_helpers:text_value_reward",  # every group has reward variance
+            "reward.import_modules=[resume_helpers]",
             "reward.num_workers=1",
             "eval.files={}",
             "eval.at_start=false",
@@ -227,7 +229,7 @@ def remote_rollouts(max_lag: int, step: int, version: int):
         step=step - 1,
         sampler=SimpleNamespace(state=SamplerState(0, 0)),
     )
-    return RemoteRollouts(run, FakeBridge([("batch", step, make_batch(step, version))])), run
+    return RemoteRollouts(run, FakeBridge([("batch", step, batch_to_plain(make_batch(step, version)))])), run
 
 
 @pytest.mark.parametrize("max_lag", [0, 1, 3])

@@ -97,6 +97,7 @@ def runs(request, tmp_path_factory, dropout_model_dir, one_process_ctx):
                 "optim.warmup_steps=2",
                 "optim.schedule=warmup_cosine",
                 "reward.name=resume_helpers:text_value_reward",  # every group has reward variance
+                "reward.import_modules=[resume_helpers]",
                 "reward.num_workers=1",
                 f"distributed.single_process_zero_stage={stage}",
                 "eval.files={}",

@@ -47,6 +47,9 @@ def test_deep_nesting_and_long_text_are_handled_whole():
 @pytest.mark.parametrize(
     "text, expected",
     [
+        ("Answer: 4\nmore text\nlast line", "4"),  # only the rest of its own line
+        ("Answer: $4.$", "4"),  # a period inside the math delimiters is dropped too
+        ("Answer: MAX.", "MAX"),  # only periods are stripped, not other letters
         ("Reasoning.\nAnswer: 42", "42"),
         ("Answer: 4\nWait, no.\nAnswer: 5\n", "5"),  # the last answer line wins
         ("answer:  $\\frac{1}{2}$.", "\\frac{1}{2}"),  # case-insensitive; $ and final period stripped

@@ -527,3 +527,27 @@ def test_a_new_loss_reports_the_ratio_extrema_and_its_own():
         }
     finally:
         POLICY_LOSSES.pop("_test_extrema")
+
+
+def test_parameter_errors_name_every_unknown_and_refuse_non_numbers():
+    lp, old, adv, mask = _random_batch(14, B=2, T=3)
+    with pytest.raises(ValueError) as err:
+        compute_policy_loss("pg", lp, old, adv, mask, foo=1.0, bar=2.0)
+    assert str(err.value) == "unknown parameter(s) bar, foo for policy loss 'pg'; valid: none"
+    for value in (True, "12.5"):  # a bool is not a number here, nor a string
+        with pytest.raises(ValueError, match=r"policy loss 'drpo': delta="):
+            validate_loss_params("drpo", {"delta": value})
+    with pytest.raises(ValueError) as err:
+        compute_policy_loss("drpo", lp, old, adv[:1], mask)
+    assert str(err.value) == "advantages must be (B,) = (2,) or (B, T) = (2, 3); got (1,)"
+
+
+def test_mismatch_correction_defaults():
+    # rho = exp(old - rollout) = 0.4, 1.0 and 2.5 on three tokens. Defaults: tis_cap 2, band [0.5, 2].
+    old = torch.zeros(1, 3, dtype=torch.float64)
+    rollout = -torch.tensor([[0.4, 1.0, 2.5]], dtype=torch.float64).log()
+    adv, mask = torch.ones(1, dtype=torch.float64), torch.ones(1, 3)
+    _, tis = compute_policy_loss("pg", old, old, adv, mask, rollout_logprobs=rollout, mismatch_correction="tis")
+    assert tis["mismatch/tis_weight_mean"].item() == pytest.approx((0.4 + 1.0 + 2.0) / 3)
+    _, mis = compute_policy_loss("pg", old, old, adv, mask, rollout_logprobs=rollout, mismatch_correction="mis")
+    assert mis["mismatch/mis_masked_fraction"].item() == pytest.approx(2 / 3)  # 0.4 and 2.5 are outside

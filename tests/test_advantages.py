@@ -55,3 +55,19 @@ def test_bad_layout_names_the_fix():
         group_advantages(torch.zeros(10), 4)
     with pytest.raises(ValueError, match="1-D"):
         group_advantages(torch.zeros(2, 4), 4)
+
+
+def test_empty_rewards_and_a_group_of_one():
+    with pytest.raises(ValueError) as err:
+        group_advantages(torch.tensor([]), 1)
+    assert str(err.value) == "rewards is empty; there must be at least one group"
+    adv, stats = group_advantages(torch.tensor([0.7]), 1, normalize_by_std=True)  # one reward is valid
+    assert adv.tolist() == [0.0] and stats["advantage/reward_group_std_mean"].item() == 0.0
+
+
+def test_groups_of_two_are_divided_by_std_plus_eps():
+    # Rewards 0 and 1: mean 0.5, Bessel std sqrt(0.5) = 0.70711; with eps = 0.5, A = +-0.5 / 1.20711 = +-0.41421.
+    adv, stats = group_advantages(torch.tensor([0.0, 1.0]), 2, normalize_by_std=True, eps=0.5)
+    torch.testing.assert_close(adv, torch.tensor([-0.414214, 0.414214]), rtol=0, atol=1e-6)
+    assert stats["advantage/reward_group_std_mean"].item() == pytest.approx(0.5**0.5, abs=1e-7)
+    assert all(v.dtype == torch.float32 and v.dim() == 0 for v in stats.values())

@@ -10,6 +10,7 @@ from drpo_trainer.algorithms.losses import (
     binary_kl,
     compute_policy_loss,
     loss_param_defaults,
+    metric_reductions,
     mismatch_metrics,
     policy_loss_names,
     register_policy_loss,
@@ -449,3 +450,104 @@ def test_core_modules_import_only_torch_and_the_standard_library():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "", f"heavy modules imported: {out.stdout}"
+
+
+def test_each_bad_shape_alone_is_refused_with_all_three_shapes():
+    lp, old, adv, mask = _random_batch(11, B=2, T=3)
+    head = "logprobs, old_logprobs and mask must all be (B, T); got "
+    for args, shapes in [
+        ((lp[None], old[None], adv, mask[None]), "(1, 2, 3), (1, 2, 3), (1, 2, 3)"),  # 3-D only
+        ((lp, old[:, :2], adv, mask), "(2, 3), (2, 2), (2, 3)"),  # old_logprobs only
+        ((lp, old, adv, mask[:, :2]), "(2, 3), (2, 3), (2, 2)"),  # mask only
+    ]:
+        with pytest.raises(ValueError) as err:
+            compute_policy_loss("drpo", *args)
+        assert str(err.value) == head + shapes
+
+
+def test_mismatch_correction_errors_and_bounds():
+    lp, old, adv, mask = _random_batch(12, B=2, T=3)
+    for rollout, got in [(None, "None"), (old[:, :2], "(2, 2)")]:
+        with pytest.raises(ValueError) as err:
+            compute_policy_loss("drpo", lp, old, adv, mask, rollout_logprobs=rollout, mismatch_correction="mis")
+        assert str(err.value) == (
+            f"mismatch_correction='mis' needs rollout_logprobs of shape (2, 3) (got {got}); "
+            "pass the engine's log-probs or set mismatch_correction=None"
+        )
+    kw = dict(rollout_logprobs=old, mismatch_correction="mis")
+    for bad in [dict(tis_cap=0.0), dict(mis_lower=1.0, mis_upper=1.0), dict(mis_lower=-0.1)]:  # each alone
+        with pytest.raises(ValueError, match=r"need 0 <= mis_lower < mis_upper and tis_cap > 0; got") as err:
+            compute_policy_loss("drpo", lp, old, adv, mask, **kw, **bad)
+        assert str(err.value).endswith(f"tis_cap={bad.get('tis_cap', 2.0)}")
+    # The bounds themselves are valid: mis_lower = 0, tis_cap below 1.
+    compute_policy_loss("drpo", lp, old, adv, mask, **kw, mis_lower=0.0, tis_cap=0.5)
+
+
+def test_mis_band_is_closed_at_both_ends():
+    # rollout == old: rho = 1 exactly, on the band's edge either way: kept, not masked.
+    lp, old, adv, mask = _random_batch(13, B=2, T=3)
+    for lower, upper in [(1.0, 2.0), (0.5, 1.0)]:
+        _, metrics = compute_policy_loss(
+            "pg", lp, old, adv, mask, rollout_logprobs=old, mismatch_correction="mis", mis_lower=lower, mis_upper=upper
+        )
+        assert metrics["mismatch/mis_masked_fraction"].item() == 0.0
+
+
+def test_mismatch_metrics_refuses_a_mask_of_another_shape():
+    old = torch.zeros(2, 3)
+    with pytest.raises(ValueError) as err:
+        mismatch_metrics(old, old, torch.ones(2, 2))
+    assert str(err.value) == "old_logprobs, rollout_logprobs and mask must share a shape; got (2, 3), (2, 3), (2, 2)"
+
+
+def test_dppo_zero_advantage_and_ratio_at_the_cap_are_not_counted():
+    # Token 0: A = 0 with a large move (|pi - mu| = 0.5 > delta): nothing pushes, so it is not masked.
+    # Token 1: r = C exactly: min(r, C) = r, so it is not truncated.
+    old = torch.tensor([[LN(0.1), LN(0.01)]], dtype=torch.float64)
+    lp = torch.tensor([[LN(0.6), LN(0.01) + LN(20.0)]], dtype=torch.float64)
+    adv = torch.tensor([[0.0, -1.0]], dtype=torch.float64)
+    mask = torch.ones(1, 2)
+    for name in ["dppo_tv", "dppo_kl"]:
+        _, metrics = compute_policy_loss(name, lp, old, adv, mask, clip_c=20.0)
+        assert metrics["dppo/masked_fraction"].item() == 0.0
+        assert metrics["dppo/truncated_fraction"].item() == 0.0
+
+
+def test_a_new_loss_reports_the_ratio_extrema_and_its_own():
+    @register_policy_loss("_test_extrema", extrema={"x/max": "max"})
+    def with_extrema(logprobs, old_logprobs, advantages, mask):
+        return -advantages * torch.exp(logprobs - old_logprobs), {}
+
+    try:
+        assert metric_reductions("_test_extrema") == {
+            "policy/ratio_max": "max",
+            "policy/ratio_min": "min",
+            "policy/abs_pi_minus_mu_max": "max",
+            "x/max": "max",
+        }
+    finally:
+        POLICY_LOSSES.pop("_test_extrema")
+
+
+def test_parameter_errors_name_every_unknown_and_refuse_non_numbers():
+    lp, old, adv, mask = _random_batch(14, B=2, T=3)
+    with pytest.raises(ValueError) as err:
+        compute_policy_loss("pg", lp, old, adv, mask, foo=1.0, bar=2.0)
+    assert str(err.value) == "unknown parameter(s) bar, foo for policy loss 'pg'; valid: none"
+    for value in (True, "12.5"):  # a bool is not a number here, nor a string
+        with pytest.raises(ValueError, match=r"policy loss 'drpo': delta="):
+            validate_loss_params("drpo", {"delta": value})
+    with pytest.raises(ValueError) as err:
+        compute_policy_loss("drpo", lp, old, adv[:1], mask)
+    assert str(err.value) == "advantages must be (B,) = (2,) or (B, T) = (2, 3); got (1,)"
+
+
+def test_mismatch_correction_defaults():
+    # rho = exp(old - rollout) = 0.4, 1.0 and 2.5 on three tokens. Defaults: tis_cap 2, band [0.5, 2].
+    old = torch.zeros(1, 3, dtype=torch.float64)
+    rollout = -torch.tensor([[0.4, 1.0, 2.5]], dtype=torch.float64).log()
+    adv, mask = torch.ones(1, dtype=torch.float64), torch.ones(1, 3)
+    _, tis = compute_policy_loss("pg", old, old, adv, mask, rollout_logprobs=rollout, mismatch_correction="tis")
+    assert tis["mismatch/tis_weight_mean"].item() == pytest.approx((0.4 + 1.0 + 2.0) / 3)
+    _, mis = compute_policy_loss("pg", old, old, adv, mask, rollout_logprobs=rollout, mismatch_correction="mis")
+    assert mis["mismatch/mis_masked_fraction"].item() == pytest.approx(2 / 3)  # 0.4 and 2.5 are outside

@@ -15,6 +15,7 @@ from drpo_trainer.rewards.extract import answer_line, extract_final_answer, last
         (r"\fbox{12}", "12"),
         (r"\boxed{\boxed{7}}", "7"),  # nested box unwrapped
         (r"\boxed{x = \boxed{4} + 1}", "x = 4 + 1"),  # a box inside the content loses its wrapper only
+        (r"\boxed{x = \boxed{\frac{1}{2}}}", r"x = \frac{1}{2}"),  # plain braces inside an inner box stay
         (r"\boxed{\{1, 2\}}", r"\{1, 2\}"),  # escaped braces are literal, not grouping
         (r"\boxed{2} and \boxedfoo{3}", "2"),  # \boxedfoo is another macro
         (r"\boxed{}", None),  # empty box: no answer
@@ -47,6 +48,13 @@ def test_deep_nesting_and_long_text_are_handled_whole():
 @pytest.mark.parametrize(
     "text, expected",
     [
+        ("Answer: 4\nmore text\nlast line", "4"),  # only the rest of its own line
+        ("Answer: $4.$", "4"),  # a period inside the math delimiters is dropped too
+        ("Answer: MAX.", "MAX"),  # only periods are stripped, not other letters
+        ("Answer: $\\(4\\)$", "4"),  # nested delimiters are all stripped
+        ("Answer: $$", None),  # an empty display-math pair
+        ("Answer: $", "$"),  # a lone dollar is not a pair
+        ("Answer: 5$", "5$"),  # nor is a trailing one
         ("Reasoning.\nAnswer: 42", "42"),
         ("Answer: 4\nWait, no.\nAnswer: 5\n", "5"),  # the last answer line wins
         ("answer:  $\\frac{1}{2}$.", "\\frac{1}{2}"),  # case-insensitive; $ and final period stripped
@@ -78,3 +86,7 @@ def test_unknown_mode_names_the_valid_ones():
 )
 def test_normalize_gold(gold, expected):
     assert normalize_gold(gold) == expected
+
+
+def test_default_extraction_is_the_last_box():
+    assert extract_final_answer(r"Answer: 1. \boxed{3}") == "3"

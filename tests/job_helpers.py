@@ -28,3 +28,14 @@ def run_tiny_job(out: Path, model_dir: str, *overrides: str, env: dict[str, str]
     cmd += ["eval.max_problems=8", "checkpoint.export_final=false", "tracking.progress_bar=false", *overrides]
     res = subprocess.run(cmd, cwd=REPO, env=env or job_env(), capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
+
+
+def refused_in_one_line(*overrides: str) -> str:
+    """`drpo-train --config configs/tiny_cpu.yaml OVERRIDES` must refuse with exit 2 and one line on
+    stderr; returns that line."""
+    cmd = [sys.executable, "-m", "drpo_trainer.cli", "--config", str(REPO / "configs" / "tiny_cpu.yaml"), *overrides]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=job_env(), timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr[-2000:]
+    return lines[0]

@@ -2,11 +2,10 @@
 JSON nested past the recursion limit) are one line naming the file and line, exit code 2 from the CLI."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from job_helpers import refused_in_one_line
 
 from drpo_trainer.io.data import DataError, check_data_file, load_problems
 from drpo_trainer.rewards import math_reward
@@ -90,16 +89,6 @@ def test_broken_rows_name_file_and_line(tmp_path, make, expected, suffix):
 def test_cli_reports_a_broken_row_in_one_line_and_exit_2_before_anything_loads(tmp_path, make, expected):
     data = make(tmp_path / "train.jsonl")
     out = tmp_path / "run"
-    proc = subprocess.run(
-        [sys.executable, "-m", "drpo_trainer.cli", "--config", str(REPO / "configs" / "tiny_cpu.yaml")]
-        + [f"output_dir={out}", f"data.train_files=[{data}]", "eval.files={}"],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=120,
-    )
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr[-2000:]
-    assert lines[0].startswith(f"drpo-train: {data}, line 2: {expected}") and "Fix: " in lines[0]
+    line = refused_in_one_line(f"output_dir={out}", f"data.train_files=[{data}]", "eval.files={}")
+    assert line.startswith(f"drpo-train: {data}, line 2: {expected}") and "Fix: " in line
     assert not out.exists()  # refused before the run directory (or the model) was touched

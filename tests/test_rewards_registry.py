@@ -9,6 +9,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from job_helpers import refused_in_one_line
 
 from drpo_trainer.rewards import RewardScorer, get_reward
 
@@ -105,18 +106,8 @@ def test_cli_refuses_pipepager_in_one_line_and_runs_nothing(tmp_path, overrides)
     data = tmp_path / "train.jsonl"
     data.write_text(json.dumps({"prompt": "Say hi.", "answer": f"touch {marker}"}) + "\n")
     out = tmp_path / "run"
-    proc = subprocess.run(
-        [sys.executable, "-m", "drpo_trainer.cli", "--config", str(REPO / "configs" / "tiny_cpu.yaml")]
-        + [f"output_dir={out}", f"data.train_files=[{data}]", "eval.files={}", *overrides],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=120,
-    )
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("drpo-train: reward.name: reward 'pydoc:pipepager': ")
-    assert "Fix: " in lines[0]
+    line = refused_in_one_line(f"output_dir={out}", f"data.train_files=[{data}]", "eval.files={}", *overrides)
+    assert line.startswith("drpo-train: reward.name: reward 'pydoc:pipepager': ") and "Fix: " in line
     assert not marker.exists() and not out.exists()
 
 

@@ -533,7 +533,9 @@ def test_parameter_errors_name_every_unknown_and_refuse_non_numbers():
     lp, old, adv, mask = _random_batch(14, B=2, T=3)
     with pytest.raises(ValueError) as err:
         compute_policy_loss("pg", lp, old, adv, mask, foo=1.0, bar=2.0)
-    assert str(err.value) == "unknown parameter(s) bar, foo for policy loss 'pg'; valid: none"
+    assert str(err.value) == (
+        "unknown parameter(s) bar, foo for policy loss 'pg'; valid: none. Fix: set only these in algorithm.loss_params"
+    )
     for value in (True, "12.5"):  # a bool is not a number here, nor a string
         with pytest.raises(ValueError, match=r"policy loss 'drpo': delta="):
             validate_loss_params("drpo", {"delta": value})

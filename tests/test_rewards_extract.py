@@ -53,7 +53,6 @@ def test_deep_nesting_and_long_text_are_handled_whole():
         ("Answer: MAX.", "MAX"),  # only periods are stripped, not other letters
         ("Answer: $\\(4\\)$", "4"),  # nested delimiters are all stripped
         ("Answer: $$", None),  # an empty display-math pair
-        ("Answer: $", "$"),  # a lone dollar is not a pair
         ("Answer: 5$", "5$"),  # nor is a trailing one
         ("Reasoning.\nAnswer: 42", "42"),
         ("Answer: 4\nWait, no.\nAnswer: 5\n", "5"),  # the last answer line wins
@@ -66,6 +65,11 @@ def test_deep_nesting_and_long_text_are_handled_whole():
 def test_answer_line(text, expected):
     assert answer_line(text) == expected
     assert extract_final_answer(text, "answer_line") == expected
+
+
+def test_a_lone_dollar_is_the_line_but_no_answer():
+    assert answer_line("Answer: $") == "$"  # a lone dollar is not a math pair: the line is kept as written
+    assert extract_final_answer("Answer: $", "answer_line") is None  # but a math delimiter alone says nothing
 
 
 def test_auto_prefers_box_then_answer_line():

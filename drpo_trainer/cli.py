@@ -111,10 +111,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     except (ConfigError, DataError) as err:
         print(f"drpo-train: {err}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
-    except (TrainingDiverged, CheckpointWriteError) as err:  # a non-finite step, a full disk: checkpoints intact
-        print(f"drpo-train: {err}", file=sys.stderr, flush=True)
-        return 1
-    except PeerLost as err:  # the other role's process died: its own log says why
+    # a non-finite step, a full disk (the checkpoints are intact), a lost peer (its own log says why)
+    except (TrainingDiverged, CheckpointWriteError, PeerLost) as err:
         print(f"drpo-train: {err}", file=sys.stderr, flush=True)
         return 1
     return 0

@@ -58,6 +58,7 @@ def run_cli(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow  # two-process export, resume 2 -> 1 and the README's two-process command stay
 @pytest.mark.distributed
 def test_two_process_zero3_run(small_run_files, warm_model_dir):
     """Two ranks through the launcher, ZeRO-3 over gloo, with the warm model: the checkpoint holds one

@@ -43,6 +43,7 @@ def _table(text: str) -> list[list[str]]:
     return [[c.strip() for c in l.strip("|").split("|")] for l in lines]
 
 
+@pytest.mark.slow  # docs/experiments.md's --quick command runs in the default suite
 def test_quick_mode_table_figure_and_resume(tmp_path, warm_model_dir, monkeypatch):
     monkeypatch.setenv("DRPO_CACHE_DIR", str(Path(warm_model_dir).parent))
     argv = ["--quick", "--results-dir", str(tmp_path), "--target", "0.07"]

@@ -165,6 +165,7 @@ def _crash_trials(tmp_path, *, nproc: int, trials: int, seed: int) -> None:
     _assert_final_weights_match_baseline(out, nproc)
 
 
+@pytest.mark.slow  # kills at random moments: 55 s; the two-process trials are slow too
 def test_sigkill_at_random_moments_one_process(tmp_path):
     _crash_trials(tmp_path, nproc=1, trials=5, seed=1)
 

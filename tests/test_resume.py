@@ -65,6 +65,7 @@ def test_exact_resume_one_process(tmp_path):
     _assert_same_run(full, split, nproc=1)
 
 
+@pytest.mark.slow  # one-process exact resume and test_resume_engine's ZeRO-3 case stay
 @pytest.mark.distributed
 def test_exact_resume_two_processes(tmp_path):
     """Resume from the step-3 checkpoint of the 2-process baseline, in a directory that holds
@@ -144,6 +145,7 @@ def test_resume_two_processes_checkpoint_with_one(tmp_path):
     ).is_file()
 
 
+@pytest.mark.slow  # the doc command of docs/checkpoints.md resumes 1 -> 2 in the default suite
 @pytest.mark.distributed
 def test_resume_one_process_checkpoint_with_two(tmp_path):
     """1 -> 2: a one-process run that checkpoints at ZeRO-3 (single_process_zero_stage=null) grows to

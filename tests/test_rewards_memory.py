@@ -2,7 +2,7 @@
 
 `leak_then_hang` keeps 4 MiB for good every time its sample hits the deadline, like a computation
 interrupted half-way that leaves garbage Python never frees (math-verify left 0.7-2 MB per timeout).
-Without recycling, 40 timeouts grow the worker by 160 MiB; with a 24 MiB bound it never holds more
+Without recycling, 16 timeouts grow the worker by 64 MiB; with an 8 MiB bound it never holds more
 than the bound plus one sample's leak over its start-up size.
 """
 
@@ -13,8 +13,8 @@ import pytest
 from drpo_trainer.rewards import RewardScorer, register_reward
 
 LEAK_MB = 4
-TIMEOUTS = 40
-BOUND_MB = 24
+TIMEOUTS = 16
+BOUND_MB = 8
 _HELD = []
 
 
@@ -45,9 +45,9 @@ def test_worker_memory_stays_bounded_over_many_timeouts():
         pytest.skip("resident memory is read from /proc (Linux)")
     start, largest, recycled = _run(BOUND_MB)
     assert largest - start <= BOUND_MB + LEAK_MB + 8  # 8 MiB of allocator noise
-    # each worker takes ceil(24 / 4) + 1 = 7 leaks before it is over the bound: 40 leaks -> 5 recycles
+    # each worker takes ceil(8 / 4) + 1 = 3 leaks before it is over the bound: 16 leaks -> 5 recycles
     assert recycled >= 4
-    # the control: with recycling out of reach the same run grows by the whole 160 MiB
+    # the control: with recycling out of reach the same run grows by the whole 64 MiB
     start, largest, recycled = _run(10_000)
     assert recycled == 0 and largest - start >= TIMEOUTS * LEAK_MB - 8
 

@@ -132,6 +132,7 @@ class Config(Section):
             )
         self._check_async()
         self._check_reward_bounds()
+        self._check_overlong()
         need = self.data.max_prompt_tokens + self.rollout.max_new_tokens
         if self.trainer.micro_batch_tokens_per_gpu < need:
             raise ValueError(
@@ -188,6 +189,20 @@ class Config(Section):
             raise ValueError(
                 f"reward.timeout_s={r.timeout_s} is more than {MAX_REWARD_TIMEOUT_S:g} s for one verification. "
                 f"Fix: set reward.timeout_s <= {MAX_REWARD_TIMEOUT_S:g} (default 5)"
+            )
+
+    def _check_overlong(self) -> None:
+        r, limit = self.reward, self.rollout.max_new_tokens
+        if r.overlong_penalty and r.overlong_buffer is None:
+            raise ValueError(
+                f"reward.overlong_penalty={r.overlong_penalty} needs reward.overlong_buffer, the tokens before "
+                f"rollout.max_new_tokens over which the penalty grows. Fix: set reward.overlong_buffer to at most "
+                f"{limit} (DAPO: a fifth of the limit, {max(1, limit // 5)})"
+            )
+        if r.overlong_buffer is not None and r.overlong_buffer > limit:
+            raise ValueError(
+                f"reward.overlong_buffer={r.overlong_buffer} does not fit inside rollout.max_new_tokens={limit}. "
+                f"Fix: set reward.overlong_buffer <= {limit}, or raise rollout.max_new_tokens"
             )
 
     def learner_processes(self, world_size: int) -> int:

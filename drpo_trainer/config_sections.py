@@ -159,6 +159,21 @@ class RewardConfig(Section):
         description="A verifier worker whose resident memory grew this much over its start-up size (timed-out "
         "samples can leave memory behind) is replaced between samples.",
     )
+    overlong_penalty: float = Field(
+        0.0,
+        ge=0,
+        le=1000,
+        description="DAPO's soft overlong punishment (docs/algorithms.md): added to the reward before the "
+        "advantages, 0 up to overlong_buffer tokens before rollout.max_new_tokens, then falling linearly to minus "
+        "this value at max_new_tokens. 0 = off.",
+    )
+    overlong_buffer: Optional[int] = Field(
+        None,
+        gt=0,
+        le=MAX_TOKENS,
+        description="The penalty's ramp: the last this-many tokens before rollout.max_new_tokens (DAPO: 4096 of "
+        "20480). At most rollout.max_new_tokens; needed when overlong_penalty > 0.",
+    )
 
 
 class AlgorithmConfig(Section):

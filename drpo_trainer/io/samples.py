@@ -8,7 +8,8 @@ them when there are fewer), one JSON object each:
     index // samples_per_prompt), prompt, completion, extracted_answer (reward.extraction applied
     to the completion; null when it has none), gold_answer, reward (the score the step used),
     advantage and train_index (train rows only: the prompt's position in the training set as
-    loaded, over-long prompts dropped)
+    loaded, over-long prompts dropped); overlong_penalty (train rows, only with reward.overlong_penalty > 0:
+    the length penalty the step added to `reward` before the advantages)
 
 With W&B on, the same rows are logged as Tables (`samples/train`, `samples/eval/<set>`).
 A resumed run keeps the rows up to its checkpoint's step and appends (the steps after it run
@@ -21,6 +22,7 @@ import json
 from pathlib import Path
 from typing import Optional, Sequence
 
+from drpo_trainer.algorithms.overlong import completion_penalties
 from drpo_trainer.config import Config
 from drpo_trainer.rewards.extract import extract_final_answer
 
@@ -45,6 +47,7 @@ def sample_rows(
     extraction: str,
     advantages: Optional[Sequence[float]] = None,
     train_indices: Optional[Sequence[int]] = None,
+    penalties: Optional[Sequence[float]] = None,
 ) -> list[dict]:
     """The rows of n completions; `prompts` are the Problems the completions' prompt_index points into
     (`train_indices`: their positions in the training set)."""
@@ -66,6 +69,8 @@ def sample_rows(
             row["advantage"] = float(advantages[i])
         if train_indices is not None:
             row["train_index"] = int(train_indices[c.prompt_index])
+        if penalties is not None:
+            row["overlong_penalty"] = float(penalties[i])
         rows.append(row)
     return rows
 
@@ -74,6 +79,7 @@ class SampleLog:
     """Appends sample rows to samples.jsonl and hands them to the tracker's W&B Table (rank 0 only)."""
 
     def __init__(self, cfg: Config, *, start_step: int = 0, tracker=None) -> None:
+        self.cfg = cfg
         self.n = cfg.tracking.samples_per_step
         self.every = cfg.tracking.samples_every_steps
         self.extraction = cfg.reward.extraction
@@ -86,12 +92,18 @@ class SampleLog:
     def train(self, step: int, prompts, completions, rewards, advantages, train_indices=None) -> None:
         if self.every and step % self.every == 0:
             advantages = [float(a) for a in advantages]
-            self._write(step, "train", "samples/train", prompts, completions, rewards, advantages, train_indices)
+            penalised = completion_penalties(self.cfg, completions)
+            penalties = penalised[0] if penalised is not None else None
+            self._write(
+                step, "train", "samples/train", prompts, completions, rewards, advantages, train_indices, penalties
+            )
 
     def eval(self, step: int, name: str, problems, completions, rewards) -> None:
         self._write(step, f"eval:{name}", f"samples/eval/{name}", problems, completions, rewards, None)
 
-    def _write(self, step, kind, table, prompts, completions, rewards, advantages, train_indices=None) -> None:
+    def _write(
+        self, step, kind, table, prompts, completions, rewards, advantages, train_indices=None, penalties=None
+    ) -> None:
         rows = sample_rows(
             step,
             kind,
@@ -102,6 +114,7 @@ class SampleLog:
             extraction=self.extraction,
             advantages=advantages,
             train_indices=train_indices,
+            penalties=penalties,
         )
         self.file.write("".join(json.dumps(r) + "\n" for r in rows))
         if self.tracker is not None:

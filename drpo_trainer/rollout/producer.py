@@ -52,7 +52,7 @@ class RolloutBatch:
     learner_rank: int  # which learner rank's slice of the step's prompts
     indices: list[int]  # the prompts' positions in the training set
     completions: list[Completion]  # G per prompt, grouped by prompt
-    rewards: list[float]
+    rewards: list[float]  # the verifier's; the advantages are of these plus reward.overlong_penalty's length penalty
     reward_metrics: dict[str, float]
     advantages: list[float]
     adv_metrics: dict[str, float]
@@ -71,12 +71,13 @@ def sample_batch(
     version: int,
     sampler_after: SamplerState,
 ) -> RolloutBatch:
-    """Prompts -> G completions each from the engine's policy -> rewards -> group-relative advantages.
-    The sampling seed depends on (seed, step, learner rank) only: whichever process samples a share,
-    it draws the same completions from the same weights."""
+    """Prompts -> G completions each from the engine's policy -> rewards (+ the overlong length penalty, when
+    on) -> group-relative advantages. The sampling seed depends on (seed, step, learner rank) only: whichever
+    process samples a share, it draws the same completions from the same weights."""
     import torch
 
     from drpo_trainer.algorithms.advantages import group_advantages
+    from drpo_trainer.algorithms.overlong import completion_penalties
 
     G = cfg.rollout.samples_per_prompt
     prompts = [train_set[i] for i in indices]
@@ -88,8 +89,12 @@ def sample_batch(
         [c.text for c in completions], [prompts[c.prompt_index].answer for c in completions]
     )
     scored = time.perf_counter()
+    shaped, penalised = list(rewards), completion_penalties(cfg, completions)
+    if penalised is not None:  # DAPO's soft overlong punishment, before the advantages
+        shaped = [r + p for r, p in zip(rewards, penalised[0])]
+        reward_metrics = {**reward_metrics, **penalised[1]}
     advantages, adv_metrics = group_advantages(
-        torch.tensor(rewards, dtype=torch.float32), G, normalize_by_std=cfg.algorithm.normalize_by_std
+        torch.tensor(shaped, dtype=torch.float32), G, normalize_by_std=cfg.algorithm.normalize_by_std
     )
     return RolloutBatch(
         step=step,

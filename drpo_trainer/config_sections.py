@@ -201,6 +201,12 @@ class AlgorithmConfig(Section):
     mismatch_correction: Optional[Literal["tis", "mis"]] = Field(
         None, description="Train/inference mismatch correction with rollout log-probs; off by default."
     )
+    mask_truncated: bool = Field(
+        False,
+        description="Completions that hit rollout.max_new_tokens without EOS are left out of the loss: no "
+        "gradient, and not counted in the token and sequence normalisers. They still count in their group's "
+        "advantage baseline (docs/algorithms.md).",
+    )
     tis_cap: float = Field(2.0, gt=0, le=1e6, description="tis: cap of the truncated importance weight.")
     mis_lower: float = Field(0.5, ge=0, le=1e6, description="mis: tokens with rho below this are masked.")
     mis_upper: float = Field(2.0, gt=0, le=1e6, description="mis: tokens with rho above this are masked.")

@@ -176,3 +176,15 @@ def test_train_samples_record_the_penalty_only_when_it_is_on(tmp_path):
     assert [r["overlong_penalty"] for r in rows["on"]] == [0.0, 0.0, -0.25, -0.5, -0.5, -0.5, -0.5, -0.5]
     assert [r["reward"] for r in rows["on"]] == VERIFIER  # `reward` stays the verifier's
     assert [{k: v for k, v in r.items() if k != "overlong_penalty"} for r in rows["on"]] == rows["off"]
+
+
+def test_the_asynchronous_layout_receives_the_penalised_batch_and_the_truncation():
+    """A rollout process sends its batch over the wire: the penalty metrics, the advantages and each
+    completion's finish reason (the learner's truncation flag) arrive unchanged."""
+    from drpo_trainer.runtime.wire import batch_from_plain, batch_to_plain
+
+    sent = batch(f"reward.overlong_penalty={SCALE}", f"reward.overlong_buffer={BUFFER}")
+    got = batch_from_plain(batch_to_plain(sent))
+    assert got.reward_metrics == sent.reward_metrics and "reward/overlong_penalty_mean" in got.reward_metrics
+    assert got.rewards == VERIFIER and got.advantages == sent.advantages
+    assert [c.finish_reason for c in got.completions] == ["stop"] * 3 + ["length"] * 5

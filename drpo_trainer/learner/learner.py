@@ -15,6 +15,10 @@ Two exact shortcuts (config `trainer.*`, both on by default; the update is uncha
     behaviour log-probs are its update forward's own log-probs, detached (the separate no-grad
     pass computes the same numbers bitwise); only mini-batches 2..k are recomputed.
 
+`algorithm.mask_truncated` (off by default; it changes the update) leaves completions that hit
+max_new_tokens without EOS out of the loss entirely: no forward, no gradient, and not counted in the
+normalisers (`samples_in_loss`; docs/algorithms.md says why).
+
 Gradient accumulation is ours, not DeepSpeed's: `managed_gradient_accumulation: false`
 makes every `engine.step()` the boundary, so micro-batch counts may vary per step. Each
 micro-batch's loss is normalised by the WHOLE mini-batch's token / sequence counts over
@@ -59,6 +63,7 @@ class TrainSample:
     advantage: float
     rollout_logprobs: torch.Tensor  # (Tc,) from the engine
     old_logprobs: Optional[torch.Tensor] = None  # (Tc,) learner recomputation with pre-update weights
+    truncated: bool = False  # hit max_new_tokens without EOS; left out of the loss with algorithm.mask_truncated
 
     @property
     def completion_len(self) -> int:
@@ -226,11 +231,20 @@ class Learner:
         )
         return packed.split_targets(lp), (packed.split_targets(ent) if ent is not None else [])
 
-    def samples_to_train(self, samples: list[TrainSample]) -> list[TrainSample]:
-        """The samples that carry gradient (all of them unless trainer.skip_zero_advantage)."""
-        if not self.cfg.trainer.skip_zero_advantage:
+    def samples_in_loss(self, samples: list[TrainSample]) -> list[TrainSample]:
+        """The samples the loss and its normalisers count: all of them, or with algorithm.mask_truncated
+        those that ended with EOS (a truncated one is left out entirely, docs/algorithms.md)."""
+        if not self.cfg.algorithm.mask_truncated:
             return list(samples)
-        return [s for s in samples if s.advantage != 0.0]
+        return [s for s in samples if not s.truncated]
+
+    def samples_to_train(self, samples: list[TrainSample]) -> list[TrainSample]:
+        """The samples that carry gradient: those in the loss, less those with advantage exactly 0 under
+        trainer.skip_zero_advantage."""
+        counted = self.samples_in_loss(samples)
+        if not self.cfg.trainer.skip_zero_advantage:
+            return counted
+        return [s for s in counted if s.advantage != 0.0]
 
     def _micro_batches(self, samples: list[TrainSample], *, at_least_one: bool = False) -> list[list[int]]:
         """This rank's micro-batches, padded with empty ones to the max count over ranks."""
@@ -286,8 +300,9 @@ class Learner:
             raise RuntimeError("behaviour_from_forward needs a model without active dropout; recompute instead")
         if not (use_rollout_mu or behaviour_from_forward) and any(s.old_logprobs is None for s in trained):
             raise RuntimeError("update() before recompute_logprobs(): behaviour log-probs are missing")
-        # normalisers count every sample, also the skipped ones (their loss terms are exactly 0)
-        num_tokens, num_seqs = all_reduce_sum([sum(s.completion_len for s in minibatch), len(minibatch)])
+        # normalisers count every sample in the loss, also the skipped ones (their loss terms are exactly 0)
+        counted = self.samples_in_loss(minibatch)
+        num_tokens, num_seqs = all_reduce_sum([sum(s.completion_len for s in counted), len(counted)])
         acc = MetricAccumulator()
         total_loss = torch.zeros((), dtype=torch.float64, device=self.device)
         # at least one backward: the optimizer step must see (zero) gradients, as without skipping

@@ -84,6 +84,7 @@ def run_step(run: Run, step: int, stop: Optional[StopFlag] = None) -> dict[str, 
                 prompt_len=len(c.prompt_ids),
                 advantage=a,
                 rollout_logprobs=torch.tensor(c.rollout_logprobs, dtype=torch.float32),
+                truncated=c.finish_reason == "length",
             )
             for c, a in zip(completions, advantages)
         ]

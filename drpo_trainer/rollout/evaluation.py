@@ -142,6 +142,6 @@ def per_set(metrics: dict[str, float]) -> dict[str, dict[str, float]]:
     """eval/<set>/<metric> keys as {set: {metric: value}} (the eval command's JSON and table)."""
     out: dict[str, dict[str, float]] = {}
     for key, value in metrics.items():
-        _, name, metric = key.split("/", 2)
+        name, metric = key.removeprefix("eval/").rsplit("/", 1)
         out.setdefault(name, {})[metric] = value
     return out

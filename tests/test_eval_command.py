@@ -116,6 +116,18 @@ def test_eval_of_a_checkpoint_at_its_step_is_the_runs_eval_at_that_step(run_dir,
     )
 
 
+@pytest.mark.distributed  # a learner and a rollout process
+def test_the_asynchronous_layout_sums_the_same_eval(run_dir, env, tmp_path):
+    """The rollout process evaluates (its shard is every problem, with shard 0's seed) and learner 0 adds
+    up its sums: the step-0 eval equals the synchronous run's, metric for metric."""
+    out = tmp_path / "async"
+    layout = ["distributed.nproc_per_node=2", "distributed.rollout_processes=1", "checkpoint.export_final=false"]
+    args = ["--config", "configs/tiny_cpu.yaml", "trainer.max_steps=1", f"output_dir={out}", *layout, *PROBLEMS]
+    res = _drpo(args, env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert _run_rows(out, 0)[0] == _run_rows(run_dir, 0)[0]
+
+
 # -- refusals (before anything loads) --------------------------------------------------------------
 def _refused(capsys, *args) -> str:
     assert main(["eval", *args]) == 2

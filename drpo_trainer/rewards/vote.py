@@ -27,9 +27,10 @@ from drpo_trainer.rewards.math import verify_answer, warm_up
 Judge = Callable[[list[tuple[str, str]]], list[bool]]
 
 
-def same_answer(answer: str, reference: str, **_: Any) -> float:
+def same_answer(answer: str, reference: str) -> float:
     """1.0 when the extracted final answer `answer` is equivalent to `reference` (another extracted
-    answer, read as the gold answer is), else 0.0. Runs in a verifier worker."""
+    answer, read as the gold answer is), else 0.0. Runs in a verifier worker; it takes no `extraction`,
+    so the worker passes none and looks for no final answer in `answer`."""
     return 1.0 if verify_answer(answer, reference) else 0.0
 
 

@@ -146,3 +146,14 @@ def test_eval_counts_and_metrics_on_known_completions(scorer):
     shard1 = eval_counts(cfg, FakeEngine(texts[4:8]), scorer, {"s": problems}, 0, 1, 2)
     assert combine_counts([shard0, shard1]) == {"s": pytest.approx(counts["s"])}
     assert eval_metrics(cfg, combine_counts([shard0, shard1])) == pytest.approx(m)
+
+
+def test_a_comparison_that_times_out_counts_as_different_and_is_counted():
+    class Workers:  # the equivalence workers' answer: the first comparison hit its deadline (scored 0)
+        def score(self, answers, references):
+            assert (answers, references) == (["1/2", "0.50"], ["0.5", "0.5"])
+            return [0.0, 1.0], {"reward/timeouts": 1.0, "reward/errors": 0.0}
+
+    judge, failures = pool_judge(SimpleNamespace(equivalence=Workers))
+    (buckets,) = vote_buckets([["0.5", "1/2", "0.50"]], judge)
+    assert buckets == [[0, 2], [1]] and failures == [1]  # 1/2 opens a bucket of its own

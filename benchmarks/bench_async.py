@@ -42,7 +42,7 @@ def summarize(rows: list[dict], wall: float) -> dict:
     from benchmarks.common import median
 
     steps = [r for r in rows if "time/step" in r]
-    evals = {r["step"]: v for r in rows for k, v in r.items() if k.startswith("eval/")}
+    evals = {r["step"]: v for r in rows for k, v in r.items() if k.startswith("eval/") and "/avg@" in k}
     first, last = min(evals), max(evals)
 
     def mean(key: str) -> float:

@@ -43,7 +43,7 @@ def summarize(rows: list[dict], target: float) -> dict:
     from benchmarks.common import median
 
     steps = [r for r in rows if "time/step" in r]
-    evals = {r["step"]: v for r in rows for k, v in r.items() if k.startswith("eval/")}
+    evals = {r["step"]: v for r in rows for k, v in r.items() if k.startswith("eval/") and "/avg@" in k}
     reached = next((s for s, v in sorted(evals.items()) if v >= target), None)
     until = None if reached is None else sum(r["time/step"] for r in steps if r["step"] <= reached)
     phases = ("generate", "score", "recompute", "update", "sync")

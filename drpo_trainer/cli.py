@@ -2,6 +2,7 @@
 
     drpo-train --config configs/tiny_cpu.yaml [key=value ...]      train (or continue: --resume auto)
     drpo-train --config X --print-config                           show the resolved config and exit
+    drpo-train eval MODEL --config X [--out DIR] [key=value ...]   a model's avg@n, pass@j, maj@n per eval set
     drpo-train export <checkpoint> <dir> [--overwrite]             checkpoint -> HF safetensors model
     drpo-train plot RUN_DIR [RUN_DIR ...] [-o report.png]          runs' metrics.jsonl -> one figure
 
@@ -28,11 +29,20 @@ from drpo_trainer.config import ConfigError, dump_config, load_config
 EXIT_CONFIG_ERROR = 2
 
 
+COMMANDS = """commands:
+  drpo-train [train] --config X [key=value ...]  train a policy (the default command; --resume auto continues)
+  drpo-train eval MODEL --config X               evaluate a model or checkpoint: avg@n, pass@j, maj@n per eval set
+  drpo-train export CHECKPOINT DIR               convert a checkpoint to a Hugging Face model directory
+  drpo-train plot RUN_DIR [RUN_DIR ...]          draw runs' metrics.jsonl as one figure
+`drpo-train COMMAND --help` shows a command's options."""
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="drpo-train",
-        description="RL of LLMs on verifiable math with the DRPO objective.",
+        description="RL of LLMs on verifiable math with the DRPO objective.\n\n" + COMMANDS,
         epilog="Overrides: dotted key=value after the options, e.g. trainer.max_steps=20 rollout.samples_per_prompt=8",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--config", help="YAML file overriding the defaults (see configs/)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
@@ -51,6 +61,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["train"]:
+        argv = argv[1:]
+    if argv[:1] == ["eval"]:
+        return _eval(argv[1:])
     if argv[:1] == ["export"]:
         return _export(argv[1:])
     if argv[:1] == ["plot"]:
@@ -166,6 +180,55 @@ def _export(argv: list[str]) -> int:
         print(f"drpo-train export: {err}", file=sys.stderr)
         return 1
     print(f"exported {args.checkpoint} -> {out}")
+    return 0
+
+
+def _eval(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="drpo-train eval",
+        description="Evaluate a model on the config's eval sets with the training run's engine, verifier and eval "
+        "settings: avg@n, pass@j and maj@n per set (docs/evaluation.md). Writes metrics.json, samples.jsonl and "
+        "eval_config.yaml, and prints a table.",
+        epilog="Overrides: dotted key=value, e.g. eval.max_problems=32 eval.samples_per_prompt=16",
+    )
+    p.add_argument(
+        "model",
+        help="a Hugging Face model directory (e.g. runs/NAME/final), builtin:tiny-math, a hub id in the local "
+        "cache, or a checkpoint directory (runs/NAME/checkpoints/step_*)",
+    )
+    p.add_argument("--config", help="YAML file: the eval sets, engine, verifier and sampling settings")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="directory for the results; default <output_dir>/eval/<model name>. Refused when it holds other files "
+        "than an earlier evaluation's",
+    )
+    p.add_argument(
+        "--step",
+        type=int,
+        default=0,
+        help="sample with the seeds of a one-process training run's eval at this step (default 0)",
+    )
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    args = p.parse_intermixed_args(argv)
+    from pathlib import Path
+
+    from drpo_trainer.io.data import DataError
+    from drpo_trainer.runtime.eval_command import check_eval, default_out, run_eval, table
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        out = Path(args.out) if args.out else default_out(cfg, args.model)
+        check_eval(cfg, args.model, out)
+        result = run_eval(cfg, args.model, out, step=args.step, config_file=args.config)
+    except (ConfigError, DataError) as err:
+        print(f"drpo-train eval: {err}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    except OSError as err:  # a full disk, an unreadable file
+        print(f"drpo-train eval: {err}", file=sys.stderr)
+        return 1
+    print(table(result))
+    print(f"wrote {out / 'metrics.json'} and {out / 'samples.jsonl'}")
     return 0
 
 

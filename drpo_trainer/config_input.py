@@ -34,6 +34,12 @@ RENAMED_KEYS: dict[str, str] = {
     "rollout.enable_sleep_mode": "rollout.vllm.enable_sleep_mode",
     "rollout.max_model_len": "rollout.vllm.max_model_len",
     "rollout.kv_cache_gib": "rollout.vllm.kv_cache_gib",
+    "eval.k": "eval.samples_per_prompt",
+}
+# why a key moved, by the start of its old name (said once in the refusal)
+_RENAME_REASONS = {
+    "rollout.": "the keys of one rollout backend live under rollout.hf / rollout.vllm",
+    "eval.k": "the name training uses for completions per prompt",
 }
 
 
@@ -126,8 +132,9 @@ def check_renamed(raw: dict) -> None:
             found.append((old, new))
     if found:
         moved = "; ".join(f"{old} was renamed to {new}" for old, new in found)
+        why = dict.fromkeys(r for old, _ in found for start, r in _RENAME_REASONS.items() if old.startswith(start))
         raise ConfigError(
-            f"{moved} (the keys of one rollout backend live under rollout.hf / rollout.vllm). "
+            f"{moved} ({'; '.join(why)}). "
             f"Fix: use the new name{'s' if len(found) > 1 else ''}, e.g. {found[0][1]}={_value(raw, found[0][0])}"
         )
 

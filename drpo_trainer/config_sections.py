@@ -76,7 +76,11 @@ class VLLMRolloutConfig(Section):
     )
     enable_sleep_mode: bool = Field(True, description="Free engine memory while the learner updates (CUDA only).")
     max_model_len: Optional[int] = Field(
-        None, gt=0, le=MAX_TOKENS, description="Context length; default data.max_prompt_tokens + max_new_tokens."
+        None,
+        gt=0,
+        le=MAX_TOKENS,
+        description="Context length; default data.max_prompt_tokens + the larger of rollout.max_new_tokens and "
+        "eval.max_new_tokens.",
     )
     kv_cache_gib: Optional[float] = Field(
         None,
@@ -356,12 +360,41 @@ class EvalConfig(Section):
         description="Eval sets: name -> JSONL/parquet file (same schema as training data).",
     )
     every_steps: int = Field(0, ge=0, le=MAX_STEPS, description="Evaluate every N steps (0 = only at start and end).")
-    k: int = Field(4, ge=1, le=1024, description="Samples per problem; reports avg@k accuracy.")
+    samples_per_prompt: int = Field(
+        4,
+        ge=1,
+        le=1024,
+        description="n: completions sampled per eval problem (was eval.k). Each set reports avg@n, pass@j for j = "
+        "1, 2, 4, ... below n and n itself (unbiased estimator), and maj@n (docs/evaluation.md).",
+    )
+    samples_per_prompt_by_set: dict[str, Annotated[int, Field(ge=1, le=1024)]] = Field(
+        default_factory=dict,
+        description="Per-set n overriding samples_per_prompt, e.g. {aime24: 32}; every name must be a set of "
+        "eval.files.",
+    )
     max_problems: Optional[int] = Field(
         None, gt=0, le=10**9, description="Evaluate only the first N problems of each set."
     )
     temperature: Optional[Temperature] = Field(None, description="Eval temperature; default rollout.temperature.")
+    top_p: Optional[float] = Field(None, gt=0, le=1, description="Eval nucleus sampling; default rollout.top_p.")
+    max_new_tokens: Optional[int] = Field(
+        None, gt=0, le=MAX_TOKENS, description="Eval response length in tokens; default rollout.max_new_tokens."
+    )
     at_start: bool = Field(True, description="Also evaluate before the first update (step 0).")
+
+    @model_validator(mode="after")
+    def _known_sets(self) -> "EvalConfig":
+        unknown = sorted(set(self.samples_per_prompt_by_set) - set(self.files))
+        if unknown and self.files:  # no eval sets (eval.files={}): nothing is evaluated, nothing to check
+            raise ValueError(
+                f"eval.samples_per_prompt_by_set names {', '.join(unknown)}, not a set of eval.files "
+                f"({', '.join(sorted(self.files))}). Fix: use the names of eval.files"
+            )
+        return self
+
+    def samples_per_prompt_of(self, name: str) -> int:
+        """n of eval set `name`."""
+        return self.samples_per_prompt_by_set.get(name, self.samples_per_prompt)
 
 
 class CheckpointConfig(Section):

@@ -41,7 +41,7 @@ class DocCommand:
     def kind(self) -> str:
         if self.argv[0] == "drpo-train":
             sub = self.argv[1] if len(self.argv) > 1 else ""
-            return sub if sub in ("export", "plot") else "train"
+            return sub if sub in ("eval", "export", "plot") else "train"
         if self.argv[1] == "-m":
             return "module"
         return "script"

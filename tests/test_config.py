@@ -209,10 +209,12 @@ def test_overrides_may_come_before_and_after_options():
 
 def test_overrides_merge_per_key_except_eval_files_which_are_replaced(tmp_path):
     f = tmp_path / "c.yaml"
-    f.write_text("eval: {files: {a: a.jsonl, b: b.jsonl}, k: 2}\ntracking: {wandb: {project: p, entity: e}}\n")
+    f.write_text(
+        "eval: {files: {a: a.jsonl, b: b.jsonl}, samples_per_prompt: 2}\ntracking: {wandb: {project: p, entity: e}}\n"
+    )
     cfg = load_config(f, ["eval.files={c: c.jsonl}", "tracking.wandb.entity=x"])
     assert cfg.eval.files == {"c": "c.jsonl"}  # the override names every eval set
-    assert cfg.eval.k == 2
+    assert cfg.eval.samples_per_prompt == 2
     assert (cfg.tracking.wandb.project, cfg.tracking.wandb.entity) == ("p", "x")  # merged key by key
 
 
@@ -301,7 +303,7 @@ BOUNDED_BY_THE_CONFIG = {
 
 def test_every_number_key_refuses_infinity_and_nan_and_has_an_upper_bound():
     keys = dict(_numeric_keys())
-    assert len(keys) == 52 and "model.dtype" not in keys and "rollout.dtype" not in keys
+    assert len(keys) == 55 and "model.dtype" not in keys and "rollout.dtype" not in keys
     assert {"optim.lr", "optim.betas", "rollout.vllm.kv_cache_gib", "trainer.packed_row_tokens"} <= set(keys)
     for key in keys:
         for value in (".inf", ".nan", "-.inf"):

@@ -131,7 +131,10 @@ def test_paper_recipe_settings(name):
     assert (a.loss_agg_mode, a.normalize_by_std, a.mismatch_correction) == ("seq-mean-token-sum-norm", False, None)
     assert cfg.reward.name == "math" and cfg.reward.extraction == "boxed"
     assert cfg.data.train_files == ["data/dapo_math_17k.jsonl"]
-    assert cfg.eval.files == {"aime24": "data/aime24.jsonl", "aime25": "data/aime25.jsonl"} and cfg.eval.k == 16
+    assert (
+        cfg.eval.files == {"aime24": "data/aime24.jsonl", "aime25": "data/aime25.jsonl"}
+        and cfg.eval.samples_per_prompt == 16
+    )
     assert cfg.tracking.wandb.mode == "online"
     assert Path(cfg.output_dir).name == Path(name).stem  # runs never overwrite each other
 

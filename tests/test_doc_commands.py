@@ -2,9 +2,11 @@
 collects them):
 
 - `drpo-train` training commands run for real for one step (`trainer.max_steps=1`, eval off,
-  output under a temporary `runs/`); `--resume`, `export` and `plot` act on those runs (a
+  output under a temporary `runs/`); `--resume`, `export`, `eval` and `plot` act on those runs (a
   documented `runs/<name>/checkpoints/step_N` means the newest checkpoint of that run; `plot`
-  writes its image into the temporary directory, not over the documented one);
+  writes its image and `eval` its results into the temporary directory, not over the documented
+  ones; `eval` evaluates the first 8 problems, and first trains the run it names when no earlier
+  command has);
 - commands marked `# needs ...` (GPUs, the network) or `# takes ~N min`, and paper configs whose
   model is on the hub, are parsed: `--print-config` for drpo-train (the config resolves and
   validates), `--help` for scripts; `rollout.backend=vllm` is parsed here and run for real by
@@ -146,6 +148,46 @@ class DocRunner:
             assert (Path(args[1]) / "config.json").is_file()
         return res
 
+    def eval(self, cmd: DocCommand) -> subprocess.CompletedProcess:
+        args = list(cmd.argv[2:])
+        model = args[0]
+        run = re.match(r"runs/([^/]+)/", model)
+        if run and run.group(1) not in self.runs:  # no earlier command trained it (a -k selection)
+            config = args[args.index("--config") + 1]
+            assert self.train(DocCommand(cmd.where, ("drpo-train", "--config", config))).returncode == 0
+        if run:
+            args[0] = self._mapped(model)
+            if model.endswith("/final") and not Path(args[0]).exists():  # the runs here skip the final export
+                (ckpt,) = sorted((Path(args[0]).parent / "checkpoints").glob("step_*"))[-1:]
+                assert (
+                    self._run([sys.executable, "-m", "drpo_trainer.cli", "export", str(ckpt), args[0]]).returncode == 0
+                )
+        self.count += 1
+        out = self.tmp / f"eval{self.count}"
+        if "--out" in args:
+            args[args.index("--out") + 1] = str(out)
+        else:
+            args += ["--out", str(out)]
+        res = self._run(
+            [
+                sys.executable,
+                "-m",
+                "drpo_trainer.cli",
+                "eval",
+                *args,
+                "eval.max_problems=8",
+                "tracking.progress_bar=false",
+            ]
+        )
+        if res.returncode == 0:
+            result = json.loads((out / "metrics.json").read_text())
+            (name,) = result["sets"]
+            n = result["sets"][name]["samples_per_prompt"]
+            assert result["sets"][name]["problems"] == 8, cmd.where
+            assert {f"avg@{n}", "pass@1", f"pass@{n}", f"maj@{n}"} <= set(result["sets"][name]), cmd.where
+            assert len((out / "samples.jsonl").read_text().splitlines()) == 8 * n, cmd.where
+        return res
+
     def plot(self, cmd: DocCommand) -> subprocess.CompletedProcess:
         args = list(cmd.argv[2:])
         out = self.tmp / "report.png"
@@ -183,7 +225,8 @@ class DocRunner:
         return self._run([sys.executable, *args])  # python -m drpo_trainer.<module> ...
 
     def __call__(self, cmd: DocCommand) -> subprocess.CompletedProcess:
-        return {"train": self.train, "export": self.export, "plot": self.plot}.get(cmd.kind, self.python)(cmd)
+        handlers = {"train": self.train, "eval": self.eval, "export": self.export, "plot": self.plot}
+        return handlers.get(cmd.kind, self.python)(cmd)
 
 
 @pytest.fixture(scope="module")
@@ -227,7 +270,7 @@ def test_paper_configs_are_marked_as_needing_gpus():
 
 
 @pytest.mark.distributed  # README's two-process example starts two processes
-@pytest.mark.parametrize("cmd", _unique(collect_all()), ids=lambda c: c.where)
+@pytest.mark.parametrize("cmd", _unique(collect_all()), ids=lambda c: f"{c.kind}:{c.where}")
 def test_documented_command_runs(runner, cmd):
     res = runner(cmd)
     assert res.returncode == 0, (

@@ -80,7 +80,7 @@ def test_two_process_zero3_run(small_run_files, warm_model_dir):
             f"model.path={warm_model_dir}",
             f"data.train_files=[{f['train']}]",
             f"eval.files={{tiny: {f['eval']}}}",
-            "eval.k=2",
+            "eval.samples_per_prompt=2",
             "distributed.nproc_per_node=2",
             "trainer.skip_zero_advantage=false",  # every sample scored: the mismatch and ratio checks see each step
             "rollout.samples_per_prompt=8",

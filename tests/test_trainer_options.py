@@ -37,7 +37,7 @@ def run(tmp_path_factory, tiny_model_dir, one_process_ctx):
             "data.max_prompt_tokens=64",
             f"eval.files={{small: {d / 'eval.jsonl'}}}",
             f"eval.max_problems={EVAL_PROBLEMS}",
-            f"eval.k={K}",
+            f"eval.samples_per_prompt={K}",
             f"rollout.samples_per_prompt={G}",
             "rollout.max_new_tokens=8",
             f"trainer.prompts_per_step={PROMPTS}",
@@ -109,4 +109,9 @@ def test_eval_max_problems_evaluates_the_first_problems_only(run, monkeypatch):
     assert prompts == [p.prompt_ids for p in run.eval_sets["small"][:EVAL_PROBLEMS]]  # 3 of the 8
     assert spec.n == K and len(completions) == EVAL_PROBLEMS * K
     ((_, (scores, _)),) = score.calls
-    assert out == {f"eval/small/avg@{K}": pytest.approx(sum(scores) / (EVAL_PROBLEMS * K))}
+    full = [sum(s >= 1.0 for s in scores[i * K : (i + 1) * K]) for i in range(EVAL_PROBLEMS)]
+    # K = 2: pass@1 is a problem's fraction correct, pass@2 whether any is (the vote: tests/test_eval_metrics.py)
+    assert set(out) == {f"eval/small/{m}" for m in (f"avg@{K}", "pass@1", "pass@2", f"maj@{K}", "vote_failures")}
+    assert out[f"eval/small/avg@{K}"] == pytest.approx(sum(scores) / (EVAL_PROBLEMS * K))
+    assert out["eval/small/pass@1"] == pytest.approx(sum(c / 2 for c in full) / EVAL_PROBLEMS)
+    assert out["eval/small/pass@2"] == pytest.approx(sum(c > 0 for c in full) / EVAL_PROBLEMS)

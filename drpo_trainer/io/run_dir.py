@@ -8,6 +8,10 @@
   directory; never the current directory or one above it, a run directory, or the checkpoint it
   reads or a directory holding it, whatever the options.
 
+- An evaluation (`drpo-train eval`) writes into a directory that does not exist, is empty, or holds
+  an earlier evaluation (marked by `EVAL_MARKER`); never a run directory, the current directory or
+  one above it, or a directory inside the model it evaluates.
+
 The checks run before anything is written; each refusal is one line with the fix (ConfigError).
 """
 
@@ -24,6 +28,7 @@ from drpo_trainer.config import ConfigError
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoints")
 EXPORT_MARKER = ".drpo-export"
+EVAL_MARKER = ".drpo-eval"
 
 
 def run_files(path: Path) -> list[str]:
@@ -100,3 +105,26 @@ def publish_export(staged: Path, out_dir: Path, source: str) -> None:
     os.rename(staged, out_dir)
     if old is not None:
         shutil.rmtree(old)
+
+
+def check_eval_target(out_dir: str | os.PathLike, model: Optional[str | os.PathLike]) -> None:
+    """ConfigError unless `drpo-train eval` may write its results to `out_dir` (`model`: the evaluated
+    directory, or None for a model that is not a local directory)."""
+    out = Path(out_dir)
+    fix = "Fix: pass --out with a new directory"
+    if _inside(Path.cwd(), out):
+        raise ConfigError(f"eval: --out {out} is the current directory or holds it: never written into. {fix}")
+    if model is not None and _inside(out, Path(model)):
+        raise ConfigError(f"eval: --out {out} is inside the model {model} it evaluates. {fix}")
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ConfigError(f"eval: --out {out} is a file, not a directory. {fix}")
+    found = run_files(out)
+    if found:
+        raise ConfigError(f"eval: --out {out} holds a run or a checkpoint ({', '.join(found)}). {fix}")
+    if any(out.iterdir()) and not (out / EVAL_MARKER).is_file():
+        raise ConfigError(
+            f"eval: --out {out} is not empty and holds no earlier evaluation (no {EVAL_MARKER}): its files are "
+            f"never replaced. {fix}"
+        )

@@ -160,7 +160,7 @@ class Tracker:
                 post["reward@10"] = f"{sum(self.recent_rewards) / len(self.recent_rewards):.3f}"
             if "time/step" in metrics:
                 post["s/step"] = f"{metrics['time/step']:.1f}"
-            evals = [k for k in metrics if k.startswith("eval/")]
+            evals = [k for k in metrics if k.startswith("eval/") and ("/avg@" in k or "/maj@" in k)]
             for k in evals[:2]:
                 post[k.split("/", 1)[1]] = f"{metrics[k]:.3f}"
             self.bar.n = step

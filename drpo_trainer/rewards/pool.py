@@ -136,6 +136,7 @@ class RewardScorer:
         memory_limit_mb: int = 2048,
         import_modules: Sequence[str] = (),
         memory_growth_mb: float = 256.0,
+        function: Optional[Any] = None,
     ) -> None:
         if extraction not in EXTRACTION_MODES:
             raise ValueError(f"reward.extraction={extraction!r} is not one of {', '.join(EXTRACTION_MODES)}")
@@ -149,7 +150,8 @@ class RewardScorer:
             raise ValueError(
                 f"reward.memory_limit_mb={memory_limit_mb} is too small to import sympy; use >= {MIN_MEMORY_LIMIT_MB}"
             )
-        fn = get_reward(name, import_modules)
+        # `function`: a top-level function to run instead of a registered reward (the vote's comparisons)
+        fn = function if function is not None else get_reward(name, import_modules)
         self.name = name
         # None: the reward does not look for a final answer, so it gets no extraction mode
         self.extraction: Optional[str] = extraction if _takes_keyword(fn, "extraction") else None
@@ -171,6 +173,7 @@ class RewardScorer:
         self._closed = False
         self.restarts = 0  # workers killed or lost and replaced, over the scorer's life
         self.recycled = 0  # idle workers replaced because their memory grew past memory_growth_mb
+        self._equivalence: Optional[RewardScorer] = None
         self._workers = [_Worker(self._init) for _ in range(num_workers)]
         _LIVE_SCORERS.add(self)
 
@@ -181,6 +184,8 @@ class RewardScorer:
         if self._closed:
             return
         self._closed = True
+        if self._equivalence is not None:
+            self._equivalence.close()
         for w in self._workers:
             w.stop()
         end = time.monotonic() + 1.0
@@ -191,6 +196,23 @@ class RewardScorer:
                 pass
             w.kill()
         self._workers = []
+
+    def equivalence(self) -> "RewardScorer":
+        """A scorer of (answer, reference answer) pairs for the maj@k vote (drpo_trainer.rewards.vote), with
+        this scorer's worker count and limits: its own workers start on the first call (an evaluation)
+        and stop with this scorer."""
+        if self._equivalence is None:
+            from drpo_trainer.rewards.vote import same_answer
+
+            self._equivalence = RewardScorer(
+                "same_answer",
+                function=same_answer,
+                num_workers=self.num_workers,
+                timeout_s=self.timeout_s,
+                memory_limit_mb=self.memory_limit_mb,
+                memory_growth_mb=self.memory_growth_mb,
+            )
+        return self._equivalence
 
     def __enter__(self) -> "RewardScorer":
         return self

@@ -30,7 +30,8 @@ def make_engine(cfg, model_path: str, *, tokenizer, device, seed: int) -> Rollou
     if r.backend == "vllm":
         from drpo_trainer.rollout.vllm_engine import VLLMEngine
 
-        max_len = r.vllm.max_model_len or (cfg.data.max_prompt_tokens + r.max_new_tokens)
+        new_tokens = max(r.max_new_tokens, cfg.eval.max_new_tokens or 0)  # the eval may sample longer
+        max_len = r.vllm.max_model_len or (cfg.data.max_prompt_tokens + new_tokens)
         return VLLMEngine(
             model_path, r.vllm, seed=seed, max_model_len=max_len, dtype=dtype, quantization=r.quantization
         )

@@ -116,15 +116,19 @@ class HFEngine:
     def generate(self, prompt_ids: list[list[int]], spec: SamplingSpec) -> list[Completion]:
         jobs = [(i, ids) for i, ids in enumerate(prompt_ids) for _ in range(spec.n)]  # grouped by prompt
         out: list[Completion] = []
-        starts = range(0, len(jobs), self.generation_batch_size)
-        if self.show_progress:
+        bar = None
+        if self.show_progress:  # over problems: a problem is done when its last completion is
             from tqdm.auto import tqdm
 
-            starts = tqdm(starts, desc="generate", leave=False, unit="batch")
+            bar = tqdm(total=len(prompt_ids), desc="generate", unit="problem", leave=False, dynamic_ncols=True)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(spec.seed)
-            for s in starts:
+            for s in range(0, len(jobs), self.generation_batch_size):
                 out.extend(self._generate_batch(jobs[s : s + self.generation_batch_size], spec))
+                if bar is not None:
+                    bar.update(len(out) // spec.n - bar.n)
+        if bar is not None:
+            bar.close()
         return out
 
     def _generate_batch(self, jobs: list[tuple[int, list[int]]], spec: SamplingSpec) -> list[Completion]:

@@ -1,6 +1,6 @@
-"""The rollout producer: steps 1-3 of the algorithm for one learner rank's share of a step, and the
-evaluation, in one place that both layouts call (the synchronous loop on every rank, the rollout
-processes of the asynchronous layout).
+"""The rollout producer: steps 1-3 of the algorithm for one learner rank's share of a step, in one
+place that both layouts call (the synchronous loop on every rank, the rollout processes of the
+asynchronous layout); the evaluation is drpo_trainer/rollout/evaluation.py.
 
     prompts -> G completions each from the engine's policy (behaviour policy mu)
             -> rewards (the reward scorer) -> group-relative advantages  =  a `RolloutBatch`
@@ -109,41 +109,6 @@ def sample_batch(
         sampler_after=(sampler_after.epoch, sampler_after.index),
         seconds={"generate": generated - start, "score": scored - generated},
     )
-
-
-# -- evaluation -------------------------------------------------------------------------------------
-def eval_problems(cfg: Config, problems: list[Problem], shard: int, shards: int) -> list[Problem]:
-    """The problems of one eval set that process `shard` of `shards` evaluates."""
-    return problems[: cfg.eval.max_problems or None][shard::shards]
-
-
-def eval_counts(
-    cfg: Config, engine, scorer, eval_sets, step: int, shard: int, shards: int, samples=None
-) -> dict[str, tuple[float, float]]:
-    """(correct, attempts) per eval set on this shard's problems; `samples` logs a few of them."""
-    out = {}
-    for name, problems in eval_sets.items():
-        mine = eval_problems(cfg, problems, shard, shards)
-        correct = 0.0
-        if mine:
-            spec = sampling_spec(
-                cfg,
-                n=cfg.eval.k,
-                seed=sampling_seed(cfg.trainer.seed, step, shard, salt=7),
-                temperature=cfg.eval.temperature,
-            )
-            comps = engine.generate([p.prompt_ids for p in mine], spec)
-            scores, _ = scorer.score([c.text for c in comps], [mine[c.prompt_index].answer for c in comps])
-            correct = float(sum(scores))
-            if samples is not None:
-                samples.eval(step, name, mine, comps, scores)
-        out[name] = (correct, float(len(mine) * cfg.eval.k))
-    return out
-
-
-def eval_metrics(cfg: Config, counts: dict[str, tuple[float, float]]) -> dict[str, float]:
-    """avg@k per eval set from (correct, attempts) summed over shards."""
-    return {f"eval/{name}/avg@{cfg.eval.k}": correct / max(total, 1) for name, (correct, total) in counts.items()}
 
 
 # -- the parity probe -------------------------------------------------------------------------------

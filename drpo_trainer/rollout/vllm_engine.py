@@ -330,6 +330,7 @@ class VLLMEngine:
                 flush=True,
             )
         self._asleep = False
+        self.show_progress = False  # vLLM's own bar over prompts (drpo-train eval turns it on)
         self._tp_group = None
         if tp > 1:
             self._tp_group, _ = torch.distributed.new_subgroups_by_enumeration(
@@ -393,7 +394,9 @@ class VLLMEngine:
         devices = [torch.cuda.current_device()] if self.on_cuda else []
         with torch.random.fork_rng(devices=devices):  # the caller's RNG streams stay untouched
             torch.manual_seed(stream)  # seeds the CPU and every CUDA generator vLLM samples with
-            outputs = self.llm.generate([{"prompt_token_ids": p} for p in all_prompts], params, use_tqdm=False)
+            outputs = self.llm.generate(
+                [{"prompt_token_ids": p} for p in all_prompts], params, use_tqdm=self.show_progress
+            )
         mine = outputs[offset : offset + len(prompt_ids)]
         return completions_from_outputs(mine, prompt_ids, n=spec.n)
 

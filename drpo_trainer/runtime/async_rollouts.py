@@ -32,11 +32,9 @@ from typing import Any, Optional
 from drpo_trainer.config import Config
 from drpo_trainer.io.data import PromptSampler, SamplerState
 from drpo_trainer.metrics import MetricAccumulator
+from drpo_trainer.rollout.evaluation import combine_counts, eval_counts, eval_metrics, eval_problems
 from drpo_trainer.rollout.producer import (
     RolloutBatch,
-    eval_counts,
-    eval_metrics,
-    eval_problems,
     make_engine_and_scorer,
     make_prompt_sampler,
     parity_probe,
@@ -233,17 +231,15 @@ class RemoteRollouts:
         run, b = self.run, self.bridge
         if b.rank != 0:
             return {}
-        totals: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
+        shards = []
         for j, src in enumerate(b.rollout_ranks):
             counts, rows = self._take(src, "eval", step)
-            for name, (correct, attempts) in counts.items():
-                totals[name][0] += correct
-                totals[name][1] += attempts
+            shards.append(counts)
             if j == 0 and run.samples is not None:  # rollout process 0's shard, as rank 0's in the synchronous loop
                 for name, (completions, scores) in rows.items():
                     problems = eval_problems(self.cfg, run.eval_sets[name], 0, b.n_rollouts)
                     run.samples.eval(step, name, problems, completions_from_plain(completions), scores)
-        return eval_metrics(self.cfg, {name: tuple(v) for name, v in totals.items()})
+        return eval_metrics(self.cfg, combine_counts(shards))
 
     def hold_inflight(self, step: int) -> None:
         """Take the batches already sampled for steps step+1 .. step+k: the checkpoint keeps them."""

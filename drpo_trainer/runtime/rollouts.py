@@ -14,14 +14,8 @@ import torch
 
 from drpo_trainer.io.data import PromptSampler
 from drpo_trainer.metrics import all_reduce_sum
-from drpo_trainer.rollout.producer import (
-    RolloutBatch,
-    eval_counts,
-    eval_metrics,
-    parity_probe,
-    parity_threshold,
-    sample_batch,
-)
+from drpo_trainer.rollout.evaluation import eval_counts, eval_metrics, flat_counts
+from drpo_trainer.rollout.producer import RolloutBatch, parity_probe, parity_threshold, sample_batch
 
 if TYPE_CHECKING:
     from drpo_trainer.runtime.run import Run
@@ -43,7 +37,8 @@ class Rollouts(Protocol):
         ...
 
     def evaluate(self, step: int) -> dict[str, float]:
-        """avg@k on every eval set with the weights after `step` (metrics on learner rank 0 at least)."""
+        """avg@n, pass@j, maj@n on every eval set with the weights after `step` (metrics on learner rank 0 at
+        least)."""
         ...
 
     def step_metrics(self, batch: RolloutBatch, step_seconds: float) -> dict[str, float]:
@@ -134,9 +129,12 @@ def check_engine_parity(run: Run) -> dict[str, float]:
 
 @torch.no_grad()
 def evaluate(run: Run, step: int) -> dict[str, float]:
-    """avg@k accuracy on every eval set: k samples per problem, problems sharded over ranks."""
+    """Every eval set's metrics (drpo_trainer/rollout/evaluation.py): problems sharded over ranks, whose
+    sums are added up over the ranks before anything is divided."""
     cfg, ctx = run.cfg, run.ctx
     counts = eval_counts(cfg, run.engine, run.scorer, run.eval_sets, step, ctx.rank, ctx.world_size, run.samples)
-    names = sorted(counts)
-    totals = all_reduce_sum([v for name in names for v in counts[name]], ctx)
-    return eval_metrics(cfg, {name: (totals[2 * i], totals[2 * i + 1]) for i, name in enumerate(names)})
+    keys, values = flat_counts(counts)
+    totals: dict[str, dict[str, float]] = {}
+    for (name, key), total in zip(keys, all_reduce_sum(values, ctx)):
+        totals.setdefault(name, {})[key] = total
+    return eval_metrics(cfg, totals)

@@ -113,17 +113,26 @@ def load_run_inputs(cfg: Config) -> RunInputs:
 
         model_path = resolve_model_path(model_path)
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
+    train_set, stats = load_problems(cfg.data.train_files, tokenizer, **problem_options(cfg))
+    return RunInputs(model_path, tokenizer, train_set, load_eval_sets(cfg, tokenizer), stats.dropped_too_long)
+
+
+def problem_options(cfg: Config) -> dict:
+    """How the data section turns rows into prompts (training and eval sets alike)."""
     d = cfg.data
-    load = dict(
+    return dict(
         prompt_field=d.prompt_field,
         answer_field=d.answer_field,
         system_prompt=d.system_prompt,
         apply_chat_template=d.apply_chat_template,
         max_prompt_tokens=d.max_prompt_tokens,
     )
-    train_set, stats = load_problems(d.train_files, tokenizer, **load)
-    eval_sets = {name: load_problems([path], tokenizer, **load)[0] for name, path in cfg.eval.files.items()}
-    return RunInputs(model_path, tokenizer, train_set, eval_sets, stats.dropped_too_long)
+
+
+def load_eval_sets(cfg: Config, tokenizer) -> dict[str, list[Problem]]:
+    from drpo_trainer.io.data import load_problems
+
+    return {name: load_problems([path], tokenizer, **problem_options(cfg))[0] for name, path in cfg.eval.files.items()}
 
 
 def resume_layout(ckpt: Optional[Path], ctx: DistContext) -> tuple[Optional[Path], bool]:

@@ -116,6 +116,7 @@ def test_eval_of_a_checkpoint_at_its_step_is_the_runs_eval_at_that_step(run_dir,
     )
 
 
+@pytest.mark.slow  # the eval sums over shards are tested in test_eval_metrics
 @pytest.mark.distributed  # a learner and a rollout process
 def test_the_asynchronous_layout_sums_the_same_eval(run_dir, env, tmp_path):
     """The rollout process evaluates (its shard is every problem, with shard 0's seed) and learner 0 adds

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -319,3 +320,33 @@ def test_asynchronous_layout_samples_the_extra_prompts_in_the_rollout_process(tm
         flat = [g for g in step_groups if len({x["reward"] for x in g}) == 1]
         assert len(step_groups) == 4 and len(flat) == row["sampling/groups_missing"]
         assert all(not even_answer(g[0]["gold_answer"]) for g in step_groups if g not in flat)
+
+
+# -- what travels and what the benchmark reads -----------------------------------------------------------
+def test_a_dynamic_batch_travels_with_its_counts():
+    from drpo_trainer.runtime.wire import batch_from_plain, batch_to_plain, decode, encode
+
+    (share, _), _, _ = _step(_config(), flat={0})
+    plain = decode(encode(batch_to_plain(share)))
+    assert batch_from_plain(plain).sampling == share.sampling
+    assert batch_from_plain(plain).indices == [1, 4]  # 0 flat; round 1 draws 4..7, share 0 takes 4
+    del plain["sampling"]  # a batch kept by a checkpoint written before the key
+    assert batch_from_plain(plain).sampling == {}
+
+
+def test_benchmark_summary_counts_prompts_and_times_until_the_target():
+    sys.path.insert(0, str(REPO))
+    from benchmarks.bench_dynamic_sampling import summarize
+
+    rows = [
+        {"step": 0, "eval/synthetic/avg@4": 0.1},
+        {"step": 1, "time/step": 2.0, "sampling/prompts_sampled": 32.0, "sampling/rounds": 2.0},
+        {"step": 2, "time/step": 5.0, "sampling/prompts_sampled": 16.0, "sampling/rounds": 1.0},
+        {"step": 3, "time/step": 3.0, "sampling/prompts_sampled": 48.0, "sampling/rounds": 3.0},
+        {"step": 3, "eval/synthetic/avg@4": 0.25},
+    ]
+    s = summarize(rows, target=0.2)
+    assert (s["step_s"], s["prompts"], s["rounds"]) == (3.0, 32.0, 2.0)  # median of 2, 5, 3; means
+    assert (s["reached_step"], s["seconds_to_target"], s["final_eval"]) == (3, 10.0, 0.25)
+    without = summarize([{k: v for k, v in r.items() if not k.startswith("sampling/")} for r in rows], target=0.3)
+    assert (without["prompts"], without["rounds"], without["seconds_to_target"]) == (16.0, 1.0, None)

@@ -9,7 +9,7 @@
   from a checkpoint logs the same metrics as the uninterrupted run; with a flat reward the step trains
   on what there is, says so in one line and counts it.
 - The asynchronous layout (1 learner + 1 rollout process, k = 1): the rollout process samples the extra
-  prompts and the learner's data position follows.
+  prompts and the learner's data position follows; two synchronous learners (slow) agree on the rounds.
 - Settings that cannot work are refused in one line.
 """
 
@@ -279,19 +279,30 @@ def test_round_bound_trains_what_there_is(tmp_path, warm_model_dir, one_process_
     ]
 
 
-# -- the asynchronous layout -----------------------------------------------------------------------------
+# -- two processes: the asynchronous layout, and two synchronous learners --------------------------------
+LAYOUTS = {
+    "async": {
+        "distributed.rollout_processes": 1,
+        "trainer.max_off_policy_steps": 1,
+        "algorithm.mismatch_correction": "tis",
+    },
+    # ZeRO-3 over 2 learners, each sampling its share: an all-reduce decides every further round
+    "two_learners": {},
+}
+
+
 @pytest.mark.distributed
-def test_asynchronous_layout_samples_the_extra_prompts_in_the_rollout_process(tmp_path):
-    out = tmp_path / "async"
+# two learners: slow, as the rule is the same function; it covers the all-reduce that ends the rounds
+@pytest.mark.parametrize("layout", ["async", pytest.param("two_learners", marks=pytest.mark.slow)])
+def test_two_process_layouts_sample_the_extra_prompts(tmp_path, layout):
+    out = tmp_path / layout
     cfg = h.write_config(
-        tmp_path / "async.yaml",
+        tmp_path / f"{layout}.yaml",
         h.workspace(),
         out,
         **{
             "distributed.nproc_per_node": 2,
-            "distributed.rollout_processes": 1,
-            "trainer.max_off_policy_steps": 1,
-            "algorithm.mismatch_correction": "tis",
+            **LAYOUTS[layout],
             "algorithm.dynamic_sampling": True,
             "algorithm.max_sampling_rounds": 2,  # 3 steps x 2 rounds x 4 prompts: within the 32 prompts
             "reward.name": "sampling_rewards:even_answer_flat_reward",
@@ -310,15 +321,20 @@ def test_asynchronous_layout_samples_the_extra_prompts_in_the_rollout_process(tm
         assert row["sampling/prompts_sampled"] == row["sampling/rounds"] * 4
         position += row["sampling/prompts_sampled"]
         assert (row["sampling/data_epoch"], row["sampling/data_index"]) == (0, position)
-    assert position > 3 * 4  # about half of the prompts have an even answer: the rollout process drew more
+    assert position > 3 * 4  # about half of the prompts have an even answer: more rounds ran
     groups: dict[int, list] = {}
     for r in map(json.loads, (out / "samples.jsonl").read_text().splitlines()):
         if r["kind"] == "train":
             groups.setdefault((r["step"], r["index"] // 4), []).append(r)
+    share = 4 if layout == "async" else 2  # samples.jsonl holds learner 0's share
     for row in rows:  # the groups with reward variance are trained; the missing places hold flat ones
         step_groups = [g for (s, _), g in groups.items() if s == row["step"]]
         flat = [g for g in step_groups if len({x["reward"] for x in g}) == 1]
-        assert len(step_groups) == 4 and len(flat) == row["sampling/groups_missing"]
+        assert len(step_groups) == share
+        if layout == "async":
+            assert len(flat) == row["sampling/groups_missing"]
+        else:  # the count is over both learners
+            assert len(flat) <= row["sampling/groups_missing"]
         assert all(not even_answer(g[0]["gold_answer"]) for g in step_groups if g not in flat)
 
 

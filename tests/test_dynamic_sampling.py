@@ -312,7 +312,9 @@ def test_two_process_layouts_sample_the_extra_prompts(tmp_path, layout):
             "tracking.samples_per_step": 1000,
         },
     )
-    res = subprocess.run(h.command(cfg), env=h.env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+    # not the process-group variables of this module's in-process runs (one_process_ctx): the CLI launches its own
+    env = {k: v for k, v in h.env().items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    res = subprocess.run(h.command(cfg), env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     rows = h.metrics_rows(out)
     assert [r["step"] for r in rows] == [1, 2, 3]

@@ -131,6 +131,7 @@ class Config(Section):
                 "(defaults 0.5, 2.0)"
             )
         self._check_async()
+        self._check_dynamic_sampling()
         self._check_reward_bounds()
         self._check_overlong()
         need = self.data.max_prompt_tokens + self.rollout.max_new_tokens
@@ -166,6 +167,22 @@ class Config(Section):
                 f"rollout.vllm.tensor_parallel_size={tp}: with distributed.rollout_processes each rollout process "
                 "hosts a whole engine (tensor parallelism across rollout processes is not supported yet). "
                 "Fix: set rollout.vllm.tensor_parallel_size=1"
+            )
+
+    def _check_dynamic_sampling(self) -> None:
+        if not self.algorithm.dynamic_sampling:
+            return
+        if self.rollout.samples_per_prompt < 2:
+            raise ValueError(
+                "algorithm.dynamic_sampling keeps the groups whose rewards differ, and a group of "
+                "rollout.samples_per_prompt=1 completion never has two rewards to differ. "
+                "Fix: set rollout.samples_per_prompt >= 2, or algorithm.dynamic_sampling=false"
+            )
+        if self.distributed.rollout_processes > 1:
+            raise ValueError(
+                f"algorithm.dynamic_sampling with distributed.rollout_processes={self.distributed.rollout_processes}: "
+                "how many prompts a step draws is known only to the process that samples it, and every rollout "
+                "process must follow the same data order. Fix: set distributed.rollout_processes=1 (or 0)"
             )
 
     def _check_reward_bounds(self) -> None:

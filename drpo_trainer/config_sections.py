@@ -214,6 +214,21 @@ class AlgorithmConfig(Section):
     tis_cap: float = Field(2.0, gt=0, le=1e6, description="tis: cap of the truncated importance weight.")
     mis_lower: float = Field(0.5, ge=0, le=1e6, description="mis: tokens with rho below this are masked.")
     mis_upper: float = Field(2.0, gt=0, le=1e6, description="mis: tokens with rho above this are masked.")
+    dynamic_sampling: bool = Field(
+        False,
+        description="DAPO's dynamic sampling (Yu et al. 2025, arXiv:2503.14476); changes the algorithm: each step "
+        "samples more prompts and drops the groups whose rewards are all equal until it has "
+        "trainer.prompts_per_step groups with reward variance (docs/algorithms.md). Off: exact zero-advantage "
+        "skipping keeps the batch as sampled.",
+    )
+    max_sampling_rounds: int = Field(
+        4,
+        ge=1,
+        le=100,
+        description="dynamic_sampling: at most this many draws of trainer.prompts_per_step prompts per step; when "
+        "groups are still missing then, the step trains on what there is (the missing places hold zero-advantage "
+        "groups of the first draw; a message and the metric sampling/groups_missing say so).",
+    )
 
     @model_validator(mode="after")
     def _resolve_loss(self) -> "AlgorithmConfig":

@@ -303,7 +303,7 @@ BOUNDED_BY_THE_CONFIG = {
 
 def test_every_number_key_refuses_infinity_and_nan_and_has_an_upper_bound():
     keys = dict(_numeric_keys())
-    assert len(keys) == 55 and "model.dtype" not in keys and "rollout.dtype" not in keys
+    assert len(keys) == 56 and "model.dtype" not in keys and "rollout.dtype" not in keys
     assert {"optim.lr", "optim.betas", "rollout.vllm.kv_cache_gib", "trainer.packed_row_tokens"} <= set(keys)
     for key in keys:
         for value in (".inf", ".nan", "-.inf"):

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 from drpo_trainer.rollout.base import Completion, SamplingSpec
 
 if TYPE_CHECKING:  # heavy at import time; annotations only
     from drpo_trainer.config import Config
-    from drpo_trainer.io.data import Problem, SamplerState
+    from drpo_trainer.io.data import Problem, PromptSampler, SamplerState
 
 PARITY_PROBE_PROMPTS = 8  # the probe: the first training prompts, scored by engine and learner
 
@@ -58,6 +58,7 @@ class RolloutBatch:
     adv_metrics: dict[str, float]
     sampler_after: tuple[int, int]  # (epoch, index) of the prompt sampler once this step was drawn
     seconds: dict[str, float] = field(default_factory=dict)  # generate, score (and rollout idle/busy)
+    sampling: dict[str, float] = field(default_factory=dict)  # dynamic sampling's counts for this share (if on)
 
 
 def sample_batch(
@@ -70,29 +71,27 @@ def sample_batch(
     learner_rank: int,
     version: int,
     sampler_after: SamplerState,
+    sampling_round: int = 0,
 ) -> RolloutBatch:
     """Prompts -> G completions each from the engine's policy -> rewards (+ the overlong length penalty, when
-    on) -> group-relative advantages. The sampling seed depends on (seed, step, learner rank) only: whichever
-    process samples a share, it draws the same completions from the same weights."""
+    on) -> group-relative advantages. The sampling seed depends on (seed, step, learner rank, sampling
+    round) only: whichever process samples a share, it draws the same completions from the same weights."""
     import torch
 
     from drpo_trainer.algorithms.advantages import group_advantages
-    from drpo_trainer.algorithms.overlong import completion_penalties
 
     G = cfg.rollout.samples_per_prompt
     prompts = [train_set[i] for i in indices]
     start = time.perf_counter()
-    spec = sampling_spec(cfg, n=G, seed=sampling_seed(cfg.trainer.seed, step, learner_rank))
+    spec = sampling_spec(cfg, n=G, seed=sampling_seed(cfg.trainer.seed, step, learner_rank, salt=sampling_round))
     completions = engine.generate([p.prompt_ids for p in prompts], spec)
     generated = time.perf_counter()
     rewards, reward_metrics = scorer.score(
         [c.text for c in completions], [prompts[c.prompt_index].answer for c in completions]
     )
     scored = time.perf_counter()
-    shaped, penalised = list(rewards), completion_penalties(cfg, completions)
-    if penalised is not None:  # DAPO's soft overlong punishment, before the advantages
-        shaped = [r + p for r, p in zip(rewards, penalised[0])]
-        reward_metrics = {**reward_metrics, **penalised[1]}
+    shaped, penalty_metrics = shaped_rewards(cfg, completions, rewards)
+    reward_metrics = {**reward_metrics, **penalty_metrics}
     advantages, adv_metrics = group_advantages(
         torch.tensor(shaped, dtype=torch.float32), G, normalize_by_std=cfg.algorithm.normalize_by_std
     )
@@ -109,6 +108,158 @@ def sample_batch(
         sampler_after=(sampler_after.epoch, sampler_after.index),
         seconds={"generate": generated - start, "score": scored - generated},
     )
+
+
+def shaped_rewards(cfg: Config, completions: list[Completion], rewards: list[float]) -> tuple[list[float], dict]:
+    """(the rewards the advantages see, the penalty's metrics): the verifier's rewards plus DAPO's soft
+    overlong punishment when reward.overlong_penalty is on (algorithms/overlong.py), else the rewards."""
+    from drpo_trainer.algorithms.overlong import completion_penalties
+
+    penalised = completion_penalties(cfg, completions)
+    if penalised is None:
+        return list(rewards), {}
+    return [r + p for r, p in zip(rewards, penalised[0])], penalised[1]
+
+
+# -- dynamic sampling (DAPO, Yu et al. 2025, arXiv:2503.14476) -----------------------------------------
+REWARD_COUNTS = ("reward/timeouts", "reward/errors")  # the scorer's counts (the other reward metrics: means)
+SAMPLING_COUNTS = (  # per share; summed over learner ranks
+    "sampling/prompts_sampled",
+    "sampling/groups_dropped_zero_variance",
+    "sampling/groups_dropped_extra",
+    "sampling/groups_missing",
+)
+
+
+def sample_step(
+    cfg: Config,
+    engine,
+    scorer,
+    train_set: list[Problem],
+    step: int,
+    sampler: PromptSampler,
+    learner_ranks: Sequence[int],
+    n_learners: int,
+    version: int,
+    any_missing: Callable[[int], bool] = lambda missing: missing > 0,
+) -> list[RolloutBatch]:
+    """The batches of `step` for `learner_ranks` (of `n_learners` learners), prompts drawn from `sampler`.
+
+    Without algorithm.dynamic_sampling: one draw of prompts_per_step prompts; each share is its rank's
+    slice. With it: round r = 0, 1, ... draws prompts_per_step more prompts, each share samples its slice
+    with the round's seed (round 0: the seed without dynamic sampling) and keeps, in order, the groups
+    whose rewards are not all equal, up to its size; the rest are dropped. The rounds end once no
+    learner's share misses a group (`any_missing` gets this caller's missing count and answers for every
+    learner: an all-reduce in the synchronous layout) or after algorithm.max_sampling_rounds; a share
+    still short then fills its missing places with its first round's zero-variance groups, which carry
+    zero advantage (no gradient). Every process that draws prompts draws the same rounds, so the data
+    position after the step is the same everywhere: start + rounds x prompts_per_step."""
+    from drpo_trainer.io.data import PromptSampler
+
+    a, G = cfg.algorithm, cfg.rollout.samples_per_prompt
+    fills = {r: _ShareFill(cfg, cfg.trainer.prompts_per_step // n_learners, G) for r in learner_ranks}
+    for sampling_round in range(a.max_sampling_rounds if a.dynamic_sampling else 1):
+        indices = sampler.next_indices()
+        batches = {
+            r: sample_batch(
+                cfg,
+                engine,
+                scorer,
+                train_set,
+                step,
+                PromptSampler.rank_slice(indices, r, n_learners),
+                r,
+                version,
+                sampler.state,
+                sampling_round,
+            )
+            for r in learner_ranks
+        }
+        if not a.dynamic_sampling:
+            return [batches[r] for r in learner_ranks]
+        for r, b in batches.items():
+            fills[r].add(b)
+        if not any_missing(sum(f.missing for f in fills.values())):
+            break
+    return [fills[r].batch(cfg, sampler.state) for r in learner_ranks]
+
+
+class _ShareFill:
+    """One learner's share under dynamic sampling: every round's batch, and which groups it keeps."""
+
+    def __init__(self, cfg: Config, size: int, group_size: int) -> None:
+        self.cfg, self.size, self.G = cfg, size, group_size
+        self.rounds: list[RolloutBatch] = []
+        self.kept: list[tuple[int, int]] = []  # (round, group) of the informative groups kept, in order
+        self.zero_variance: list[tuple[int, int]] = []
+        self.extra = 0  # informative groups beyond the share's size
+
+    def add(self, batch: RolloutBatch) -> None:
+        import torch
+
+        rnd = len(self.rounds)
+        self.rounds.append(batch)
+        shaped, _ = shaped_rewards(self.cfg, batch.completions, batch.rewards)  # what the advantages see
+        grouped = torch.tensor(shaped, dtype=torch.float32).view(-1, self.G)  # (groups, G)
+        flat = (grouped.amax(dim=1) == grouped.amin(dim=1)).tolist()  # group_advantages' exact test: A = 0
+        for g in range(len(batch.indices)):
+            if flat[g]:
+                self.zero_variance.append((rnd, g))
+            elif len(self.kept) < self.size:
+                self.kept.append((rnd, g))
+            else:
+                self.extra += 1
+
+    @property
+    def missing(self) -> int:
+        return self.size - len(self.kept)
+
+    def batch(self, cfg: Config, sampler_after: SamplerState) -> RolloutBatch:
+        """The kept groups (then the first round's zero-variance groups for the missing places) as one batch.
+        Rewards' metrics are over every completion sampled in the step; the rest describe the kept batch."""
+        import dataclasses
+
+        import torch
+
+        from drpo_trainer.algorithms.advantages import group_advantages
+
+        G, first = self.G, self.rounds[0]
+        filled = [(rnd, g) for rnd, g in self.zero_variance if rnd == 0][: self.missing]
+        indices, completions, rewards = [], [], []
+        for position, (rnd, g) in enumerate(self.kept + filled):
+            b = self.rounds[rnd]
+            indices.append(b.indices[g])
+            completions += [dataclasses.replace(c, prompt_index=position) for c in b.completions[g * G : (g + 1) * G]]
+            rewards += b.rewards[g * G : (g + 1) * G]
+        shaped, _ = shaped_rewards(cfg, completions, rewards)
+        advantages, adv_metrics = group_advantages(
+            torch.tensor(shaped, dtype=torch.float32), G, normalize_by_std=cfg.algorithm.normalize_by_std
+        )
+        total = sum(len(b.rewards) for b in self.rounds)
+        reward_metrics = {  # counts add up over the rounds; the rest are means over every completion sampled
+            k: sum(b.reward_metrics[k] * (1 if k in REWARD_COUNTS else len(b.rewards) / total) for b in self.rounds)
+            for k in first.reward_metrics
+        }
+        return RolloutBatch(
+            step=first.step,
+            version=first.version,
+            learner_rank=first.learner_rank,
+            indices=indices,
+            completions=completions,
+            rewards=rewards,
+            reward_metrics=reward_metrics,
+            advantages=advantages.tolist(),
+            adv_metrics=adv_metrics,
+            sampler_after=(sampler_after.epoch, sampler_after.index),
+            seconds={k: sum(b.seconds[k] for b in self.rounds) for k in first.seconds},
+            sampling={
+                "sampling/rounds": float(len(self.rounds)),
+                "sampling/prompts_sampled": float(sum(len(b.indices) for b in self.rounds)),
+                "sampling/groups_dropped_zero_variance": float(len(self.zero_variance) - len(filled)),
+                "sampling/groups_dropped_extra": float(self.extra),
+                "sampling/groups_missing": float(len(filled)),
+            },
+        )
 
 
 # -- the parity probe -------------------------------------------------------------------------------

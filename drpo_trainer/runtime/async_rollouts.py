@@ -13,7 +13,7 @@ processes (drpo_trainer/runtime/bridge.py) host the engine and the reward verifi
                        loop's batches, in other processes.
 
 Rollout process j samples the steps t with (t - first) % R == j, every learner rank's share
-with that rank's seed (drpo_trainer.rollout.producer.sample_batch), and sends each learner its share. After every
+with that rank's seed (drpo_trainer.rollout.producer.sample_step), and sends each learner its share. After every
 step learner 0 publishes a header (version, evaluate?, parity?, stop?) and, when a rollout
 will still sample with that version, the weights. An evaluation runs on the rollout processes
 with the version it names; its counts come back to learner 0.
@@ -30,7 +30,7 @@ from collections import defaultdict
 from typing import Any, Optional
 
 from drpo_trainer.config import Config
-from drpo_trainer.io.data import PromptSampler, SamplerState
+from drpo_trainer.io.data import SamplerState
 from drpo_trainer.metrics import MetricAccumulator
 from drpo_trainer.rollout.evaluation import combine_counts, eval_counts, eval_metrics, eval_problems
 from drpo_trainer.rollout.producer import (
@@ -39,7 +39,7 @@ from drpo_trainer.rollout.producer import (
     make_prompt_sampler,
     parity_probe,
     parity_threshold,
-    sample_batch,
+    sample_step,
 )
 from drpo_trainer.runtime.bridge import Bridge, PeerLost
 from drpo_trainer.runtime.distributed import DistContext, broadcast_plain
@@ -339,27 +339,17 @@ class RolloutWorker:
         sampler = make_prompt_sampler(cfg, len(self.data.train_set))
         sampler.state = SamplerState(*header["sampler"])
         for step in range(first, max_steps + 1):
-            indices = sampler.next_indices()  # every process draws every step: the same data order
             if (step - first) % b.n_rollouts != self.index:
-                continue
+                sampler.next_indices()  # every process draws every step: the same data order (one round each:
+                continue  # dynamic sampling, which may draw more, runs with one rollout process)
             while self.version < version_for(step, max_lag, start_version):
                 if self.receive()["stop"]:
                     return self.finish()
             start = time.perf_counter()
-            shares = [
-                sample_batch(
-                    cfg,
-                    self.engine,
-                    self.scorer,
-                    self.data.train_set,
-                    step,
-                    PromptSampler.rank_slice(indices, r, b.n_learners),
-                    r,
-                    self.version,
-                    sampler.state,
-                )
-                for r in range(b.n_learners)
-            ]
+            learners = range(b.n_learners)  # this process samples every share: it sees whether any is missing
+            shares = sample_step(
+                cfg, self.engine, self.scorer, self.data.train_set, step, sampler, learners, b.n_learners, self.version
+            )
             busy = self.busy + time.perf_counter() - start
             spent = {key: sum(s.seconds[key] for s in shares) for key in ("generate", "score")}  # this process's
             for r, share in enumerate(shares):

@@ -32,7 +32,7 @@ from drpo_trainer.io.tracking import Tracker, write_resolved_config
 from drpo_trainer.learner.learner import NonFiniteUpdate, TrainSample
 from drpo_trainer.learner.packing import pad_rows
 from drpo_trainer.metrics import MetricAccumulator, all_reduce_sum
-from drpo_trainer.rollout.producer import RolloutBatch
+from drpo_trainer.rollout.producer import SAMPLING_COUNTS, RolloutBatch
 from drpo_trainer.runtime.distributed import DistContext, setup_distributed
 from drpo_trainer.runtime.run import Run, build_run, kept_batches, save_run
 from drpo_trainer.runtime.stop import EXIT_PREEMPTED, PREEMPTED_MARKER, StopFlag
@@ -115,6 +115,8 @@ def run_step(run: Run, step: int, stop: Optional[StopFlag] = None) -> dict[str, 
 
     metrics = {**updates.result(), **entropy.result(), **sync_metrics}
     metrics.update(_rollout_metrics(batch, samples, cfg, ctx))
+    if batch.sampling:  # algorithm.dynamic_sampling (on every rank alike)
+        metrics.update(_sampling_metrics(batch, ctx))
     times = MetricAccumulator()
     # generate and score where the batch was made (and the wait for it, asynchronous)
     timer.seconds.update({k: v for k, v in batch.seconds.items() if not k.startswith("rollout_")})
@@ -153,6 +155,24 @@ def _rollout_metrics(batch: RolloutBatch, samples, cfg, ctx) -> dict[str, float]
     acc.add(mismatch_metrics(o, r, m), weight=float(m.sum()), reduce=MISMATCH_METRIC_REDUCTIONS)
     out = acc.result(all_reduce=True, ctx=ctx)
     out.update(dict(zip(counts, all_reduce_sum(list(counts.values()), ctx))))
+    return out
+
+
+def _sampling_metrics(batch: RolloutBatch, ctx) -> dict[str, float]:
+    """Dynamic sampling's counts over every learner's share; the rounds and the data position after the step
+    (epoch, index into its prompt order) are the same on every rank."""
+    out = dict(zip(SAMPLING_COUNTS, all_reduce_sum([batch.sampling[k] for k in SAMPLING_COUNTS], ctx)))
+    acc = MetricAccumulator()
+    epoch, index = batch.sampler_after
+    acc.add(
+        {
+            "sampling/rounds": batch.sampling["sampling/rounds"],
+            "sampling/data_epoch": epoch,
+            "sampling/data_index": index,
+        },
+        reduce="max",
+    )
+    out.update(acc.result(all_reduce=True, ctx=ctx))
     return out
 
 
@@ -227,6 +247,13 @@ def _train_steps(run: Run, tracker: Tracker, stop: StopFlag) -> dict[str, float]
         except NonFiniteUpdate as err:
             raise TrainingDiverged(_diverged_message(run, step, err)) from None
         run.step = step
+        if last.get("sampling/groups_missing"):
+            tracker.message(
+                f"step {step}: dynamic sampling stopped at algorithm.max_sampling_rounds="
+                f"{cfg.algorithm.max_sampling_rounds} with {last['sampling/groups_missing']:.0f} of "
+                f"{cfg.trainer.prompts_per_step} groups without reward variance; trained on what there is "
+                "(those groups carry zero advantage)"
+            )
         if eval_due(cfg, step):
             last.update(run.rollouts.evaluate(step))
         tracker.log(step, last)

@@ -12,10 +12,9 @@ from typing import TYPE_CHECKING, Optional, Protocol
 
 import torch
 
-from drpo_trainer.io.data import PromptSampler
-from drpo_trainer.metrics import all_reduce_sum
+from drpo_trainer.metrics import all_reduce_max, all_reduce_sum
 from drpo_trainer.rollout.evaluation import eval_counts, eval_metrics, flat_counts
-from drpo_trainer.rollout.producer import RolloutBatch, parity_probe, parity_threshold, sample_batch
+from drpo_trainer.rollout.producer import RolloutBatch, parity_probe, parity_threshold, sample_step
 
 if TYPE_CHECKING:
     from drpo_trainer.runtime.run import Run
@@ -76,9 +75,18 @@ class LocalRollouts:
 
     def batch(self, step: int) -> RolloutBatch:
         run, ctx = self.run, self.run.ctx
-        indices = PromptSampler.rank_slice(run.sampler.next_indices(), ctx.rank, ctx.world_size)
-        batch = sample_batch(
-            run.cfg, run.engine, run.scorer, run.train_set, step, indices, ctx.rank, step - 1, run.sampler.state
+        # every rank draws the same prompts and the same number of sampling rounds (an all-reduce decides)
+        (batch,) = sample_step(
+            run.cfg,
+            run.engine,
+            run.scorer,
+            run.train_set,
+            step,
+            run.sampler,
+            [ctx.rank],
+            ctx.world_size,
+            step - 1,
+            any_missing=lambda missing: all_reduce_max([missing], ctx)[0] > 0,
         )
         run.engine.sleep()  # the learner has the accelerator until `publish`
         return batch

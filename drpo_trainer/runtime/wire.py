@@ -163,7 +163,7 @@ def _from_json(v: Any, tensors: list, depth: int) -> Any:
 
 # -- RolloutBatch <-> plain dict ----------------------------------------------------------------------
 _BATCH_INTS = ("step", "version", "learner_rank")
-_BATCH_METRICS = ("reward_metrics", "adv_metrics", "seconds")
+_BATCH_METRICS = ("reward_metrics", "adv_metrics", "seconds", "sampling")
 _SEQS = ("prompt_ids", "completion_ids", "rollout_logprobs")  # per completion; flat tensor + lengths
 
 
@@ -180,6 +180,8 @@ def batch_to_plain(batch: RolloutBatch) -> dict:
 
 
 def batch_from_plain(plain: Any) -> RolloutBatch:
+    if isinstance(plain, dict) and "sampling" not in plain:  # kept by a checkpoint written before the key
+        plain = {**plain, "sampling": {}}
     _keys(plain, {*_BATCH_INTS, *_BATCH_METRICS, "indices", "completions", "rewards", "advantages", "sampler_after"})
     for k in _BATCH_INTS:
         _check(_is_int(plain[k]), f"{k} is not an int")
@@ -203,6 +205,7 @@ def batch_from_plain(plain: Any) -> RolloutBatch:
         adv_metrics=dict(plain["adv_metrics"]),
         sampler_after=tuple(plain["sampler_after"]),
         seconds=dict(plain["seconds"]),
+        sampling=dict(plain["sampling"]),
     )
 
 

@@ -39,10 +39,10 @@ SETTINGS = {
 
 
 def summarize(rows: list[dict], wall: float) -> dict:
-    from benchmarks.common import median
+    from benchmarks.common import eval_curve, median
 
     steps = [r for r in rows if "time/step" in r]
-    evals = {r["step"]: v for r in rows for k, v in r.items() if k.startswith("eval/") and "/avg@" in k}
+    evals = eval_curve(rows)
     first, last = min(evals), max(evals)
 
     def mean(key: str) -> float:

@@ -34,10 +34,10 @@ PROMPTS_PER_STEP = 16  # configs/tiny_cpu.yaml
 
 def summarize(rows: list[dict], target: float) -> dict:
     """Median step time, prompts and rounds per step, eval curve, step time summed until eval >= target."""
-    from benchmarks.common import median
+    from benchmarks.common import eval_curve, median
 
     steps = [r for r in rows if "time/step" in r]
-    evals = {r["step"]: v for r in rows for k, v in r.items() if k.startswith("eval/")}
+    evals = eval_curve(rows)
     reached = next((s for s, v in sorted(evals.items()) if v >= target), None)
 
     def mean(key: str, default: float) -> float:

@@ -40,10 +40,10 @@ SETTINGS = {
 
 def summarize(rows: list[dict], target: float) -> dict:
     """Median step time, mean skipped fraction, eval curve, and step time summed until eval >= target."""
-    from benchmarks.common import median
+    from benchmarks.common import eval_curve, median
 
     steps = [r for r in rows if "time/step" in r]
-    evals = {r["step"]: v for r in rows for k, v in r.items() if k.startswith("eval/") and "/avg@" in k}
+    evals = eval_curve(rows)
     reached = next((s for s, v in sorted(evals.items()) if v >= target), None)
     until = None if reached is None else sum(r["time/step"] for r in steps if r["step"] <= reached)
     phases = ("generate", "score", "recompute", "update", "sync")

@@ -93,6 +93,12 @@ def matmul_flops(n: int = 2048, repeats: int = 5) -> float:
     return 2.0 * n**3 / best
 
 
+def eval_curve(rows: Sequence[dict]) -> dict[int, float]:
+    """step -> eval avg@k of a run's metrics.jsonl rows (the default job has one eval set; pass@j, maj@n
+    and the vote's counts are logged beside it and left out here)."""
+    return {r["step"]: v for r in rows for k, v in r.items() if k.startswith("eval/") and "/avg@" in k}
+
+
 def print_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
     cells = [[str(h) for h in headers]] + [[_fmt(c) for c in row] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]

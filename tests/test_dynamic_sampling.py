@@ -361,9 +361,9 @@ def test_benchmark_summary_counts_prompts_and_times_until_the_target():
         {"step": 1, "time/step": 2.0, "sampling/prompts_sampled": 32.0, "sampling/rounds": 2.0},
         {"step": 2, "time/step": 5.0, "sampling/prompts_sampled": 16.0, "sampling/rounds": 1.0},
         {"step": 3, "time/step": 3.0, "sampling/prompts_sampled": 48.0, "sampling/rounds": 3.0},
-        {"step": 3, "eval/synthetic/avg@4": 0.25},
+        {"step": 3, "eval/synthetic/avg@4": 0.25, "eval/synthetic/pass@4": 0.5, "eval/synthetic/vote_failures": 0.0},
     ]
-    s = summarize(rows, target=0.2)
+    s = summarize(rows, target=0.2)  # the curve is avg@4, not the pass@j / maj@n / vote keys beside it
     assert (s["step_s"], s["prompts"], s["rounds"]) == (3.0, 32.0, 2.0)  # median of 2, 5, 3; means
     assert (s["reached_step"], s["seconds_to_target"], s["final_eval"]) == (3, 10.0, 0.25)
     without = summarize([{k: v for k, v in r.items() if not k.startswith("sampling/")} for r in rows], target=0.3)

@@ -399,3 +399,39 @@ def test_with_the_overlong_penalty_a_group_is_informative_by_the_rewards_the_adv
     assert shares[0].rewards == [0.0] * 4  # the verifier's
     assert shares[0].advantages == [0.5, -0.5, 0.5, -0.5]  # of (0, -1): mean -0.5
     assert shares[0].reward_metrics["reward/overlong_penalty_mean"] == pytest.approx(-0.5)
+
+
+@pytest.mark.slow  # three CLI runs, ~2.5 min; the in-process checkpoint-and-resume test covers the restore
+def test_sigterm_and_resume_equal_the_uninterrupted_run(tmp_path):
+    """drpo-train with dynamic sampling, stopped by SIGTERM after its first step (exit 75, a checkpoint
+    at the stop) and resumed with --resume auto: the same non-timing metrics and samples as a run that
+    was never stopped, with extra rounds sampled (the even-answer problems' groups are flat)."""
+    import signal
+
+    from drpo_trainer.runtime.stop import EXIT_PREEMPTED
+
+    overrides = {
+        "algorithm.dynamic_sampling": True,
+        "reward.name": "sampling_rewards:even_answer_flat_reward",
+        "reward.import_modules": ["sampling_rewards"],
+        "trainer.max_steps": 4,
+        "checkpoint.every_steps": 0,
+    }
+    full = tmp_path / "full"
+    h.train(h.write_config(tmp_path / "full.yaml", h.workspace(), full, **overrides))
+    out = tmp_path / "stopped"
+    cfg = h.write_config(tmp_path / "stopped.yaml", h.workspace(), out, **overrides)
+    proc = h.start(cfg, log=tmp_path / "first.log")
+    logged = lambda: (out / "metrics.jsonl").is_file() and '"step": 1' in (out / "metrics.jsonl").read_text()  # noqa: E731
+    assert h.wait_for(logged, timeout=240), (tmp_path / "first.log").read_text()[-3000:]
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == EXIT_PREEMPTED, (tmp_path / "first.log").read_text()[-3000:]
+    stopped = int((out / "PREEMPTED").read_text())
+    assert 1 <= stopped < 4
+    h.train(cfg, "--resume", "auto")
+
+    rows_full, rows_resumed = h.metrics_rows(full), h.metrics_rows(out)
+    assert [r["step"] for r in rows_resumed] == [1, 2, 3, 4]
+    assert [h.without_timings(r) for r in rows_resumed] == [h.without_timings(r) for r in rows_full]
+    assert (out / "samples.jsonl").read_text() == (full / "samples.jsonl").read_text()
+    assert any(r["sampling/rounds"] > 1 for r in rows_full)  # the extra prompts were sampled and resumed over

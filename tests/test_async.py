@@ -24,6 +24,7 @@ import torch
 
 from drpo_trainer.config import ConfigError, load_config
 from drpo_trainer.runtime.async_rollouts import source_of, version_for
+from drpo_trainer.runtime.run import kept_batches
 from drpo_trainer.runtime.stop import EXIT_PREEMPTED
 from drpo_trainer.runtime.wire import batch_from_plain
 
@@ -114,6 +115,38 @@ def test_config_refuses_async_settings_that_cannot_work():
 
 
 # -- runs ----------------------------------------------------------------------------------------
+def test_rollout_worker_counts_idle_and_busy_time_over_every_header(monkeypatch):
+    """Between two batches a rollout process may receive several headers: its idle time (waiting for
+    a header) and busy time (loading weights) add up over all of them, on a clock the test drives."""
+    import types
+
+    from drpo_trainer.rollout import weight_sync
+    from drpo_trainer.runtime import async_rollouts
+
+    clock = [100.0]
+
+    class Bridge:
+        waits = iter([2.0, 0.5])  # seconds until each header arrives
+
+        def broadcast_object(self):
+            clock[0] += next(self.waits)
+            return {"weights": True, "version": 1, "parity": False, "evaluate": False, "stop": False}
+
+        def receive_buckets(self):
+            return []
+
+    def load_buckets(engine, buckets):
+        clock[0] += 3.0  # loading one version of the weights takes 3 s
+
+    monkeypatch.setattr(async_rollouts, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    monkeypatch.setattr(weight_sync, "load_buckets", load_buckets)
+    worker = object.__new__(async_rollouts.RolloutWorker)
+    worker.bridge, worker.engine, worker.version, worker.idle, worker.busy = Bridge(), None, -1, 0.0, 0.0
+    worker.receive()
+    worker.receive()
+    assert (worker.idle, worker.busy, worker.version) == (2.5, 6.0, 1)
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory) -> Path:
     """k = 2, 6 steps, a checkpoint every step."""
@@ -163,6 +196,7 @@ def test_sigterm_keeps_the_batches_sampled_ahead_and_resumes_exactly(uninterrupt
     assert 2 <= stopped < STEPS
     ckpt = out / "checkpoints" / f"step_{stopped:06d}"
     # plain data (runtime/wire.py): a weights-only load reads it
+    assert kept_batches(ckpt)  # what decides the console line of a resume that cannot use them
     kept = torch.load(ckpt / "ranks" / "state_00000.pt", weights_only=True)["batches_ahead"]
     kept = [batch_from_plain(b) for b in kept]
     assert [b.step for b in kept] == list(range(stopped + 1, min(stopped + K, STEPS) + 1))

@@ -256,3 +256,27 @@ def test_learner_refuses_batches_just_outside_the_staleness_bound(max_lag, lag):
         f"batch of step {step} sampled by policy version {version} arrived for step {step} "
         f"(trainer.max_off_policy_steps={max_lag}): the rollout processes broke the staleness bound"
     )
+
+
+def test_prompts_over_max_prompt_tokens_are_dropped_and_said_once(
+    data_dir, tiny_model_dir, tmp_path, monkeypatch, one_process_ctx, one_thread, capsys
+):
+    """Three prompts of 300 words cannot fit data.max_prompt_tokens=64: they are left out of the data
+    (never sampled) and the console says how many, once."""
+    from drpo_trainer.builtin.arithmetic import problem_row, train_problems
+
+    long = [{"prompt": "add these numbers " + " ".join(["7"] * 300), "answer": "7"} for _ in range(3)]
+    rows = [problem_row(p) for p in train_problems()[:12]] + long
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    more = (f"data.train_files=[{path}]", "trainer.max_steps=2", "tracking.samples_every_steps=1")
+    cfg = tiny_config(data_dir, tiny_model_dir, out, *more)
+    log = UpdateLog(monkeypatch)
+    loop.train(cfg, ctx=one_process_ctx)
+    err = capsys.readouterr().err
+    assert err.count("dropped 3 prompts over data.max_prompt_tokens") == 1, err[-2000:]
+    text = (out / "samples.jsonl").read_text()
+    trained = {json.loads(line)["prompt"] for line in text.splitlines()}
+    assert trained and not any("7 7 7" in p for p in trained), text[:3000]  # no long prompt was sampled
+    assert len(log.calls) == 2 * MINIBATCHES

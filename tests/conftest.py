@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
 
@@ -20,12 +19,16 @@ def tiny_model_dir(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def warm_model_dir(tmp_path_factory) -> str:
     """The warm-started `builtin:tiny-math` model. Reuses $DRPO_CACHE_DIR when set (build once with
-    `python -m drpo_trainer.builtin.tiny_model`), else builds it once per session under pytest's tmp dir."""
+    `python -m drpo_trainer.builtin.tiny_model`), else builds it once per session under pytest's tmp dir
+    (the directory all xdist workers share: the first builds it under a file lock, the others load it)."""
     from drpo_trainer.builtin.tiny_model import BUILD_VERSION, ensure_built, resolve_model_path
 
     if os.environ.get("DRPO_CACHE_DIR"):
         return resolve_model_path("builtin:tiny-math")
-    return str(ensure_built(Path(tmp_path_factory.mktemp("drpo_cache")) / BUILD_VERSION, progress=False))
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # pytest-of-<user>/pytest-N/ holds one folder per worker
+    return str(ensure_built(base / "drpo_cache" / BUILD_VERSION, progress=False))
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ Covered routers: Qwen3-MoE (`norm_topk_prob` from the config) and Qwen3.5-MoE (a
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
@@ -194,3 +194,29 @@ def load_balance(counts: Tensor) -> list[float]:
     expert takes everything)."""
     totals = counts.sum(dim=1).clamp(min=1)
     return (counts.max(dim=1).values * counts.shape[1] / totals).tolist()
+
+
+def routes_from_routed_experts(routed: Any, sequence_len: int, where: str) -> torch.Tensor:
+    """vLLM's `routed_experts` (a [tokens, layers, top_k] numpy array, prompt tokens first; uint8 up to 256
+    experts, else uint16) -> the compact (tokens, layers, k) routes of this module (uint8, else int16). The
+    engine routes every token it ran: the whole sequence, or all but the last sampled token."""
+    import numpy as np
+
+    a = np.asarray(routed)
+    if a.ndim != 3 or a.dtype.kind not in "iu":
+        raise ValueError(
+            f"{where}: routed_experts of shape {a.shape} and dtype {a.dtype} is not a [tokens, layers, top_k] "
+            "integer array; this vLLM version's format is not supported"
+        )
+    if a.shape[0] not in (sequence_len - 1, sequence_len):
+        raise ValueError(
+            f"{where}: routed_experts covers {a.shape[0]} tokens, the sequence has {sequence_len}; leave "
+            "routed_experts_prompt_start at 0 so that prompt tokens are returned too"
+        )
+    t = torch.from_numpy(a.astype(np.int64))
+    if t.numel() and int(t.min()) < 0:
+        raise ValueError(f"{where}: routed_experts holds a negative expert id ({int(t.min())})")
+    dtype = route_dtype(256 if a.dtype.itemsize == 1 else 257)
+    if t.numel() and int(t.max()) > torch.iinfo(dtype).max:
+        raise ValueError(f"{where}: expert id {int(t.max())} does not fit {dtype}")
+    return t.to(dtype)

@@ -22,10 +22,8 @@ G = 4
 
 
 @pytest.fixture(scope="module")
-def moe_dir(tmp_path_factory):
-    from drpo_trainer.builtin.tiny_moe import build_random_moe
-
-    return build_random_moe(tmp_path_factory.mktemp("moe"), hidden_size=64, num_attention_heads=4, head_dim=16)
+def moe_dir(moe_model_dir):
+    return moe_model_dir
 
 
 @pytest.fixture(scope="module")

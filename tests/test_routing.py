@@ -183,3 +183,50 @@ def test_routes_survive_the_wire_and_dense_completions_carry_none():
     assert back[1].routes is None and torch.equal(back[2].routes, routed.routes)
     assert completions_from_plain(completions_to_plain([dense]))[0].routes is None
     assert "routes" not in completions_to_plain([dense])  # dense batches: the message is unchanged
+
+
+@pytest.mark.slow  # importing transformers' Qwen3.5-MoE module alone takes ~10-20 s here; Qwen3-MoE is the fast cover
+def test_qwen3_5_moe_router_replays_exactly_on_cpu():
+    """Qwen3.5-MoE (always-normalised top-k, a shared expert beside the routed ones): own routes replay bitwise
+    (logits and gradients), other experts change the logits. Full-attention layers only: the linear-attention
+    layers run on CPU too (transformers' PyTorch fallback, checked by hand) and do not touch routing."""
+    from transformers import Qwen3_5MoeForCausalLM, Qwen3_5MoeTextConfig
+
+    cfg = Qwen3_5MoeTextConfig(
+        vocab_size=300,
+        hidden_size=64,
+        num_hidden_layers=2,
+        layer_types=["full_attention", "full_attention"],
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        num_experts=8,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        shared_expert_intermediate_size=32,
+        linear_num_key_heads=2,
+        linear_num_value_heads=4,
+        linear_key_head_dim=16,
+        linear_value_head_dim=16,
+    )
+    torch.manual_seed(0)
+    model = Qwen3_5MoeForCausalLM(cfg).float()
+    ids = torch.randint(0, 300, (1, 12), generator=torch.Generator().manual_seed(1))
+
+    def logits_and_grads():
+        model.zero_grad()
+        logits = model(input_ids=ids).logits
+        logits.sum().backward()
+        return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    ref, g_ref = logits_and_grads()
+    tap = RouterTap(model)
+    assert tap.num_layers == 2 and tap.dtype == torch.uint8
+    logits_and_grads()
+    own = own_routes(tap)
+    tap.set_replay(own)
+    same, g_same = logits_and_grads()
+    assert torch.equal(same, ref) and all(torch.equal(g_same[n], g_ref[n]) for n in g_ref)
+    tap.set_replay((own + 3) % 8)
+    other, _ = logits_and_grads()
+    assert (other - ref).abs().max() > 1e-2

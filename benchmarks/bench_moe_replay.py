@@ -16,6 +16,7 @@ the dominant part of the mismatch; docs/moe.md says what dominates at this size)
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -34,11 +35,17 @@ KEYS = (
 )
 
 
+def _mean(values: list) -> float:
+    known = [v for v in values if v is not None]
+    return sum(known) / len(known) if known else float("nan")
+
+
 def summarize(rows: list[dict]) -> dict:
     from benchmarks.common import eval_curve, median
 
     steps = [r for r in rows if "time/step" in r]
-    out = {k: sum(r[k] for r in steps) / len(steps) for k in KEYS}
+    # a step whose samples all had advantage 0 trains nothing: its learner-side metrics are null
+    out = {k: _mean([r.get(k) for r in steps]) for k in KEYS}
     evals = eval_curve(rows)
     out["final_eval"] = evals[max(evals)] if evals else float("nan")
     out["step_s"] = median([r["time/step"] for r in steps])
@@ -50,6 +57,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--rounds", type=int, default=1, help="runs of each setting, alternating")
     parser.add_argument("--eval-problems", type=int, default=None, help="eval.max_problems (default: the job's)")
+    parser.add_argument("--save", type=Path, default=None, help="also write every run's metrics rows to this JSON")
     args = parser.parse_args()
     from benchmarks.common import default_job_runs, median, print_table, ratio_line
 
@@ -57,7 +65,11 @@ def main() -> None:
     settings = {name: overrides + extra for name, overrides in SETTINGS.items()}
     results: dict[str, list[dict]] = {name: [] for name in SETTINGS}
     runs = default_job_runs(settings, steps=args.steps, rounds=args.rounds, config="configs/tiny_cpu_moe.yaml")
+    saved: dict[str, list] = {name: [] for name in SETTINGS}
     for name, rows, _ in runs:
+        saved[name].append(rows)
+        if args.save:  # after every run: a later failure keeps what was measured
+            args.save.write_text(json.dumps(saved))
         results[name].append(summarize(rows))
     cols = [*KEYS, "final_eval", "step_s"]
     table = [[name, *(median([x[k] for x in r]) for k in cols)] for name, r in results.items()]

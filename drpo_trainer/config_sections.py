@@ -32,7 +32,8 @@ class ModelConfig(Section):
     path: str = Field(
         "builtin:tiny-math",
         description="A Hugging Face model directory (config.json + weights + tokenizer), or "
-        "'builtin:tiny-math' for the embedded tiny Qwen3 model built offline and cached.",
+        "'builtin:tiny-math' for the embedded tiny Qwen3 model built offline and cached ('builtin:tiny-math-moe': "
+        "its mixture-of-experts twin, docs/moe.md).",
     )
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="Learner parameter dtype. bfloat16 on GPU; float32 on CPU."

@@ -335,16 +335,12 @@ def resolve_model_path(path: str) -> str:
     and the build lands in a temp dir renamed into place, so a half-written cache is never seen."""
     if not path.startswith("builtin:"):
         return path
-    if path == BUILTIN_NAME:
-        return str(ensure_built(default_cache_dir() / BUILD_VERSION))
-    from drpo_trainer.builtin import tiny_moe
-
-    if path == tiny_moe.BUILTIN_NAME:
-        return str(tiny_moe.ensure_built(default_cache_dir() / tiny_moe.BUILD_VERSION))
-    raise ValueError(
-        f"unknown builtin model {path!r}; the builtins are {BUILTIN_NAME!r} and {tiny_moe.BUILTIN_NAME!r} "
-        "(or give a Hugging Face model directory)"
-    )
+    if path != BUILTIN_NAME:  # builtin:tiny-math-moe: drpo_trainer.builtin.resolve
+        raise ValueError(
+            f"unknown builtin model {path!r}; the builtins are {BUILTIN_NAME!r} and 'builtin:tiny-math-moe' "
+            "(or give a Hugging Face model directory)"
+        )
+    return str(ensure_built(default_cache_dir() / BUILD_VERSION))
 
 
 def ensure_built(target: Path, progress: bool = True, build=None, name: str = BUILTIN_NAME) -> Path:

@@ -40,6 +40,10 @@ def _mean(values: list) -> float:
     return sum(known) / len(known) if known else float("nan")
 
 
+def _rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
 def summarize(rows: list[dict]) -> dict:
     from benchmarks.common import eval_curve, median
 
@@ -58,13 +62,19 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1, help="runs of each setting, alternating")
     parser.add_argument("--eval-problems", type=int, default=None, help="eval.max_problems (default: the job's)")
     parser.add_argument("--save", type=Path, default=None, help="also write every run's metrics rows to this JSON")
+    parser.add_argument(
+        "--runs", type=Path, nargs=2, metavar=("OFF_DIR", "ON_DIR"), help="summarize two finished runs instead"
+    )
     args = parser.parse_args()
     from benchmarks.common import default_job_runs, median, print_table, ratio_line
 
     extra = [f"eval.max_problems={args.eval_problems}"] if args.eval_problems else []
     settings = {name: overrides + extra for name, overrides in SETTINGS.items()}
     results: dict[str, list[dict]] = {name: [] for name in SETTINGS}
-    runs = default_job_runs(settings, steps=args.steps, rounds=args.rounds, config="configs/tiny_cpu_moe.yaml")
+    if args.runs:  # output_dirs of `drpo-train --config configs/tiny_cpu_moe.yaml` with replay off and on
+        runs = [(name, _rows(d), 0.0) for name, d in zip(SETTINGS, args.runs)]
+    else:
+        runs = default_job_runs(settings, steps=args.steps, rounds=args.rounds, config="configs/tiny_cpu_moe.yaml")
     saved: dict[str, list] = {name: [] for name in SETTINGS}
     for name, rows, _ in runs:
         saved[name].append(rows)

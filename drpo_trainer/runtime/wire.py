@@ -231,6 +231,8 @@ def completions_to_plain(completions: list[Completion]) -> dict:
 
 def completions_from_plain(plain: Any) -> list[Completion]:
     routes = _routes_from_plain(plain)  # (absent for dense models and in checkpoints written before the key)
+    if routes is not None:
+        plain = {k: v for k, v in plain.items() if k not in ("routes", "routes_lengths")}
     _keys(plain, {"prompt_index", "finish_reason", "text", *_SEQS, *(k + "_lengths" for k in _SEQS)})
     n = len(plain["prompt_index"]) if isinstance(plain["prompt_index"], list) else -1
     _check(_ints(plain["prompt_index"]), "prompt_index is not a list of ints")
@@ -268,10 +270,10 @@ def completions_from_plain(plain: Any) -> list[Completion]:
 
 
 def _routes_from_plain(plain: Any) -> Optional[list[Optional[torch.Tensor]]]:
-    """Pops the MoE routes off `plain` (a shallow copy is not needed: the caller owns it) and checks them."""
+    """The MoE routes of `plain` (checked), or None when it has none."""
     if not isinstance(plain, dict) or "routes" not in plain:
         return None
-    flat, lengths = plain.pop("routes"), plain.pop("routes_lengths", None)
+    flat, lengths = plain["routes"], plain.get("routes_lengths")
     _check(
         isinstance(flat, torch.Tensor) and flat.dtype in (torch.uint8, torch.int16) and flat.dim() == 3,
         "routes is not a 3-D uint8/int16 tensor",

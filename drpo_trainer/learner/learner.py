@@ -15,6 +15,10 @@ Two exact shortcuts (config `trainer.*`, both on by default; the update is uncha
     behaviour log-probs are its update forward's own log-probs, detached (the separate no-grad
     pass computes the same numbers bitwise); only mini-batches 2..k are recomputed.
 
+Mixture-of-experts models: with `rollout.routing_replay` every forward (mu, updates, the parity probe)
+sends each token through the experts the engine chose for it (`TrainSample.routes`,
+drpo_trainer/learner/routing.py; docs/moe.md).
+
 `algorithm.mask_truncated` (off by default; it changes the update) leaves completions that hit
 max_new_tokens without EOS out of the loss entirely: no forward, no gradient, and not counted in the
 normalisers (`samples_in_loss`; docs/algorithms.md says why).

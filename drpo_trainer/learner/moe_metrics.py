@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Optional
 
 import torch
 
+from drpo_trainer.learner.routing import load_balance
 from drpo_trainer.metrics import all_reduce_sum
 
 if TYPE_CHECKING:
@@ -73,8 +74,7 @@ class MoePass:
             "moe/k3_kl_with_replay": with_replay,
             "moe/k3_kl_without_replay": without,
         }
-        totals = counts.sum(dim=1).clamp(min=1)
-        for layer, value in enumerate((counts.max(dim=1).values * n_experts / totals).tolist()):
+        for layer, value in enumerate(load_balance(counts)):
             out[f"moe/load_balance/layer_{layer}"] = value
         return out
 

@@ -135,10 +135,10 @@ def ratio_line(value: float, target: str, met: Optional[bool] = None) -> str:
 
 
 def default_job_runs(
-    settings: dict[str, list[str]], *, steps: int, rounds: int
+    settings: dict[str, list[str]], *, steps: int, rounds: int, config: str = "configs/tiny_cpu.yaml"
 ) -> Iterator[tuple[str, list[dict], float]]:
-    """Run `drpo-train --config configs/tiny_cpu.yaml` (the README's main job, `steps` steps, no
-    export) once per setting per round, alternating, each in a fresh process; yields (setting,
+    """Run `drpo-train --config configs/tiny_cpu.yaml` (the README's main job, or `config`; `steps` steps,
+    no export) once per setting per round, alternating, each in a fresh process; yields (setting,
     metrics.jsonl rows, wall seconds of the whole command)."""
     import json
     import os
@@ -147,7 +147,7 @@ def default_job_runs(
     import tempfile
 
     root = Path(__file__).resolve().parents[1]
-    job = [sys.executable, "-m", "drpo_trainer.cli", "--config", "configs/tiny_cpu.yaml"]
+    job = [sys.executable, "-m", "drpo_trainer.cli", "--config", config]
     env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(rounds):

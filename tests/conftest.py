@@ -17,6 +17,14 @@ def tiny_model_dir(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def moe_model_dir(tmp_path_factory) -> str:
+    """A randomly initialised tiny Qwen3-MoE (hidden 64, 2 sparse layers, 8 experts, top-2) + tokenizer."""
+    from drpo_trainer.builtin.tiny_moe import build_random_moe
+
+    return build_random_moe(tmp_path_factory.mktemp("tiny_moe"), hidden_size=64, num_attention_heads=4, head_dim=16)
+
+
+@pytest.fixture(scope="session")
 def warm_model_dir(tmp_path_factory) -> str:
     """The warm-started `builtin:tiny-math` model. Reuses $DRPO_CACHE_DIR when set (build once with
     `python -m drpo_trainer.builtin.tiny_model`), else builds it once per session under pytest's tmp dir

@@ -144,3 +144,20 @@ def test_async_summary_reads_wall_time_gain_and_async_means():
     assert s["gain"] == pytest.approx(0.15)  # last eval minus step 0's, not the best one
     assert s["lag"] == pytest.approx(2 / 3) and s["learner_idle"] == pytest.approx(0.3)
     assert math.isnan(s["queue"])  # a synchronous run has no async/* keys
+
+
+def test_moe_replay_summary_skips_steps_that_trained_nothing():
+    from benchmarks.bench_moe_replay import KEYS, summarize
+
+    full = {k: 0.5 for k in KEYS}
+    rows = [
+        {"step": 0, "eval/synthetic/avg@4": 0.1},
+        {"step": 1, "time/step": 2.0, **full, "moe/route_agreement": 0.9, "mismatch/k3_kl": 1e-4},
+        {"step": 2, "time/step": 6.0, **full, "moe/route_agreement": None, "mismatch/k3_kl": None},  # all skipped
+        {"step": 3, "time/step": 4.0, **full, "moe/route_agreement": 0.7, "mismatch/k3_kl": 3e-4},
+        {"step": 3, "eval/synthetic/avg@4": 0.25},
+    ]
+    s = summarize(rows)
+    assert s["moe/route_agreement"] == pytest.approx(0.8)  # (0.9 + 0.7) / 2: the null step is left out
+    assert s["mismatch/k3_kl"] == pytest.approx(2e-4)
+    assert s["parity/k3_kl"] == 0.5 and s["step_s"] == 4.0 and s["final_eval"] == 0.25

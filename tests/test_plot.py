@@ -198,3 +198,14 @@ def test_runs_of_the_same_name_are_told_apart(runs, tmp_path):
     both = load_runs([tmp_path / "x" / "tiny_cpu", tmp_path / "y" / "tiny_cpu"])
     assert [r.label for r in both] == ["x/tiny_cpu", "y/tiny_cpu"]
     assert [r.label for r in load_runs([tmp_path / "x" / "tiny_cpu", runs["grpo"]])] == ["tiny_cpu", "grpo"]
+
+
+def test_every_moe_metric_has_a_panel_that_dense_runs_do_not_miss():
+    """The moe/* metrics (learner/moe_metrics.py) and the probe's route agreement are drawn; a dense run
+    (no moe/* metric) is not told it lacks those panels."""
+    source = (REPO / "drpo_trainer" / "learner" / "moe_metrics.py").read_text()
+    names = set(re.findall(r'"(moe/[a-z_0-9]+)"', source)) | {"moe/load_balance/layer_0", "parity/route_agreement"}
+    assert len(names) >= 5
+    assert [n for n in sorted(names) if not any(panel_keys(p, {n}) for p in PANELS)] == []
+    moe_panels = [p for p in PANELS if p.title.startswith("MoE")]
+    assert len(moe_panels) == 3 and all(p.layout_only for p in moe_panels)

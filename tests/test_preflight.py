@@ -175,3 +175,15 @@ def test_plot_to_an_unknown_image_format_names_the_supported_ones(tmp_path):
     )
     assert "pdf, " in line and "png, " in line and "svg, " in line and line.endswith("e.g. -o x.png")
     assert not (tmp_path / "x.xyz").exists()
+
+
+def test_routing_replay_on_vllm_cpu_is_refused_in_one_line():
+    from drpo_trainer.config import ConfigError, load_config
+    from drpo_trainer.runtime.preflight import check_vllm_routing
+
+    cfg = load_config("configs/tiny_cpu_moe.yaml", ["rollout.backend=vllm", "rollout.routing_replay=true"])
+    with pytest.raises(
+        ConfigError, match="needs CUDA.*AuxOutput Connector requires Model Runner V2.*rollout.backend=hf"
+    ):
+        check_vllm_routing(cfg, cpu_build=True)
+    check_vllm_routing(load_config("configs/tiny_cpu_moe.yaml", ["rollout.backend=vllm"]), cpu_build=True)  # off: fine

@@ -157,3 +157,18 @@ def test_build_is_bit_reproducible_whatever_the_ambient_thread_count(tmp_path):
     for name in ("model.safetensors", "tokenizer.json", "chat_template.jinja"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
     assert info_a["recipe"]["steps"] == 4 and info_a["version"] == tm.BUILD_VERSION
+
+
+def test_builtin_names_resolve_to_their_own_cached_builds(monkeypatch, tmp_path):
+    """builtin:tiny-math-moe goes to the MoE build (its own cache folder), builtin:tiny-math to the dense one;
+    an unknown builtin names both."""
+    from drpo_trainer.builtin import resolve, tiny_moe
+
+    monkeypatch.setenv("DRPO_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(tiny_moe, "ensure_built", lambda target: Path(target))
+    monkeypatch.setattr(tm, "ensure_built", lambda target: Path(target) / "dense")
+    assert resolve.resolve_model_path("builtin:tiny-math-moe") == str(tmp_path / "tiny-math-moe-v1")
+    assert resolve.resolve_model_path("builtin:tiny-math") == str(tmp_path / tm.BUILD_VERSION / "dense")
+    assert resolve.resolve_model_path("/models/x") == "/models/x"
+    with pytest.raises(ValueError, match="'builtin:tiny-math' and 'builtin:tiny-math-moe'"):
+        resolve.resolve_model_path("builtin:tiny")

@@ -267,3 +267,32 @@ def test_checkpoint_layout_splits_fused_moe_experts_and_keeps_dense_names():
         assert torch.equal(converted[name], tensor), name
     assert "model.layers.0.mlp.experts.2.up_proj.weight" in converted
     assert "model.layers.0.self_attn.q_proj.weight" in converted
+
+
+@dataclass
+class RoutedCompletion(FakeCompletion):
+    routed_experts: object = None
+
+
+def test_routed_experts_become_compact_routes_of_every_ran_token():
+    import numpy as np
+    import torch
+
+    # vLLM's capturer: [prompt + output tokens, layers, top_k], uint8 up to 256 experts, uint16 above
+    prompt, out = [1, 2, 3], [9, 2]
+    rng = np.random.default_rng(0)
+    small = rng.integers(0, 128, size=(4, 48, 8)).astype(np.uint8)  # 30B-A3B: 48 layers, top-8 of 128
+    req = FakeRequest(prompt, [RoutedCompletion(0, out, _positions(out, [-0.5, -0.25]), "stop", routed_experts=small)])
+    (c,) = ve.completions_from_outputs([req], [prompt], n=1)
+    assert c.routes.dtype == torch.uint8 and torch.equal(c.routes, torch.from_numpy(small))
+    big = rng.integers(0, 512, size=(5, 2, 4)).astype(np.uint16)  # the whole sequence, 512 experts
+    routes = ve.routes_from_routed_experts(big, 5, "x")
+    assert routes.dtype == torch.int16 and routes.long().tolist() == big.astype(np.int64).tolist()
+    with pytest.raises(ValueError, match="covers 2 tokens, the sequence has 5"):
+        ve.routes_from_routed_experts(big[:2], 5, "x")
+    with pytest.raises(ValueError, match="not a \\[tokens, layers, top_k\\] integer array"):
+        ve.routes_from_routed_experts(big.astype(np.float32), 5, "x")
+    (dense,) = ve.completions_from_outputs(
+        [FakeRequest(prompt, [FakeCompletion(0, out, _positions(out, [-0.5, -0.25]), "stop")])], [prompt], n=1
+    )
+    assert dense.routes is None

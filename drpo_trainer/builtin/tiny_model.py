@@ -284,10 +284,16 @@ def sample_accuracy(
 
 
 def build_tiny_math(
-    out_dir: str | os.PathLike, recipe: WarmStartRecipe = WarmStartRecipe(), progress: bool = True
+    out_dir: str | os.PathLike,
+    recipe: WarmStartRecipe = WarmStartRecipe(),
+    progress: bool = True,
+    *,
+    new_model=None,
+    version: str = BUILD_VERSION,
 ) -> dict[str, Any]:
     """Train the tokenizer, warm-start the model and save both into `out_dir` (which must not exist
-    yet or be empty). Runs single-threaded for bit-reproducible weights; returns the build info."""
+    yet or be empty). Runs single-threaded for bit-reproducible weights; returns the build info.
+    `new_model(tokenizer, recipe)` builds another architecture (builtin:tiny-math-moe)."""
     import dataclasses
 
     import torch
@@ -297,14 +303,17 @@ def build_tiny_math(
     torch.set_num_threads(1)
     try:
         tokenizer = build_tokenizer(_tokenizer_texts(), recipe.vocab_size)
-        model = _new_model(tokenizer, recipe.hidden_size, recipe.num_layers, recipe.num_heads, recipe.seed)
+        if new_model is None:
+            model = _new_model(tokenizer, recipe.hidden_size, recipe.num_layers, recipe.num_heads, recipe.seed)
+        else:
+            model = new_model(tokenizer, recipe)
         final_loss = warm_start(model, tokenizer, recipe, progress=progress)
     finally:
         torch.set_num_threads(threads)
     model.save_pretrained(str(out_dir))
     tokenizer.save_pretrained(str(out_dir))
     info = {
-        "version": BUILD_VERSION,
+        "version": version,
         "recipe": dataclasses.asdict(recipe),
         "parameters": sum(p.numel() for p in model.parameters()),
         "final_sft_loss": final_loss,
@@ -326,16 +335,17 @@ def resolve_model_path(path: str) -> str:
     and the build lands in a temp dir renamed into place, so a half-written cache is never seen."""
     if not path.startswith("builtin:"):
         return path
-    if path != BUILTIN_NAME:
+    if path != BUILTIN_NAME:  # builtin:tiny-math-moe: drpo_trainer.builtin.resolve
         raise ValueError(
-            f"unknown builtin model {path!r}; the only builtin is {BUILTIN_NAME!r} "
+            f"unknown builtin model {path!r}; the builtins are {BUILTIN_NAME!r} and 'builtin:tiny-math-moe' "
             "(or give a Hugging Face model directory)"
         )
     return str(ensure_built(default_cache_dir() / BUILD_VERSION))
 
 
-def ensure_built(target: Path, progress: bool = True) -> Path:
-    """Build the tiny-math model into `target` unless a finished build is already there."""
+def ensure_built(target: Path, progress: bool = True, build=None, name: str = BUILTIN_NAME) -> Path:
+    """Build the tiny-math model (or, with `build`, another builtin) into `target` unless a finished build
+    is already there."""
     from filelock import FileLock
 
     target = Path(target)
@@ -352,14 +362,14 @@ def ensure_built(target: Path, progress: bool = True) -> Path:
             )
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
         try:
-            info = build_tiny_math(tmp, progress=progress)
+            info = (build or build_tiny_math)(tmp, progress=progress)
             os.chmod(tmp, 0o755)  # mkdtemp makes it owner-only; the cache may be shared by users
             os.replace(tmp, target)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         if progress:
-            print(f"built {BUILTIN_NAME} ({info['parameters']:,} parameters) in {info['build_seconds']} s -> {target}")
+            print(f"built {name} ({info['parameters']:,} parameters) in {info['build_seconds']} s -> {target}")
     return target
 
 

@@ -42,7 +42,8 @@ class Panel:
     patterns: tuple[str, ...]  # regular expressions matched against whole metric names, in drawing order
     ylabel: str = ""
     log_y: bool = False  # for quantities that span decades (a fp32 engine's k3 is ~1e-13, a bf16 one's ~1e-4)
-    layout_only: bool = False  # of one process layout (asynchronous): not named as missing when no run has it
+    # of one process layout (asynchronous) or model kind (mixture of experts): not named as missing when no run has it
+    layout_only: bool = False
 
 
 PANELS: tuple[Panel, ...] = (
@@ -87,6 +88,24 @@ PANELS: tuple[Panel, ...] = (
         "idle fraction (asynchronous)",
         (r"async/learner_idle_fraction", r"async/rollout_idle_fraction"),
         "fraction",
+        layout_only=True,
+    ),
+    Panel(
+        "MoE route agreement (engine vs learner top-k sets)",
+        (r"moe/route_agreement", r"parity/route_agreement"),
+        "fraction of (token, layer)",
+        layout_only=True,
+    ),
+    Panel(
+        "MoE mismatch k3 KL: without / with routing replay",
+        (r"moe/k3_kl_without_replay", r"moe/k3_kl_with_replay"),
+        "nats",
+        log_y=True,
+        layout_only=True,
+    ),
+    Panel(
+        "MoE load balance (busiest expert's share / mean share)",
+        (r"moe/load_balance/layer_\d+",),
         layout_only=True,
     ),
     Panel(

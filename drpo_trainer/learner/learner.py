@@ -15,6 +15,10 @@ Two exact shortcuts (config `trainer.*`, both on by default; the update is uncha
     behaviour log-probs are its update forward's own log-probs, detached (the separate no-grad
     pass computes the same numbers bitwise); only mini-batches 2..k are recomputed.
 
+Mixture-of-experts models: with `rollout.routing_replay` every forward (mu, updates, the parity probe)
+sends each token through the experts the engine chose for it (`TrainSample.routes`,
+drpo_trainer/learner/routing.py; docs/moe.md).
+
 `algorithm.mask_truncated` (off by default; it changes the update) leaves completions that hit
 max_new_tokens without EOS out of the loss entirely: no forward, no gradient, and not counted in the
 normalisers (`samples_in_loss`; docs/algorithms.md says why).
@@ -37,6 +41,7 @@ import torch
 from drpo_trainer.algorithms.losses import compute_policy_loss, metric_reductions
 from drpo_trainer.config import Config, merge_dicts
 from drpo_trainer.learner.packing import pack_sequences, pad_rows, plan_micro_batches
+from drpo_trainer.learner.routing import routing_tap
 from drpo_trainer.metrics import MetricAccumulator, all_reduce_max, all_reduce_sum
 from drpo_trainer.rollout.base import SamplingSpec
 from drpo_trainer.rollout.producer import sampling_spec
@@ -64,6 +69,7 @@ class TrainSample:
     rollout_logprobs: torch.Tensor  # (Tc,) from the engine
     old_logprobs: Optional[torch.Tensor] = None  # (Tc,) learner recomputation with pre-update weights
     truncated: bool = False  # hit max_new_tokens without EOS; left out of the loss with algorithm.mask_truncated
+    routes: Optional[torch.Tensor] = None  # (n, layers, k) the engine's experts of tokens 0..n-1 (MoE models)
 
     @property
     def completion_len(self) -> int:
@@ -184,6 +190,7 @@ class Learner:
             self._record_stage0_grad_norm()
         # with active dropout the update forward is not the policy mu was defined as (eval mode)
         self.can_reuse_logprobs = not _has_dropout(model)
+        self.routing, self.replay = routing_tap(model, cfg.rollout.routing_replay)  # MoE: record / replay experts
 
     def _record_stage0_grad_norm(self) -> None:
         """Without ZeRO, DeepSpeed clips with a torch optimizer but keeps no norm: record it."""
@@ -207,16 +214,19 @@ class Learner:
 
     # -- log-probs of completion tokens -------------------------------------------------------
     def _forward(
-        self, samples: list[TrainSample], *, with_entropy: bool, probe: bool = False
+        self, samples: list[TrainSample], *, with_entropy: bool, probe: bool = False, replay: Optional[bool] = None
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Packed forward; returns each sample's completion log-probs (Tc,) (and entropies) under
         the sampling distribution (rollout temperature, top-k, top-p), or at temperature 1
-        without truncation for the parity probe."""
+        without truncation for the parity probe. MoE models: with `replay` (default
+        rollout.routing_replay) every token goes through the experts in its sample's `routes`."""
         from drpo_trainer.learner.logprobs import token_logprobs
 
         packed = pack_sequences(
             [s.input_ids for s in samples], prompt_lengths=[s.prompt_len for s in samples], row_tokens=self.row_tokens
         )
+        if self.routing is not None:  # stays set until the next forward: a checkpointed backward recomputes it
+            self.routing.prepare([s.routes for s in samples], packed, self.replay if replay is None else replay)
         r = self.sampling
         lp, ent = token_logprobs(
             self.engine,
@@ -272,11 +282,14 @@ class Learner:
         self.engine.train()
 
     @torch.no_grad()
-    def score(self, sequences: list[list[int]]) -> list[list[float]]:
-        """Log-probs of tokens 1..L-1 at temperature 1 (the parity probe; every rank calls it)."""
+    def score(self, sequences: list[list[int]], routes: Optional[list[torch.Tensor]] = None) -> list[list[float]]:
+        """Log-probs of tokens 1..L-1 at temperature 1 (the parity probe; every rank calls it), through the
+        engine's experts `routes` under rollout.routing_replay."""
         self.engine.eval()
+        routes = routes or [None] * len(sequences)
         probe = [
-            TrainSample(input_ids=s, prompt_len=1, advantage=0.0, rollout_logprobs=torch.zeros(0)) for s in sequences
+            TrainSample(input_ids=s, prompt_len=1, advantage=0.0, rollout_logprobs=torch.zeros(0), routes=r)
+            for s, r in zip(sequences, routes)
         ]
         lps, _ = self._forward(probe, with_entropy=False, probe=True)
         self.engine.train()

@@ -33,7 +33,13 @@ def make_engine(cfg, model_path: str, *, tokenizer, device, seed: int) -> Rollou
         new_tokens = max(r.max_new_tokens, cfg.eval.max_new_tokens or 0)  # the eval may sample longer
         max_len = r.vllm.max_model_len or (cfg.data.max_prompt_tokens + new_tokens)
         return VLLMEngine(
-            model_path, r.vllm, seed=seed, max_model_len=max_len, dtype=dtype, quantization=r.quantization
+            model_path,
+            r.vllm,
+            seed=seed,
+            max_model_len=max_len,
+            dtype=dtype,
+            quantization=r.quantization,
+            routing_replay=r.routing_replay,
         )
     raise ValueError(
         f"unknown rollout backend {r.backend!r}; known engines: {', '.join(ENGINE_NAMES)}. "

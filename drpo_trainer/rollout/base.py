@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Literal, Protocol
+from typing import Iterable, Literal, Optional, Protocol
 
 import torch
 
@@ -30,6 +30,10 @@ class Completion:
     rollout_logprobs: list[float]  # engine log-probs of completion_ids under log_softmax(logits / T)
     finish_reason: Literal["stop", "length"]
     text: str = ""
+    # mixture-of-experts models: the experts of tokens 0..n-1 of prompt + completion at every MoE layer,
+    # (n, layers, k) uint8/int16 (drpo_trainer.learner.routing); n is the sequence length - 1 when the engine
+    # never ran the last sampled token. None for dense models or an engine that does not record them.
+    routes: Optional[torch.Tensor] = None
 
 
 class RolloutEngine(Protocol):

@@ -10,15 +10,22 @@ top-p set and renormalised when those are on (the learner's and vLLM's definitio
 With `quantization="fp8"` the engine's linear-projection weights are rounded to float8_e4m3fn and
 back after loading and after every sync, with vLLM's per-tensor scales (`drpo_trainer.rollout.fp8`):
 the learner stays in full precision, so the engine samples from an FP8-style policy.
+
+A mixture-of-experts model (drpo_trainer.learner.routing) has its routers tapped: every completion
+carries `routes`, the experts chosen for each of its prompt and completion tokens at every MoE layer
+(the last sampled token is never run through the model and has none), for routing replay and the
+moe/* metrics.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Iterable, Optional
 
 import torch
 
 from drpo_trainer.learner.logprobs import sampling_logprobs
+from drpo_trainer.learner.routing import RouterTap, is_moe
 from drpo_trainer.rollout.base import Completion, SamplingSpec
 from drpo_trainer.rollout.fp8 import fake_quantize_params, fp8_scale_group, fp8_scale_groups
 
@@ -53,6 +60,7 @@ class HFEngine:
         )
         self._fp8_groups = self._fp8_setup(quantization, model_path)
         self._fp8_arrived: dict[str, set[str]] = {}  # group -> members synced since it was last quantized
+        self._tap = RouterTap(self.model) if is_moe(self.model) else None  # records every token's experts
 
     def _fp8_setup(self, quantization: Optional[str], model_path: str) -> dict[str, list[str]]:
         if quantization is None:
@@ -95,15 +103,34 @@ class HFEngine:
             for group in done:
                 del self._fp8_arrived[group]
 
-    @torch.no_grad()
     def score(self, sequences: list[list[int]]) -> list[list[float]]:
-        out = []
+        return self.score_routed(sequences)[0]
+
+    @torch.no_grad()
+    def score_routed(self, sequences: list[list[int]]) -> tuple[list[list[float]], Optional[list[torch.Tensor]]]:
+        """`score`, and for an MoE model each sequence's (L, layers, k) experts (else None)."""
+        out, routes = [], []
         for seq in sequences:  # one at a time: a probe is small, and no padding enters the numbers
             ids = torch.tensor([seq], device=self.device)
-            logits = self.model(input_ids=ids).logits[0, :-1].float()
+            with self._recording() as calls:
+                logits = self.model(input_ids=ids).logits[0, :-1].float()
             lp = torch.log_softmax(logits, dim=-1).gather(-1, ids[0, 1:, None]).squeeze(-1)
             out.append(lp.cpu().tolist())
-        return out
+            if calls is not None:
+                routes.append(torch.stack([layer[0] for layer in calls], dim=1))  # (L, layers, k)
+        return out, (routes if self._tap is not None else None)
+
+    @contextlib.contextmanager
+    def _recording(self):
+        """Within: every forward appends each MoE layer's (tokens, k) experts to the yielded lists."""
+        if self._tap is None:
+            yield None
+            return
+        self._tap.recording = calls = [[] for _ in range(self._tap.num_layers)]
+        try:
+            yield calls
+        finally:
+            self._tap.recording = None
 
     def sleep(self) -> None:  # nothing to release on CPU
         pass
@@ -138,7 +165,22 @@ class HFEngine:
         for row, (_, ids) in enumerate(jobs):  # left padding
             input_ids[row, width - len(ids) :] = torch.tensor(ids)
             attention[row, width - len(ids) :] = 1
-        res = self.model.generate(
+        with self._recording() as calls:
+            res = self._generate_padded(input_ids, attention, spec)
+        new_tokens = res.sequences[:, width:].cpu()  # (B, steps)
+        logits = torch.stack(res.logits, dim=1).float().cpu()  # (B, steps, V), raw
+        logprobs = sampling_logprobs(logits, spec.temperature, spec.top_k, spec.top_p)
+        token_lp = logprobs.gather(-1, new_tokens.unsqueeze(-1)).squeeze(-1)  # (B, steps)
+        routes = _batch_routes(calls, len(jobs), width) if calls is not None else None
+        return [
+            self._completion(
+                jobs[row], new_tokens[row], token_lp[row], spec, _row_routes(routes, row, width, jobs[row])
+            )
+            for row in range(len(jobs))
+        ]
+
+    def _generate_padded(self, input_ids: torch.Tensor, attention: torch.Tensor, spec: SamplingSpec):
+        return self.model.generate(
             input_ids=input_ids.to(self.device),
             attention_mask=attention.to(self.device),
             do_sample=True,
@@ -151,13 +193,10 @@ class HFEngine:
             output_logits=True,
             return_dict_in_generate=True,
         )
-        new_tokens = res.sequences[:, width:].cpu()  # (B, steps)
-        logits = torch.stack(res.logits, dim=1).float().cpu()  # (B, steps, V), raw
-        logprobs = sampling_logprobs(logits, spec.temperature, spec.top_k, spec.top_p)
-        token_lp = logprobs.gather(-1, new_tokens.unsqueeze(-1)).squeeze(-1)  # (B, steps)
-        return [self._completion(jobs[row], new_tokens[row], token_lp[row], spec) for row in range(len(jobs))]
 
-    def _completion(self, job, tokens: torch.Tensor, lps: torch.Tensor, spec: SamplingSpec) -> Completion:
+    def _completion(
+        self, job, tokens: torch.Tensor, lps: torch.Tensor, spec: SamplingSpec, routes: Optional[torch.Tensor] = None
+    ) -> Completion:
         prompt_index, prompt = job
         ids = tokens.tolist()
         end: Optional[int] = next((t + 1 for t, tok in enumerate(ids) if tok in self.eos_ids), None)
@@ -171,4 +210,20 @@ class HFEngine:
             rollout_logprobs=lps[:end].tolist(),
             finish_reason=finish,
             text=self.tokenizer.decode(ids, skip_special_tokens=True),
+            routes=None if routes is None else routes[: len(prompt) + end - 1].clone(),  # the last token has none
         )
+
+
+def _batch_routes(calls: list[list[torch.Tensor]], rows: int, width: int) -> torch.Tensor:
+    """The recorded router calls of one `generate` -> (B, width + steps - 1, layers, k): the prefill's
+    (B * width, k) choices per layer, then one (B, k) per decode step."""
+    prefill = torch.stack([layer[0] for layer in calls], dim=1).view(rows, width, len(calls), -1)
+    if len(calls[0]) == 1:
+        return prefill
+    decode = torch.stack([torch.stack(layer[1:], dim=1) for layer in calls], dim=2)  # (B, steps - 1, layers, k)
+    return torch.cat([prefill, decode.view(rows, -1, len(calls), prefill.shape[-1])], dim=1)
+
+
+def _row_routes(routes: Optional[torch.Tensor], row: int, width: int, job) -> Optional[torch.Tensor]:
+    """Row `row`'s routes from its first prompt token on (the prompt is left-padded to `width`)."""
+    return None if routes is None else routes[row, width - len(job[1]) :]

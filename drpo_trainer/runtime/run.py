@@ -109,7 +109,7 @@ def load_run_inputs(cfg: Config) -> RunInputs:
 
     model_path = cfg.model.path
     if model_path.startswith("builtin:"):  # the embedded tiny model, built and cached on first use
-        from drpo_trainer.builtin.tiny_model import resolve_model_path
+        from drpo_trainer.builtin.resolve import resolve_model_path
 
         model_path = resolve_model_path(model_path)
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)

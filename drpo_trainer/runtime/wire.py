@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import math
 import struct
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -221,10 +221,18 @@ def completions_to_plain(completions: list[Completion]) -> dict:
         dtype = torch.float64 if k == "rollout_logprobs" else torch.int64  # float64: a Python float, bit for bit
         plain[k] = torch.tensor([x for s in seqs for x in s], dtype=dtype)
         plain[k + "_lengths"] = [len(s) for s in seqs]
+    routes = [c.routes for c in completions]
+    if any(r is not None for r in routes):  # MoE: one (sum n_i, layers, k) tensor, -1 lengths for None
+        present = [r for r in routes if r is not None]
+        plain["routes"] = torch.cat([r.reshape(r.shape[0], -1) for r in present]).view(-1, *present[0].shape[1:])
+        plain["routes_lengths"] = [-1 if r is None else r.shape[0] for r in routes]
     return plain
 
 
 def completions_from_plain(plain: Any) -> list[Completion]:
+    routes = _routes_from_plain(plain)  # (absent for dense models and in checkpoints written before the key)
+    if routes is not None:
+        plain = {k: v for k, v in plain.items() if k not in ("routes", "routes_lengths")}
     _keys(plain, {"prompt_index", "finish_reason", "text", *_SEQS, *(k + "_lengths" for k in _SEQS)})
     n = len(plain["prompt_index"]) if isinstance(plain["prompt_index"], list) else -1
     _check(_ints(plain["prompt_index"]), "prompt_index is not a list of ints")
@@ -255,9 +263,29 @@ def completions_from_plain(plain: Any) -> list[Completion]:
             rollout_logprobs=columns["rollout_logprobs"][i],
             finish_reason=plain["finish_reason"][i],
             text=plain["text"][i],
+            routes=routes[i] if routes else None,
         )
         for i in range(n)
     ]
+
+
+def _routes_from_plain(plain: Any) -> Optional[list[Optional[torch.Tensor]]]:
+    """The MoE routes of `plain` (checked), or None when it has none."""
+    if not isinstance(plain, dict) or "routes" not in plain:
+        return None
+    flat, lengths = plain["routes"], plain.get("routes_lengths")
+    _check(
+        isinstance(flat, torch.Tensor) and flat.dtype in (torch.uint8, torch.int16) and flat.dim() == 3,
+        "routes is not a 3-D uint8/int16 tensor",
+    )
+    _check(_ints(lengths) and min(lengths, default=0) >= -1, "routes_lengths is not a list of sizes (-1: none)")
+    _check(len(lengths) == len(plain.get("prompt_index") or []), "routes_lengths has not one entry per completion")
+    _check(sum(m for m in lengths if m > 0) == flat.shape[0], "routes and routes_lengths disagree")
+    out, start = [], 0
+    for m in lengths:
+        out.append(None if m < 0 else flat[start : start + m])
+        start += max(m, 0)
+    return out
 
 
 def _keys(plain: Any, want: set) -> None:

@@ -58,7 +58,7 @@ def export_live(
     ctx = ctx or DistContext.current()
     check_export_target(out_dir, hf_dir, overwrite=True)  # final/ of a run: replaced when a resumed run ends again
     state: dict[str, torch.Tensor] = {}
-    for bucket in iter_gathered_buckets(module, bucket_bytes):
+    for bucket in iter_gathered_buckets(module, bucket_bytes, full=True):  # LoRA: merged
         if ctx.is_main:
             state.update({name: t.detach().to("cpu", copy=True) for name, t in bucket})
     if ctx.is_main:

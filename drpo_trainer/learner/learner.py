@@ -154,11 +154,14 @@ class Learner:
         model.config.use_cache = False
         if cfg.model.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if cfg.model.lora is not None:  # only the adapters train (docs/lora.md)
+            model = self._apply_lora(model)
+        trainable = [p for p in model.parameters() if p.requires_grad]  # every parameter, without LoRA
         o = cfg.optim
         optimizer = None
         if not cfg.distributed.offload_optimizer:
             optimizer = torch.optim.AdamW(
-                model.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay
+                trainable, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay
             )
         else:  # ZeRO-Offload needs DeepSpeed's CPU Adam
             ds_config["optimizer"] = {
@@ -169,7 +172,7 @@ class Learner:
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model,
             optimizer=optimizer,
-            model_parameters=model.parameters() if optimizer is None else None,
+            model_parameters=trainable if optimizer is None else None,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, sched),
             config=ds_config,
         )
@@ -184,6 +187,23 @@ class Learner:
             self._record_stage0_grad_norm()
         # with active dropout the update forward is not the policy mu was defined as (eval mode)
         self.can_reuse_logprobs = not _has_dropout(model)
+
+    def _apply_lora(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The model with LoRA adapters (model.lora), only they trainable; says how many parameters train."""
+        import sys
+
+        from drpo_trainer.learner.lora import apply_lora, parameter_counts
+
+        model = apply_lora(model, self.cfg.model.lora, seed=self.cfg.trainer.seed)
+        self.trainable_params, self.total_params = parameter_counts(model)
+        if self.ctx.is_main:
+            print(
+                f"drpo-train: model.lora trains {self.trainable_params:,} of {self.total_params:,} parameters "
+                f"({100 * self.trainable_params / self.total_params:.3g}%)",
+                file=sys.stderr,
+                flush=True,
+            )
+        return model
 
     def _record_stage0_grad_norm(self) -> None:
         """Without ZeRO, DeepSpeed clips with a torch optimizer but keeps no norm: record it."""

@@ -177,6 +177,10 @@ class Learner:
             config=ds_config,
         )
         self.device = self.engine.device
+        if cfg.model.lora is not None:
+            from drpo_trainer.learner.lora import save_adapters_only
+
+            save_adapters_only(self.engine)
         self.engine.train()
         # varlen flash-attention attends within each packed sequence; other kernels pay row_length^2
         varlen = cfg.model.attn_implementation == "flash_attention_2"

@@ -7,6 +7,8 @@ Owns:
                         every adapted layer the merged weight W + (alpha / rank) B A (peft's own
                         `get_delta_weight`, the arithmetic of `merge_and_unload`) under its Hugging Face
                         name, and with `full=True` every other (frozen) weight as it is
+  save_adapters_only    a checkpoint of the DeepSpeed engine holds the adapters and their optimizer state,
+                        no frozen weight (tied aliases included)
   base_reference        the base model a checkpoint's adapters belong to: its path and a sha256 of its
                         weight files, checked on resume and by the offline export
   load_adapted          base model + a checkpoint's adapter weights -> a PeftModel (offline export, eval)
@@ -119,6 +121,23 @@ def merged_items(
         elif full and ".lora_" not in raw:
             items.append((hf_name(raw), p, [p], lambda p=p: p.data))
     return items
+
+
+def save_adapters_only(engine) -> None:
+    """Make `engine.save_checkpoint(..., exclude_frozen_parameters=True)` leave out every frozen weight.
+    DeepSpeed drops the frozen parameters it finds with `named_parameters()`, which lists a tied weight
+    once: the alias (`lm_head.weight` of a tied head) stayed in the checkpoint, a whole embedding matrix."""
+    original = engine.module_state_dict
+
+    def module_state_dict(*args, exclude_frozen_parameters: bool = False, **kwargs):
+        state = original(*args, exclude_frozen_parameters=exclude_frozen_parameters, **kwargs)
+        if exclude_frozen_parameters:
+            for name, p in engine.module.named_parameters(remove_duplicate=False):
+                if not p.requires_grad:
+                    state.pop(name, None)
+        return state
+
+    engine.module_state_dict = module_state_dict
 
 
 # -- the base model a checkpoint's adapters belong to -------------------------------------------------

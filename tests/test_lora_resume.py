@@ -11,13 +11,14 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+from pathlib import Path
 
 import pytest
 import resume_helpers as h
 import torch
 import yaml
 
-from drpo_trainer.config import ConfigError
+from drpo_trainer.config import ConfigError, dump_config
 from drpo_trainer.io.checkpoint import load_checkpoint, save_checkpoint
 from drpo_trainer.learner.learner import Learner, TrainSample
 from drpo_trainer.learner.lora import base_reference
@@ -82,7 +83,18 @@ def test_checkpoint_holds_only_the_adapters_and_resumes_bitwise(tmp_path, ctx, s
     learner = Learner(cfg, model_dir, total_optimizer_steps=2)
     _step(learner, batches[0])
     loop_state = {"lora_base": base_reference(model_dir)}
-    ckpt = save_checkpoint(learner.engine, str(tmp_path), 1, loop_state, config_yaml="", adapters_only=True, ctx=ctx)
+    ckpt = save_checkpoint(
+        learner.engine,
+        str(tmp_path / "run"),
+        1,
+        loop_state,
+        config_yaml=dump_config(cfg),
+        hf_save=lambda path: _hf_save(learner, model_dir, path),
+        adapters_only=True,
+        ctx=ctx,
+    )
+    seqs = [s.input_ids for s in batches[1]]
+    _check_exports(ckpt, learner.score(seqs), seqs, tmp_path, model_dir)
     _step(learner, batches[1])
     want = _adapters(learner)
 
@@ -125,3 +137,49 @@ def test_resume_onto_another_base_model_is_refused(tmp_path):
         check_resume(cfg, str(ckpt), allowed=["model.path"])
     cfg_same = cfg.model_copy(update={"model": cfg.model.model_copy(update={"path": h.workspace()["model"]})})
     check_resume(cfg_same, str(ckpt), allowed=["model.path"])  # the right base: accepted
+
+
+def _hf_save(learner: Learner, model_dir: str, path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    learner.module.config.save_pretrained(path)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(path)
+
+
+def _scores(model: torch.nn.Module, seqs: list[list[int]]) -> list[list[float]]:
+    """Temperature-1 log-probs of tokens 1..L-1, one sequence at a time (the engine's `score`)."""
+    out = []
+    with torch.no_grad():
+        for seq in seqs:
+            ids = torch.tensor([seq])
+            lp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
+            out.append(lp.gather(-1, ids[0, 1:, None]).squeeze(-1).tolist())
+    return out
+
+
+def _max_diff(a: list[list[float]], b: list[list[float]]) -> float:
+    return max(abs(x - y) for u, v in zip(a, b) for x, y in zip(u, v))
+
+
+def _check_exports(ckpt: Path, learner_scores, seqs, tmp_path: Path, model_dir: str) -> None:
+    """Merged export, adapter export (peft) and the eval command's merge of the adapter all give the
+    learner's log-probs (to float round-off: merged W + s B A vs the unmerged forward, packed vs not)."""
+    import peft
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from drpo_trainer.io.export import export_checkpoint, merge_adapter_dir
+
+    merged = AutoModelForCausalLM.from_pretrained(export_checkpoint(ckpt, tmp_path / "merged"))
+    assert _max_diff(_scores(merged, seqs), learner_scores) < 1e-5
+    adapter_dir = export_checkpoint(ckpt, tmp_path / "adapter", adapter=True)
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in adapter_dir.iterdir()}
+    adapter = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), adapter_dir)
+    assert _max_diff(_scores(adapter, seqs), learner_scores) < 1e-5
+    saved = h.consolidated_weights(ckpt)  # the checkpoint's adapters, bitwise in the peft directory
+    exported = load_file(adapter_dir / "adapter_model.safetensors")
+    assert len(exported) == 28
+    for name, value in exported.items():
+        assert torch.equal(value, saved[name.replace(".weight", ".default.weight")]), name
+    for_eval = AutoModelForCausalLM.from_pretrained(merge_adapter_dir(adapter_dir, tmp_path / "eval", dtype="float32"))
+    assert _max_diff(_scores(for_eval, seqs), _scores(merged, seqs)) < 1e-6

@@ -167,3 +167,16 @@ def test_adapter_dropout_switches_off_minibatch_one_reuse(model_dir, ctx):
     assert Learner(make_cfg(model_dir), model_dir, total_optimizer_steps=1).can_reuse_logprobs
     dropped = Learner(make_cfg(model_dir, "model.lora.dropout=0.1"), model_dir, total_optimizer_steps=1)
     assert not dropped.can_reuse_logprobs
+
+
+def test_a_sync_sends_the_fused_siblings_of_an_adapted_projection(model_dir, ctx, engine):
+    # adapters on q_proj and up_proj only: k_proj, v_proj (one qkv_proj in vLLM) and gate_proj
+    # (gate_up_proj) go too, unchanged; o_proj, down_proj and everything else stay behind
+    cfg = make_cfg(model_dir, "model.lora.target_modules=[q_proj,up_proj]")
+    learner = Learner(cfg, model_dir, total_optimizer_steps=1)
+    sent = []
+    spy = SimpleNamespace(load_weights=lambda bucket: sent.extend(name for name, _ in bucket))
+    stats = sync_weights(learner.module, spy, 1 << 20)
+    want = {f"model.layers.{i}.self_attn.{m}.weight" for i in range(2) for m in ("q_proj", "k_proj", "v_proj")}
+    want |= {f"model.layers.{i}.mlp.{m}.weight" for i in range(2) for m in ("gate_proj", "up_proj")}
+    assert sorted(sent) == sorted(want) and stats["sync/params"] == 10

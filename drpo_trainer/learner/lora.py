@@ -104,21 +104,39 @@ def merged_weight(layer: torch.nn.Module) -> torch.Tensor:
     return weight.data + layer.get_delta_weight(ADAPTER).to(weight.dtype)
 
 
+# Projections an engine may fuse into one layer (vLLM: qkv_proj, gate_up_proj) and reload as a whole:
+# when adapters touch one of them, the others are sent too (a fused layer loaded in part is not whole).
+FUSED_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def _touched_modules(layer_names: list[str]) -> set[str]:
+    """HF module names a sync sends: the adapted layers, and their fused siblings."""
+    touched = set()
+    for name in layer_names:
+        parent, _, leaf = hf_name(name).rpartition(".")
+        group = next((g for g in FUSED_SIBLINGS if leaf in g), (leaf,))
+        touched.update(f"{parent}.{member}" for member in group)
+    return touched
+
+
 def merged_items(
     model: torch.nn.Module, *, full: bool
 ) -> list[tuple[str, torch.nn.Parameter, list[torch.nn.Parameter], Callable[[], torch.Tensor]]]:
     """[(hf name, the parameter whose size it has, the parameters to gather, make the tensor)] in model
-    order: each adapted layer's merged weight; with `full` also every other parameter (tied aliases too).
-    The adapters' own A and B are never listed: the engine and an export know no such weights."""
+    order: each adapted layer's merged weight, and every other parameter of the modules a sync touches
+    (their biases, the fused siblings of an adapted projection: FUSED_SIBLINGS); with `full` every
+    parameter (tied aliases too). The adapters' own A and B are never listed: the engine and an export
+    know no such weights."""
     layers = _lora_layers(model)
     weight_of = {f"{name}.base_layer.weight": layer for name, layer in layers.items()}
+    touched = _touched_modules(list(layers))
     items = []
     for raw, p in model.named_parameters(remove_duplicate=False):
         if raw in weight_of:
             layer = weight_of[raw]
             gather = [p, layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight]
             items.append((hf_name(raw), p, gather, lambda layer=layer: merged_weight(layer)))
-        elif full and ".lora_" not in raw:
+        elif ".lora_" not in raw and (full or hf_name(raw).rpartition(".")[0] in touched):
             items.append((hf_name(raw), p, [p], lambda p=p: p.data))
     return items
 

@@ -180,3 +180,15 @@ def test_a_sync_sends_the_fused_siblings_of_an_adapted_projection(model_dir, ctx
     want = {f"model.layers.{i}.self_attn.{m}.weight" for i in range(2) for m in ("q_proj", "k_proj", "v_proj")}
     want |= {f"model.layers.{i}.mlp.{m}.weight" for i in range(2) for m in ("gate_proj", "up_proj")}
     assert sorted(sent) == sorted(want) and stats["sync/params"] == 10
+
+
+def test_preflight_names_the_missing_peft_and_the_extra_that_installs_it(monkeypatch):
+    from importlib import util
+
+    from drpo_trainer.runtime import preflight
+
+    real = util.find_spec
+    monkeypatch.setattr(util, "find_spec", lambda name, *a: None if name == "peft" else real(name, *a))
+    with pytest.raises(ConfigError, match=r'model.lora needs peft.*pip install -e "\.\[lora\]"'):
+        preflight.check_lora(load_config(None, ["model.lora={}"]))
+    preflight.check_lora(load_config(None, []))  # full fine-tuning does not need it

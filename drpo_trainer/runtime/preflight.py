@@ -3,6 +3,7 @@ each failure is one line naming the key and the fix (the CLI prints it and exits
 a traceback minutes into start-up.
 
   rollout backend   vllm installed (without importing it) and of a tested version
+  model.lora        peft installed (without importing it)
   model.path        the builtin, a local model directory with weights, or a hub id in the local cache
   data files        train and eval files exist and can be read
   deepspeed_config  exists and holds a JSON object
@@ -44,6 +45,15 @@ def check_backend(cfg: Config) -> None:
         except RuntimeError as err:
             raise ConfigError(str(err)) from None
         return
+
+
+def check_lora(cfg: Config) -> None:
+    """model.lora trains adapters with peft: installed (without importing it)."""
+    if cfg.model.lora is not None and util.find_spec("peft") is None:
+        raise ConfigError(
+            'model.lora needs peft, which is not installed. Fix: pip install -e ".[lora]" (peft 0.21), '
+            "or drop model.lora to train the full weights"
+        )
 
 
 def _offline() -> bool:
@@ -181,6 +191,7 @@ def preflight(cfg: Config, local_processes: int, *, samples: bool = True) -> Non
     does not need the rollout backend installed (docs/async.md)."""
     if samples:
         check_backend(cfg)
+    check_lora(cfg)
     check_data(cfg)
     check_model(cfg)
     check_deepspeed_config(cfg)

@@ -5,9 +5,10 @@
 costs     a random ~11M Qwen3 (hidden 384, 5 layers, 6 heads, the tokenizer of builtin:tiny-math), one
           process, ZeRO stage 0, the CPU rollout engine beside the learner; each mode in a fresh process:
             step time      median of `--repeats` learner steps (recompute mu + 2 mini-batch updates) on
-                           one batch of 4 prompts x G=8 completions of <= 48 tokens
+                           one batch of 32 sequences (16 prompt + 24-48 completion tokens, random ids)
             peak memory    the process's peak RSS growth from just before the learner is built to the
-                           end (learner, optimizer state, activations)
+                           end of the timed steps (weights, gradients, optimizer state, activations;
+                           the engine is built after)
             checkpoint     bytes of the DeepSpeed state a checkpoint writes (`ds/`)
             sync           bytes and median seconds of `sync_weights` into the engine
 learning  configs/tiny_cpu.yaml vs configs/tiny_cpu_lora.yaml for `--steps` steps: eval avg@4 at the start
@@ -39,13 +40,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def measure(mode: str, model_dir: str, repeats: int) -> dict:
     """One mode's costs, in this process (started fresh by `costs`)."""
-    import torch
 
     from benchmarks.common import init_single_process
     from drpo_trainer.config import load_config
     from drpo_trainer.io.checkpoint import save_checkpoint
     from drpo_trainer.learner.learner import Learner, TrainSample
-    from drpo_trainer.rollout import SamplingSpec
     from drpo_trainer.rollout.hf_engine import HFEngine
     from drpo_trainer.rollout.weight_sync import sync_weights
     from drpo_trainer.runtime.loop import split_minibatches
@@ -56,15 +55,8 @@ def measure(mode: str, model_dir: str, repeats: int) -> dict:
         [f"model.path={model_dir}", "optim.lr=1e-4", "rollout.max_new_tokens=48", "rollout.samples_per_prompt=8"]
         + (LORA if mode == "lora" else []),
     )
-    engine = HFEngine(model_dir)
-    prompts = [engine.tokenizer(f"Compute {a} + {a * 7}.")["input_ids"] for a in (3, 14, 25, 61)]
-    comps = engine.generate(prompts, SamplingSpec(n=8, max_new_tokens=48, seed=1))
-    adv = torch.randn(len(comps), generator=torch.Generator().manual_seed(0))
-    batch = [
-        TrainSample(c.prompt_ids + c.completion_ids, len(c.prompt_ids), float(a), torch.tensor(c.rollout_logprobs))
-        for c, a in zip(comps, adv)
-    ]
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    batch = _random_batch(TrainSample)
+    rss_before = _rss_now()  # the learner's growth: measured before the engine exists
     learner = Learner(cfg, model_dir, total_optimizer_steps=2 * (repeats + 1))
     step_times = []
     for i in range(repeats + 1):  # the first is a warm-up
@@ -73,9 +65,11 @@ def measure(mode: str, model_dir: str, repeats: int) -> dict:
         learner.recompute_logprobs(mbs[1])
         learner.update(mbs[0], behaviour_from_forward=learner.can_reuse_logprobs)
         learner.update(mbs[1])
-        step_times.append(time.perf_counter() - start) if i else None
-    syncs = [sync_weights(learner.module, engine, 512 << 20) for _ in range(repeats)]
+        if i:
+            step_times.append(time.perf_counter() - start)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_before
+    engine = HFEngine(model_dir)
+    syncs = [sync_weights(learner.module, engine, 512 << 20) for _ in range(repeats)]
     with tempfile.TemporaryDirectory() as tmp:
         state = {"lora_base": {"path": model_dir, "sha256": "-"}} if mode == "lora" else {}
         ckpt = save_checkpoint(learner.engine, tmp, 1, state, config_yaml="", adapters_only=mode == "lora")
@@ -90,6 +84,25 @@ def measure(mode: str, model_dir: str, repeats: int) -> dict:
         "sync_mb": syncs[0]["sync/bytes"] / 2**20,
         "sync_s": median([s["sync/seconds"] for s in syncs]),
     }
+
+
+def _random_batch(sample_cls, n: int = 32, prompt: int = 16) -> list:
+    """4 prompts x G=8 sequences: `prompt` tokens + 24-48 completion tokens, random ids of the vocabulary."""
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(n):
+        completion = int(torch.randint(24, 49, (), generator=gen))
+        ids = torch.randint(3, 500, (prompt + completion,), generator=gen).tolist()
+        out.append(sample_cls(ids, prompt, float(torch.randn((), generator=gen)), torch.zeros(completion)))
+    return out
+
+
+def _rss_now() -> int:
+    """This process's resident set now, in bytes."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
 
 
 def costs(repeats: int) -> dict[str, dict]:

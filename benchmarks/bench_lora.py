@@ -55,7 +55,9 @@ def measure(mode: str, model_dir: str, repeats: int) -> dict:
         [f"model.path={model_dir}", "optim.lr=1e-4", "rollout.max_new_tokens=48", "rollout.samples_per_prompt=8"]
         + (LORA if mode == "lora" else []),
     )
-    batch = _random_batch(TrainSample)
+    from transformers import AutoConfig
+
+    batch = _random_batch(TrainSample, vocab=AutoConfig.from_pretrained(model_dir).vocab_size)
     rss_before = _rss_now()  # the learner's growth: measured before the engine exists
     learner = Learner(cfg, model_dir, total_optimizer_steps=2 * (repeats + 1))
     step_times = []
@@ -86,7 +88,7 @@ def measure(mode: str, model_dir: str, repeats: int) -> dict:
     }
 
 
-def _random_batch(sample_cls, n: int = 32, prompt: int = 16) -> list:
+def _random_batch(sample_cls, vocab: int, n: int = 32, prompt: int = 16) -> list:
     """4 prompts x G=8 sequences: `prompt` tokens + 24-48 completion tokens, random ids of the vocabulary."""
     import torch
 
@@ -94,7 +96,7 @@ def _random_batch(sample_cls, n: int = 32, prompt: int = 16) -> list:
     out = []
     for _ in range(n):
         completion = int(torch.randint(24, 49, (), generator=gen))
-        ids = torch.randint(3, 500, (prompt + completion,), generator=gen).tolist()
+        ids = torch.randint(3, vocab, (prompt + completion,), generator=gen).tolist()
         out.append(sample_cls(ids, prompt, float(torch.randn((), generator=gen)), torch.zeros(completion)))
     return out
 

@@ -99,3 +99,29 @@ def test_final_export_is_the_merged_checkpoint_and_eval_loads_merged_and_adapter
         assert proc.returncode == 0, proc.stderr[-3000:]
         scores[name] = json.loads((tmp_path / f"eval_{name}" / "metrics.json").read_text())["sets"]["tiny"]
     assert scores["merged"] == scores["adapter"]  # the same policy, sampled with the same seeds
+
+
+@pytest.mark.slow  # a two-process run (~2 min on a loaded machine); the sync itself: tests/test_lora.py
+def test_asynchronous_layout_trains_lora_and_its_rollout_process_stays_exact(tmp_path):
+    out = tmp_path / "run"
+    cfg = h.write_config(
+        tmp_path / "c.yaml",
+        h.workspace(),
+        out,
+        **{
+            "model.lora": LORA,
+            "distributed.nproc_per_node": 2,
+            "distributed.rollout_processes": 1,
+            "rollout.parity_check": True,
+            "trainer.max_steps": 3,
+            "checkpoint.every_steps": 0,
+        },
+    )
+    h.train(cfg)
+    rows = h.metrics_rows(out)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    # the rollout process's engine after every broadcast: the learner's policy to fp32 round-off
+    assert all(r["parity/mean_abs_logprob_diff"] < 1e-5 for r in rows)
+    # 2 layers x 7 projections in fp32: q, o 64 x 64; k, v 32 x 64 (2 KV heads of 16); MLP 3 x 64 x 256
+    assert all(r["sync/bytes"] == 2 * 4 * (2 * 64 * 64 + 2 * 32 * 64 + 3 * 64 * 256) == 491520 for r in rows)
+    assert (out / "checkpoints" / "step_000003").is_dir()

@@ -3,7 +3,8 @@
     drpo-train --config configs/tiny_cpu.yaml [key=value ...]      train (or continue: --resume auto)
     drpo-train --config X --print-config                           show the resolved config and exit
     drpo-train eval MODEL --config X [--out DIR] [key=value ...]   a model's avg@n, pass@j, maj@n per eval set
-    drpo-train export <checkpoint> <dir> [--overwrite]             checkpoint -> HF safetensors model
+    drpo-train export <checkpoint> <dir> [--overwrite] [--adapter]  checkpoint -> HF safetensors model
+                                                                   (LoRA: merged, or the peft adapter)
     drpo-train plot RUN_DIR [RUN_DIR ...] [-o report.png]          runs' metrics.jsonl -> one figure
 
 Exit codes: 0 done, 1 a file could not be written or read (a full disk, an incomplete checkpoint to
@@ -168,11 +169,19 @@ def _export(argv: list[str]) -> int:
         help="replace a non-empty out_dir that is not an earlier export (never the current directory, a run "
         "directory or the checkpoint itself)",
     )
+    p.add_argument(
+        "--adapter",
+        action="store_true",
+        help="a LoRA checkpoint (model.lora): write the peft adapter directory (adapter_config.json + "
+        "adapter_model.safetensors, loaded with peft.PeftModel.from_pretrained) instead of the merged model",
+    )
     args = p.parse_args(argv)
     from drpo_trainer.io.export import export_checkpoint
 
     try:
-        out = export_checkpoint(args.checkpoint, args.out_dir, dtype=args.dtype, overwrite=args.overwrite)
+        out = export_checkpoint(
+            args.checkpoint, args.out_dir, dtype=args.dtype, overwrite=args.overwrite, adapter=args.adapter
+        )
     except ConfigError as err:  # a target it may not replace, a file that could run code
         print(f"drpo-train export: {err}", file=sys.stderr)
         return EXIT_CONFIG_ERROR

@@ -28,6 +28,36 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
+# peft's names of the attention and MLP projections of Llama / Qwen / Mistral-style models
+LORA_DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class LoraConfig(Section):
+    """LoRA adapters trained instead of the full weights (peft; docs/lora.md). Only the adapters are
+    trainable and in the optimizer; the engine receives the merged weights W + (alpha / rank) B A of the
+    layers the adapters touch."""
+
+    rank: int = Field(16, ge=1, le=4096, description="r, the adapters' inner dimension.")
+    alpha: float = Field(32.0, gt=0, le=1e6, description="Scale numerator: the update is (alpha / rank) B A.")
+    dropout: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="Dropout on the adapters' input. > 0 switches off trainer.reuse_first_minibatch_logprobs "
+        "(as any active dropout does).",
+    )
+    target_modules: list[str] = Field(
+        default_factory=lambda: list(LORA_DEFAULT_TARGETS),
+        min_length=1,
+        description="Module names (peft's suffix match) that get adapters; default: the attention and MLP projections.",
+    )
+    init: Literal["default", "gaussian", "random"] = Field(
+        "default",
+        description="Adapter initialisation: default (A Kaiming-uniform, B = 0: the adapted model starts as "
+        "the base model), gaussian (A Gaussian, B = 0), random (B random too: NOT a no-op; for tests).",
+    )
+
+
 class ModelConfig(Section):
     path: str = Field(
         "builtin:tiny-math",
@@ -44,6 +74,11 @@ class ModelConfig(Section):
         description="transformers attention kernel ('sdpa', 'flash_attention_2', 'eager'); None = library default.",
     )
     trust_remote_code: bool = Field(False, description="Allow custom modelling code from the model directory.")
+    lora: Optional[LoraConfig] = Field(
+        None,
+        description="Train LoRA adapters (peft) instead of the full weights; null = full fine-tuning "
+        "(docs/lora.md). `model.lora={}` turns it on with the defaults.",
+    )
 
 
 class DataConfig(Section):

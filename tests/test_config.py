@@ -281,11 +281,15 @@ def test_a_bound_error_names_the_default_as_the_fix():
 def _numeric_keys(model=Config, prefix=""):
     """(dotted key, field) of every field holding an int or a float, nested sections included."""
     import re
+    import typing
 
     from pydantic import BaseModel
 
     for name, field in model.model_fields.items():
         ann = field.annotation
+        optional = [a for a in typing.get_args(ann) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if optional:  # an optional section (model.lora)
+            ann = optional[0]
         if isinstance(ann, type) and issubclass(ann, BaseModel):
             yield from _numeric_keys(ann, f"{prefix}{name}.")
         elif re.search(r"\b(int|float)\b", str(ann)):  # not 'float32', a dtype name
@@ -303,8 +307,14 @@ BOUNDED_BY_THE_CONFIG = {
 
 def test_every_number_key_refuses_infinity_and_nan_and_has_an_upper_bound():
     keys = dict(_numeric_keys())
-    assert len(keys) == 56 and "model.dtype" not in keys and "rollout.dtype" not in keys
-    assert {"optim.lr", "optim.betas", "rollout.vllm.kv_cache_gib", "trainer.packed_row_tokens"} <= set(keys)
+    assert len(keys) == 59 and "model.dtype" not in keys and "rollout.dtype" not in keys
+    assert {
+        "optim.lr",
+        "optim.betas",
+        "rollout.vllm.kv_cache_gib",
+        "trainer.packed_row_tokens",
+        "model.lora.rank",
+    } <= set(keys)
     for key in keys:
         for value in (".inf", ".nan", "-.inf"):
             with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

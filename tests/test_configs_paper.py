@@ -222,3 +222,20 @@ def test_data_files_are_the_converter_outputs(tmp_path, monkeypatch):
     for path in read:
         problems, _ = load_problems([str(written[path])], Tokenizer())
         assert problems and all("\\boxed{}" in p.prompt_text for p in problems), path
+
+
+def test_lora_recipe_is_the_drpo_recipe_training_adapters_on_one_gpu():
+    lora = _load("qwen3_4b_base_drpo_lora.yaml")
+    adapters = lora.model.lora
+    assert (adapters.rank, adapters.alpha, adapters.dropout, adapters.init) == (32, 64.0, 0.0, "default")
+    assert adapters.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    assert lora.optim.lr == 1e-5  # 10x the paper's full fine-tuning rate
+    assert lora.distributed.nproc_per_node == 1 and lora.distributed.deepspeed_config is None
+    assert lora.effective_zero_stage(1) == 0  # one process: unpartitioned
+    ours, paper = _algorithm_free("qwen3_4b_base_drpo_lora.yaml"), _algorithm_free("qwen3_4b_base_drpo.yaml")
+    for dump in (ours, paper):
+        dump["model"].pop("lora")
+        dump["optim"].pop("lr")
+        dump["distributed"].pop("nproc_per_node")
+        dump["distributed"].pop("deepspeed_config")
+    assert ours == paper

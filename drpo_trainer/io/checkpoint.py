@@ -11,7 +11,9 @@ Layout of `<output_dir>/checkpoints/`:
         rng/rank_00000.pt     python / numpy / torch RNG states of each rank (tensors, ints, lists)
         ranks/state_00000.pt  a rank's own loop state, if it has any (asynchronous layout: the
                               batches sampled ahead of the learner, docs/async.md); plain data
-        loop_state.json       step, data position, W&B run id, world size, ...
+        loop_state.json       step, data position, W&B run id, world size, ... (model.lora: the base
+                              model's path and weights sha256, "lora_base"; ds/ then holds only the
+                              adapters and their optimizer state)
         config.yaml           the resolved config of the run
         hf/                   model config + tokenizer (what `drpo-train export` needs besides weights)
         MANIFEST.json         size and sha256 of every file above, written last
@@ -138,8 +140,11 @@ def save_checkpoint(
     keep_last: int = 2,
     ctx: Optional[DistContext] = None,
     rank_state: Optional[dict] = None,
+    adapters_only: bool = False,
 ) -> Path:
-    """Every rank calls this. Returns the published directory. `rank_state`: this rank's own state,
+    """Every rank calls this. Returns the published directory. `adapters_only` (model.lora): the frozen
+    base weights are left out, the model state is the adapters' (`loop_state` then names the base
+    model, "lora_base", and a load restores the adapters onto it). `rank_state`: this rank's own state,
     plain data only (dicts, lists, str, int, float, bool, None, tensors: it is loaded back with
     weights_only=True), given back by `load_checkpoint` to the same rank of the same world size.
     Raises CheckpointWriteError when a file cannot be written; nothing published is touched then."""
@@ -148,7 +153,7 @@ def save_checkpoint(
     name = f"step_{step:06d}"
     tmp, final = root / f".tmp-{name}", root / name
     try:
-        _write(engine, tmp, step, loop_state, config_yaml, hf_save, ctx, rank_state)
+        _write(engine, tmp, step, loop_state, config_yaml, hf_save, ctx, rank_state, adapters_only)
         if ctx.rank == 0:
             _publish(root, tmp, final, step, keep_last)
     except (OSError, RuntimeError) as err:
@@ -160,7 +165,9 @@ def save_checkpoint(
     return final
 
 
-def _write(engine, tmp: Path, step: int, loop_state: dict, config_yaml: str, hf_save, ctx, rank_state) -> None:
+def _write(
+    engine, tmp: Path, step: int, loop_state: dict, config_yaml: str, hf_save, ctx, rank_state, adapters_only=False
+) -> None:
     """Every rank writes its files into `tmp`; rank 0 adds the manifest of them all."""
     rank, world = ctx.rank, ctx.world_size
     root = tmp.parent
@@ -171,7 +178,8 @@ def _write(engine, tmp: Path, step: int, loop_state: dict, config_yaml: str, hf_
         (tmp / "rng").mkdir(parents=True)
         (tmp / "ranks").mkdir()
     ctx.barrier()
-    engine.save_checkpoint(str(tmp / "ds"), tag=STATE_TAG, save_latest=False)
+    frozen = {"exclude_frozen_parameters": True} if adapters_only else {}
+    engine.save_checkpoint(str(tmp / "ds"), tag=STATE_TAG, save_latest=False, **frozen)
     torch.save(rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
     if rank_state is not None:
         torch.save(rank_state, tmp / "ranks" / f"state_{rank:05d}.pt")
@@ -341,8 +349,10 @@ def load_checkpoint(
     rng_state_ = load_plain(rng, LEGACY_RNG_TYPES) if rng.is_file() else None
     if own.is_file() and state["world_size"] == world:  # per-rank shares do not carry over to another world
         state["rank_state"] = load_plain(own)
+    adapters_only = "lora_base" in state  # LoRA: the frozen base is the freshly loaded base model's
     with weights_only_loads(DEEPSPEED_TYPES, where=load_dir / STATE_TAG):
-        load_path, _ = engine.load_checkpoint(str(load_dir), tag=STATE_TAG)
+        strict = {"load_module_strict": False} if adapters_only else {}
+        load_path, _ = engine.load_checkpoint(str(load_dir), tag=STATE_TAG, **strict)
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load {load_dir}/{STATE_TAG}")
     if rng_state_ is not None:

@@ -160,11 +160,14 @@ class Learner:
         model.config.use_cache = False
         if cfg.model.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if cfg.model.lora is not None:  # only the adapters train (docs/lora.md)
+            model = self._apply_lora(model)
+        trainable = [p for p in model.parameters() if p.requires_grad]  # every parameter, without LoRA
         o = cfg.optim
         optimizer = None
         if not cfg.distributed.offload_optimizer:
             optimizer = torch.optim.AdamW(
-                model.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay
+                trainable, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay
             )
         else:  # ZeRO-Offload needs DeepSpeed's CPU Adam
             ds_config["optimizer"] = {
@@ -175,11 +178,15 @@ class Learner:
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model,
             optimizer=optimizer,
-            model_parameters=model.parameters() if optimizer is None else None,
+            model_parameters=trainable if optimizer is None else None,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, sched),
             config=ds_config,
         )
         self.device = self.engine.device
+        if cfg.model.lora is not None:
+            from drpo_trainer.learner.lora import save_adapters_only
+
+            save_adapters_only(self.engine)
         self.engine.train()
         # varlen flash-attention attends within each packed sequence; other kernels pay row_length^2
         varlen = cfg.model.attn_implementation == "flash_attention_2"
@@ -191,6 +198,23 @@ class Learner:
         # with active dropout the update forward is not the policy mu was defined as (eval mode)
         self.can_reuse_logprobs = not _has_dropout(model)
         self.routing, self.replay = routing_tap(model, cfg.rollout.routing_replay)  # MoE: record / replay experts
+
+    def _apply_lora(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The model with LoRA adapters (model.lora), only they trainable; says how many parameters train."""
+        import sys
+
+        from drpo_trainer.learner.lora import apply_lora, parameter_counts
+
+        model = apply_lora(model, self.cfg.model.lora, seed=self.cfg.trainer.seed)
+        self.trainable_params, self.total_params = parameter_counts(model)
+        if self.ctx.is_main:
+            print(
+                f"drpo-train: model.lora trains {self.trainable_params:,} of {self.total_params:,} parameters "
+                f"({100 * self.trainable_params / self.total_params:.3g}%)",
+                file=sys.stderr,
+                flush=True,
+            )
+        return model
 
     def _record_stage0_grad_norm(self) -> None:
         """Without ZeRO, DeepSpeed clips with a torch optimizer but keeps no norm: record it."""

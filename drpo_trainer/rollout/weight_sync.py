@@ -82,12 +82,20 @@ def _is_zero3_partitioned(params: list[torch.nn.Parameter]) -> bool:
     return any(hasattr(p, "ds_id") for p in params)
 
 
-def iter_gathered_buckets(model: torch.nn.Module, bucket_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
+def iter_gathered_buckets(
+    model: torch.nn.Module, bucket_bytes: int, *, full: bool = False
+) -> Iterator[list[tuple[str, torch.Tensor]]]:
     """Yield [(hf_name, full tensor), ...] bucket by bucket; tensors are valid only until the next bucket.
 
     On a ZeRO-3 module every rank must iterate to the end (or all stop at the same bucket):
-    each bucket is an all-gather over the data-parallel group.
+    each bucket is an all-gather over the data-parallel group. A LoRA model (model.lora) yields the
+    merged weights of the layers its adapters touch, and with `full` (an export) every weight.
     """
+    from drpo_trainer.learner.lora import is_lora  # peft itself is imported only for a LoRA model
+
+    if is_lora(model):
+        yield from _iter_lora_buckets(model, bucket_bytes, full=full)
+        return
     # Every name, tied aliases included ('lm_head.weight' next to 'model.embed_tokens.weight'):
     # an engine may keep its own processed copy of a tied tensor (vLLM on CPU repacks lm_head),
     # and that copy is refreshed only when the alias itself is sent.
@@ -114,6 +122,27 @@ def iter_gathered_buckets(model: torch.nn.Module, bucket_bytes: int) -> Iterator
         # modifier_rank=None: read-only gather on every rank, nothing is broadcast back on exit.
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
             yield [(name, by_name[name].data) for name in bucket]
+
+
+def _iter_lora_buckets(model: torch.nn.Module, bucket_bytes: int, *, full: bool):
+    """The merged weights W + scale * B A of the adapted layers (the frozen rest is the engine's own copy
+    of the base model already), in buckets; each bucket gathers its base weights and adapters together."""
+    from drpo_trainer.learner.lora import merged_items
+
+    listed = merged_items(model, full=full)
+    items = {name: (gather, make) for name, _, gather, make in listed}
+    sizes = [(name, param_nbytes(p)) for name, p, _, _ in listed]
+    partitioned = _is_zero3_partitioned([p for gather, _ in items.values() for p in gather])
+    for bucket in plan_buckets(sizes, bucket_bytes):
+        params = list({id(p): p for name in bucket for p in items[name][0]}.values())
+        if not partitioned:
+            with torch.no_grad():
+                yield [(name, items[name][1]().detach()) for name in bucket]
+            continue
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None), torch.no_grad():
+            yield [(name, items[name][1]()) for name in bucket]
 
 
 def sync_weights(model: torch.nn.Module, engine: Any, bucket_bytes: int) -> dict[str, float]:

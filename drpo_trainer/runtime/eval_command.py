@@ -1,8 +1,10 @@
 """`drpo-train eval MODEL --config X`: a model's scores on the config's eval sets, without training.
 
 MODEL is a Hugging Face model directory (a `final/` export too), `builtin:tiny-math`, a hub id in the
-local cache, or a checkpoint directory (`checkpoints/step_*`: exported weights-only into a temporary
-folder of the output directory with `drpo-train export`'s code, removed afterwards).
+local cache, a checkpoint directory (`checkpoints/step_*`: exported weights-only into a temporary
+folder of the output directory with `drpo-train export`'s code, removed afterwards; a LoRA checkpoint
+is merged onto its base model), or a peft adapter directory (`drpo-train export --adapter`: merged onto
+the base model its adapter_config.json names, in the same temporary folder).
 
 The evaluation is the training run's (drpo_trainer/rollout/evaluation.py): the same engine
 (`rollout.backend`), the same verifier (`reward.*`), the eval section's sampling settings, and the
@@ -29,13 +31,15 @@ MODEL_COPY = ".checkpoint-model"  # a checkpoint's weights exported for the engi
 
 
 def model_kind(model: str) -> str:
-    """'builtin', 'checkpoint', 'directory' or 'hub'; ConfigError for a run directory or a missing path."""
+    """'builtin', 'checkpoint', 'adapter', 'directory' or 'hub'; ConfigError for a run directory or a missing path."""
     if model.startswith("builtin:"):
         return "builtin"
     p = Path(model).expanduser()
     if p.is_dir():
         if (p / "hf").is_dir() and (p / "ds").is_dir():
             return "checkpoint"
+        if (p / "adapter_config.json").is_file() and not (p / "config.json").exists():
+            return "adapter"  # a peft LoRA adapter (`drpo-train export --adapter`): merged onto its base first
         if not (p / "config.json").exists() and ((p / "checkpoints").is_dir() or (p / "metrics.jsonl").is_file()):
             raise ConfigError(
                 f"eval: {model} is a run directory, not a model. Fix: give its final/ export or one of its "
@@ -68,9 +72,16 @@ def check_eval(cfg: Config, model: str, out: Path) -> str:
             "runs one process. Fix: set rollout.vllm.tensor_parallel_size=1"
         )
     kind = model_kind(model)
-    check_eval_target(out, model if kind in ("checkpoint", "directory") else None)
+    check_eval_target(out, model if kind in ("checkpoint", "adapter", "directory") else None)
     if kind in ("directory", "hub"):
         preflight.check_model(cfg.model_copy(update={"model": cfg.model.model_copy(update={"path": model})}))
+    if kind == "adapter":
+        base = json.loads((Path(model) / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        if not base or not (Path(base) / "config.json").is_file():
+            raise ConfigError(
+                f"eval: the adapter {model} names the base model {base!r}, which is not a model directory here. "
+                "Fix: set base_model_name_or_path in its adapter_config.json to the base model's directory"
+            )
     if kind == "checkpoint":
         from drpo_trainer.io.checkpoint import verify_checkpoint
 
@@ -135,7 +146,7 @@ def run_eval(cfg: Config, model: str, out: Path, *, step: int = 0, config_file: 
             samples.close()
             scorer.close()
     finally:
-        if kind == "checkpoint":
+        if kind in ("checkpoint", "adapter"):
             shutil.rmtree(out / MODEL_COPY, ignore_errors=True)  # ours: written by _model_path
     metrics = eval_metrics(cfg, counts)
     by_set = per_set(metrics)
@@ -164,6 +175,11 @@ def _model_path(cfg: Config, model: str, kind: str, out: Path) -> str:
 
         print(f"eval: exporting {model} for the engine", file=sys.stderr, flush=True)
         return str(export_checkpoint(model, out / MODEL_COPY, dtype=cfg.rollout.dtype or cfg.model.dtype))
+    if kind == "adapter":
+        from drpo_trainer.io.export import merge_adapter_dir
+
+        print(f"eval: merging the adapter {model} onto its base model", file=sys.stderr, flush=True)
+        return str(merge_adapter_dir(model, out / MODEL_COPY, dtype=cfg.rollout.dtype or cfg.model.dtype))
     return model
 
 

@@ -3,6 +3,7 @@ each failure is one line naming the key and the fix (the CLI prints it and exits
 a traceback minutes into start-up.
 
   rollout backend   vllm installed (without importing it) and of a tested version
+  model.lora        peft installed (without importing it)
   model.path        the builtin, a local model directory with weights, or a hub id in the local cache
   data files        train and eval files exist and can be read
   deepspeed_config  exists and holds a JSON object
@@ -61,6 +62,15 @@ def check_vllm_routing(cfg: Config, *, cpu_build: bool) -> None:
             "rollout.routing_replay with rollout.backend=vllm needs CUDA: vLLM returns routed experts only with "
             "Model Runner V2, which needs Triton (on CPU: 'AuxOutput Connector requires Model Runner V2'). "
             "Fix: rollout.backend=hf (records routes on CPU) or rollout.routing_replay=false"
+        )
+
+
+def check_lora(cfg: Config) -> None:
+    """model.lora trains adapters with peft: installed (without importing it)."""
+    if cfg.model.lora is not None and util.find_spec("peft") is None:
+        raise ConfigError(
+            'model.lora needs peft, which is not installed. Fix: pip install -e ".[lora]" (peft 0.21), '
+            "or drop model.lora to train the full weights"
         )
 
 
@@ -199,6 +209,7 @@ def preflight(cfg: Config, local_processes: int, *, samples: bool = True) -> Non
     does not need the rollout backend installed (docs/async.md)."""
     if samples:
         check_backend(cfg)
+    check_lora(cfg)
     check_data(cfg)
     check_model(cfg)
     check_deepspeed_config(cfg)

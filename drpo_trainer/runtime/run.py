@@ -72,6 +72,7 @@ def save_run(run: Run) -> Path:
         keep_last=run.cfg.checkpoint.keep_last,
         ctx=run.ctx,
         rank_state=run.rollouts.checkpoint_state(),
+        adapters_only=run.cfg.model.lora is not None,  # the base model is named by run.extra["lora_base"]
     )
 
 
@@ -86,7 +87,7 @@ def restore_run(run: Run, path: Optional[Path], *, universal_dir: Optional[Path]
     run.sampler.seed = pos.pop("seed", run.sampler.seed)  # the permutation the saved position indexes
     run.sampler.state = SamplerState(**pos)
     # this run's own data fingerprint stays: a change was allowed (or refused) before the run began
-    keep = ("step", "sampler", "world_size", "data_fingerprint", "rank_state")
+    keep = ("step", "sampler", "world_size", "data_fingerprint", "rank_state", "lora_base")
     run.extra.update({k: v for k, v in state.items() if k not in keep})
     return Path(path)
 
@@ -190,6 +191,10 @@ def build_run(
     run = Run(cfg, ctx, inputs.tokenizer, inputs.train_set, inputs.eval_sets, sampler, learner, engine, scorer)
     run.extra["data/prompts_dropped_too_long"] = inputs.dropped_too_long
     run.extra["data_fingerprint"] = data_fingerprint(cfg.data.train_files)  # a resume checks it (run_identity)
+    if cfg.model.lora is not None and ctx.is_main:  # the base model the adapters belong to (run_identity checks it)
+        from drpo_trainer.learner.lora import base_reference
+
+        run.extra["lora_base"] = base_reference(inputs.model_path)
     restore_run(run, resumed, universal_dir=universal_dir)
     run.rollouts = (rollouts or LocalRollouts)(run)
     return run

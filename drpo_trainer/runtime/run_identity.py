@@ -1,4 +1,5 @@
-"""What may not change silently when a run resumes: its resolved config and its training data.
+"""What may not change silently when a run resumes: its resolved config, its training data and, for
+LoRA adapters (model.lora), the base model they were trained on.
 
 A checkpoint holds the resolved config (`config.yaml`) and a fingerprint of the training files'
 contents (`data_fingerprint` in `loop_state.json`). Before anything heavy is loaded, the CLI
@@ -82,8 +83,32 @@ def check_world_change(cfg: Config, resume: Optional[str], world_size: int) -> N
         return
     from drpo_trainer.io import reshard as universal
 
-    if universal.saved_world_size(path) != world_size:
+    saved = universal.saved_world_size(path)
+    if saved != world_size and "lora_base" in json.loads((path / "loop_state.json").read_text()):
+        raise ConfigError(
+            f"resume from {path}: a LoRA checkpoint (model.lora) resumes only with the process count that wrote "
+            f"it ({saved}; this run has {world_size}). Fix: resume with {saved} learner process(es)"
+        )
+    if saved != world_size:
         universal.check_convertible(path, world_size)
+
+
+def _check_lora_base(cfg: Config, path: Path) -> None:
+    """A LoRA checkpoint holds adapters only: they resume onto the base model they were trained on, or not at all."""
+    saved = json.loads((path / "loop_state.json").read_text()).get("lora_base")
+    if saved is None or cfg.model.lora is None:  # full fine-tuning, or a switch the config check refuses
+        return
+    from drpo_trainer.learner.lora import check_base_reference
+
+    model_path = cfg.model.path
+    if model_path.startswith("builtin:"):
+        from drpo_trainer.builtin.tiny_model import resolve_model_path
+
+        model_path = resolve_model_path(model_path)
+    try:
+        check_base_reference(saved, model_path, f"resume from {path}")
+    except (ValueError, FileNotFoundError) as err:
+        raise ConfigError(str(err)) from None
 
 
 def check_resume(cfg: Config, resume: Optional[str], allowed: list[str]) -> list[str]:
@@ -96,6 +121,7 @@ def check_resume(cfg: Config, resume: Optional[str], allowed: list[str]) -> list
     saved_data = json.loads((path / "loop_state.json").read_text()).get("data_fingerprint")
     if saved_data is not None and saved_data != data_fingerprint(cfg.data.train_files):
         changes[DATA_KEY] = ("the checkpoint's training data", "other contents")
+    _check_lora_base(cfg, path)
     refused = [k for k in changes if not _allowed(k, allowed)]
     described = [f"{k}: {old!r} -> {new!r}" for k, (old, new) in changes.items()]
     if refused:

@@ -145,7 +145,8 @@ class DocRunner:
         args[0], args[1] = self._mapped(args[0]), self._mapped(args[1])
         res = self._run([sys.executable, "-m", "drpo_trainer.cli", "export", *args])
         if res.returncode == 0:
-            assert (Path(args[1]) / "config.json").is_file()
+            written = "adapter_config.json" if "--adapter" in args else "config.json"  # peft's or transformers'
+            assert (Path(args[1]) / written).is_file()
         return res
 
     def eval(self, cmd: DocCommand) -> subprocess.CompletedProcess:

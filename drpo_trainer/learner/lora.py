@@ -20,7 +20,6 @@ when `model.lora` is set.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Callable, Optional
@@ -175,15 +174,10 @@ def base_reference(model_path: str) -> dict[str, str]:
     root = _local_dir(model_path)
     if root is None:
         raise FileNotFoundError(f"model.lora: no local copy of the base model {model_path} to fingerprint")
-    total = hashlib.sha256()
+    from drpo_trainer.io.fingerprint import files_sha256
+
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
-    for f in files:
-        h = hashlib.sha256()
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 22), b""):
-                h.update(block)
-        total.update(f"{f.relative_to(root)}:{f.stat().st_size}:{h.hexdigest()}\n".encode())
-    return {"path": str(model_path), "sha256": total.hexdigest()}
+    return {"path": str(model_path), "sha256": files_sha256(files, [str(f.relative_to(root)) for f in files])}
 
 
 def check_base_reference(saved: dict, model_path: str, where: str) -> None:

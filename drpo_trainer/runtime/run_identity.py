@@ -11,7 +11,6 @@ checkpoint cadence, the run directory) are reported but always allowed.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any, Optional
@@ -33,14 +32,9 @@ ALWAYS_ALLOWED = (
 
 def data_fingerprint(files: list[str]) -> str:
     """sha256 over the training files' names, sizes and contents, in order."""
-    total = hashlib.sha256()
-    for f in files:
-        h = hashlib.sha256()
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-        total.update(f"{Path(f).name}:{Path(f).stat().st_size}:{h.hexdigest()}\n".encode())
-    return total.hexdigest()
+    from drpo_trainer.io.fingerprint import files_sha256
+
+    return files_sha256([Path(f) for f in files], [Path(f).name for f in files])
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:

@@ -118,7 +118,10 @@ def collect(path: Path, text: str | None = None) -> list[DocCommand]:
             if "<" in span or re.search(r"\sX(\s|$)", span):
                 continue  # a template in prose (`drpo-train export <ckpt> <dir>`), not a command to copy
             for cmd, _ in _commands_in(span.strip()):
-                if len(shlex.split(cmd)) > 1 or cmd.startswith("python"):
+                argv = shlex.split(cmd)
+                if argv[1:] in (["eval"], ["export"], ["plot"]):
+                    continue  # the name of a command in prose (`drpo-train eval`), not one to run
+                if len(argv) > 1 or cmd.startswith("python"):
                     out.append(_to_command(cmd, f"{rel}:{lineno}", ""))
     return out
 

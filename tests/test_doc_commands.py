@@ -264,6 +264,11 @@ def test_a_long_command_is_marked_to_be_parsed_only(tmp_path):
     assert short.needs == ""
 
 
+def test_a_command_named_in_prose_is_not_run(tmp_path):
+    text = "`drpo-train eval` loads it; `drpo-train export` with `--adapter`; `drpo-train eval runs/x/final`\n"
+    assert [c.argv for c in collect(tmp_path / "x.md", text)] == [("drpo-train", "eval", "runs/x/final")]
+
+
 def test_paper_configs_are_marked_as_needing_gpus():
     for c in collect_all():
         if c.kind == "train" and any(a.startswith("configs/qwen3") or a.startswith("configs/r1_") for a in c.argv):

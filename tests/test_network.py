@@ -132,8 +132,9 @@ def test_a_two_process_run_listens_on_loopback_only(tiny_model_dir, tmp_path):
     rc, err, seen = watch(cmd, cwd=REPO, env=job_env(GLOO_SOCKET_IFNAME="eth0"))
     assert rc == 0, err[-3000:]
     socks = {pid: s for pid, s in seen.items() if s}
-    # the CLI (no sockets), the launcher hosting the store, learner and rollout process (gloo each)
-    assert len(socks) == 3, seen
+    # the CLI (no sockets), the launcher hosting the store, learner and rollout process (gloo each);
+    # a child forked meanwhile (a reward worker, a compiler DeepSpeed starts) may hold inherited sockets
+    assert len(socks) >= 3, seen
     open_ = sorted({(pid, a, p) for pid, s in socks.items() for a, p in s if not is_loopback(a)})
     assert not open_, f"listening beyond loopback: {open_}"
     assert "metrics.jsonl" in os.listdir(tmp_path / "run")

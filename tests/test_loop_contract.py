@@ -16,8 +16,10 @@ model, a few seconds each.
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import math
+import time
 
 import pytest
 import torch
@@ -111,7 +113,9 @@ def test_every_optimizer_step_reports_the_schedules_lr(
 ):
     cfg = tiny_config(data_dir, tiny_model_dir, tmp_path / "out", f"optim.schedule={schedule}")
     log = UpdateLog(monkeypatch)
+    began = time.perf_counter()
     loop.train(cfg, ctx=one_process_ctx)
+    wall = time.perf_counter() - began
     total = STEPS * MINIBATCHES
     assert [c["step"] for c in log.calls] == [s for s in range(1, STEPS + 1) for _ in range(MINIBATCHES)]
     want = [expected_lr(schedule, i, total) for i in range(total)]
@@ -123,6 +127,12 @@ def test_every_optimizer_step_reports_the_schedules_lr(
     logged = [r["optim/lr"] for r in rows if "optim/lr" in r]
     means = [sum(want[i : i + MINIBATCHES]) / MINIBATCHES for i in range(0, total, MINIBATCHES)]
     assert logged == pytest.approx(means, rel=1e-12)
+    # time/elapsed: the training wall clock at each step's end, which holds every step so far and not start-up
+    step_rows = [r for r in rows if "time/step" in r]
+    elapsed = [r["time/elapsed"] for r in step_rows]
+    assert len(elapsed) == STEPS and all(b > a for a, b in zip(elapsed, elapsed[1:]))
+    assert all(e >= s for e, s in zip(elapsed, itertools.accumulate(r["time/step"] for r in step_rows)))
+    assert elapsed[-1] < wall
 
 
 def fresh_logprobs(model_dir: str, weights: dict, samples, temperature: float) -> list[torch.Tensor]:

@@ -110,7 +110,15 @@ PANELS: tuple[Panel, ...] = (
     ),
     Panel(
         "time per phase",
-        (r"time/step", r"time/generate", r"time/score", r"time/recompute", r"time/update", r"time/sync", r"time/.+"),
+        (
+            r"time/step",
+            r"time/generate",
+            r"time/score",
+            r"time/recompute",
+            r"time/update",
+            r"time/sync",
+            r"time/(?!elapsed$).+",
+        ),
         "seconds",
     ),
 )

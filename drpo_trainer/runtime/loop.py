@@ -249,6 +249,7 @@ def _train_steps(run: Run, tracker: Tracker, stop: StopFlag) -> dict[str, float]
     if cfg.eval.at_start and run.step == 0 and cfg.eval.files:
         tracker.log(0, run.rollouts.evaluate(0))
         _stop_if_requested(run, tracker, stop, "during the step-0 evaluation")
+    started = time.perf_counter()  # time/elapsed counts from here: start-up and the step-0 eval are left out
     for step in range(run.step + 1, cfg.trainer.max_steps + 1):
         try:
             last = run_step(run, step, stop)
@@ -264,6 +265,7 @@ def _train_steps(run: Run, tracker: Tracker, stop: StopFlag) -> dict[str, float]
             )
         if eval_due(cfg, step):
             last.update(run.rollouts.evaluate(step))
+        last["time/elapsed"] = time.perf_counter() - started  # this process's steps, evals and checkpoints so far
         tracker.log(step, last)
         if step == cfg.trainer.max_steps or run.stopping or (ck.every_steps and step % ck.every_steps == 0):
             run.rollouts.hold_inflight(step)  # batches sampled ahead go into the checkpoint

@@ -161,3 +161,19 @@ def test_moe_replay_summary_skips_steps_that_trained_nothing():
     assert s["moe/route_agreement"] == pytest.approx(0.8)  # (0.9 + 0.7) / 2: the null step is left out
     assert s["mismatch/k3_kl"] == pytest.approx(2e-4)
     assert s["parity/k3_kl"] == 0.5 and s["step_s"] == 4.0 and s["final_eval"] == 0.25
+
+
+def test_time_to_accuracy_reads_the_first_crossing_and_the_policy_held_at_a_time():
+    from benchmarks.bench_time_to_accuracy import eval_at, time_to_target
+
+    # a run scored at steps 5, 10, 15 and 20 (evals keyed by str(step), as in results.jsonl)
+    rec = {
+        "elapsed": {5: 7.0, 10: 14.5, 15: 22.0, 20: 30.0},
+        "evals": {"5": 0.12, "10": 0.19, "15": 0.21, "20": 0.18},
+    }
+    assert time_to_target(rec) == 22.0  # the first crossing, not a later one
+    assert time_to_target({**rec, "evals": {"5": 0.1, "20": 0.199}}) is None
+    assert eval_at(rec, 6.9, step0=0.078) == 0.078  # before the first saved policy: the initial one
+    assert eval_at(rec, 14.5, step0=0.078) == 0.19  # a policy saved at exactly that time counts
+    assert eval_at(rec, 29.9, step0=0.078) == 0.21
+    assert eval_at(rec, 120.0, step0=0.078) == 0.18  # after the run: its last policy

@@ -51,6 +51,10 @@ class RolloutEngine(Protocol):
         """Log-probs of tokens 1..L-1 of each sequence at temperature 1 (the parity probe)."""
         ...
 
+    def score_routed(self, sequences: list[list[int]]) -> tuple[list[list[float]], Optional[list[torch.Tensor]]]:
+        """`score` and, for a mixture-of-experts model, each sequence's experts (as Completion.routes; else None)."""
+        ...
+
     def sleep(self) -> None:
         """Release accelerator memory while the learner trains (no-op where meaningless)."""
         ...

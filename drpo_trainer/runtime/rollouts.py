@@ -131,7 +131,7 @@ def check_engine_parity(run: Run) -> dict[str, float]:
 
     probe = parity_probe(run.train_set)
     routes = None
-    if run.learner.routing is not None and hasattr(run.engine, "score_routed"):  # MoE: the engine's experts too
+    if run.learner.routing is not None:  # MoE: the engine's experts too
         engine_lps, routes = run.engine.score_routed(probe)
     else:
         engine_lps = run.engine.score(probe)

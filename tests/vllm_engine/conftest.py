@@ -2,9 +2,9 @@
 together for every test this session collected and run two at a time.
 
 Each script starts its own vLLM engine in its own process (vLLM's parallel state is process-global).
-vLLM drops its process to one torch thread for serving, so on 2 cores two runs at once take ~30%
-less time than one after the other (measured: 117 s -> 85 s for the four runs); the tests of one
-model wait only for that model's run. (The drpo-train runs of test_vllm_train_cpu.py stay one at a
+vLLM drops its process to one torch thread for serving, so on 2 cores two runs at once finish the
+four sooner (measured: 117 s one after the other, 59 s and 85 s in two runs two at a time); the
+tests of one model wait only for that model's run. (The drpo-train runs of test_vllm_train_cpu.py stay one at a
 time: their learner uses both cores, and a pair at once took 92 s against 59 s in sequence.)
 """
 

@@ -1,6 +1,7 @@
 """The one source of truth for run configuration.
 
-Every field is typed, bounded and documented in its section (drpo_trainer/config_sections.py);
+Every field is typed, bounded and documented in its section (drpo_trainer/config_sections.py,
+the rollout sections in drpo_trainer/config_rollout.py);
 `Config` here assembles the sections and checks the rules between them. YAML files in ``configs/`` only
 override these defaults, and ``key=value`` command-line arguments (dotted paths such
 as ``trainer.max_steps=20``) override the YAML. Unknown keys and bad values fail
@@ -44,6 +45,7 @@ from drpo_trainer.config_input import (
     parse_overrides,
     read_config_file,
 )
+from drpo_trainer.config_rollout import HFRolloutConfig, RolloutConfig, VLLMRolloutConfig
 from drpo_trainer.config_sections import (
     MAX_PROCESSES,
     MAX_REWARD_MEMORY_MB,
@@ -57,22 +59,20 @@ from drpo_trainer.config_sections import (
     DataConfig,
     DistributedConfig,
     EvalConfig,
-    HFRolloutConfig,
     LoraConfig,
     ModelConfig,
     OptimConfig,
     RewardConfig,
-    RolloutConfig,
     Section,
     Seed,
     Temperature,
     TrackingConfig,
     TrainerConfig,
-    VLLMRolloutConfig,
     WandbConfig,
 )
 
-# Callers import the sections, the bounds and RENAMED_KEYS from here (drpo_trainer/config_sections.py holds them).
+# Callers import the sections, the bounds and RENAMED_KEYS from here (config_sections.py and config_rollout.py
+# hold them).
 __all__ = [
     "AlgorithmConfig",
     "CheckpointConfig",

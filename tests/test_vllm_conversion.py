@@ -1,5 +1,6 @@
 """Everything around vLLM that runs without it: sampling settings, output conversion, seeds,
-the version gate, and the engine's control flow on a fake LLM (drpo_trainer/rollout/vllm_engine.py)."""
+the version gate, and the engine's control flow on a fake LLM (drpo_trainer/rollout/vllm_engine.py,
+its conversions in drpo_trainer/rollout/vllm_conversion.py)."""
 
 import math
 import subprocess

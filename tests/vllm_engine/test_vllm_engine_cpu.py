@@ -2,36 +2,22 @@
 weight-sync exactness for a tied, an untied and an MoE model, and the parity gate.
 
 Runs in the vLLM environment only (`pytest -m vllm`, see docs/gpu.md for the install); `.ci/run`
-runs it on every submission. Each model is measured in its own process by engine_checks.py.
+runs it on every submission. Each model is measured in its own process by engine_checks.py
+(two processes at a time, see conftest.py).
 """
 
 from __future__ import annotations
-
-import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 pytestmark = pytest.mark.vllm
 
-REPO = Path(__file__).resolve().parents[2]
 FP32_SYNC = 1e-4  # a correct fp32 sync agrees to ~1e-6; a stale engine is off by > 1e-2
 
 
 @pytest.fixture(scope="module", params=["tied", "untied", "moe"])
-def checks(request, tmp_path_factory):
-    out = tmp_path_factory.mktemp(request.param) / "checks.json"
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "tests/vllm_engine/engine_checks.py"), request.param, str(out)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return json.loads(out.read_text())
+def checks(request, check_results):
+    return check_results(request.param)  # engine_checks.py's measurements (conftest.py runs it)
 
 
 def test_n_samples_per_prompt_and_finish_reasons(checks):

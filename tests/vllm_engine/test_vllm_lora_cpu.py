@@ -7,31 +7,16 @@ Runs in the vLLM environment only (`pytest -m vllm`); measured in its own proces
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
 pytestmark = pytest.mark.vllm
 
-REPO = Path(__file__).resolve().parents[2]
 FP32_SYNC = 1e-4  # the parity gate's fp32 threshold; a correct sync agrees to ~1e-6
 
 
 @pytest.fixture(scope="module")
-def checks(tmp_path_factory):
-    out = tmp_path_factory.mktemp("lora") / "checks.json"
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "tests/vllm_engine/lora_checks.py"), str(out)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return json.loads(out.read_text())
+def checks(check_results):
+    return check_results("lora")  # lora_checks.py's measurements (conftest.py runs it)
 
 
 def test_step0_is_the_base_model_and_the_parity_gate_passes(checks):

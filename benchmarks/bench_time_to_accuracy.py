@@ -2,7 +2,7 @@
 
     pip install -e ".[dev,bench]"
     python benchmarks/bench_time_to_accuracy.py [--part grid|settings|seeds|report|all] [--out DIR]
-                                                [--lrs 5e-5 1e-4 2e-4] [--seeds 0 1 2] [--eval-every 5]
+                                                [--lrs 5e-5 1e-4 2e-4 4e-4 8e-4] [--seeds 0 1 2] [--eval-every 5]
 
 The task is the README's main job (configs/tiny_cpu.yaml) on both sides: builtin:tiny-math (the
 warm-started 0.8M Qwen3 and its tokenizer), the bundled train set through the same chat template,
@@ -28,8 +28,9 @@ so parts can be run one at a time and a stopped benchmark continues):
 
     grid      the learning-rate grid (--lrs), seed 0: ours synchronous in one process; TRL dr_grpo
     settings  at each trainer's best lr, seed 0: ours' layouts (two synchronous processes,
-              asynchronous 1 learner + 1 rollout process at k = 1 and 2, skipping on as by default);
-              TRL's settings (loss type, steps per generation, paged generation, threads)
+              asynchronous 1 learner + 1 rollout process at k = 1 and 2, skipping on as by default;
+              and our grpo loss in place of DRPO, at TRL's best lr too); TRL's settings (loss type,
+              steps per generation, paged generation, threads)
     seeds     the fastest setting of each trainer to the target, seeds 1 and 2 (3 with seed 0)
     report    the tables, the figure (docs/figures/time_to_accuracy.png) and the ratio line
 
@@ -63,6 +64,12 @@ OURS_SETTINGS = {
     "synchronous, 2 processes": ["distributed.nproc_per_node=2"],
     "asynchronous k=1": [*ASYNC, "trainer.max_off_policy_steps=1"],
     "asynchronous k=2": [*ASYNC, "trainer.max_off_policy_steps=2"],
+    "synchronous, 1 process, grpo loss": [],  # the clipped loss in place of DRPO: OURS_ALGORITHM
+}
+# settings that change the algorithm section (a loss and its parameters replace the config's, which a
+# dotted override would merge into): written into a copy of the config
+OURS_ALGORITHM = {
+    "synchronous, 1 process, grpo loss": {"loss": "grpo", "loss_params": {"clip_low": 0.2, "clip_high": 0.2}},
 }
 # TRL: GRPOConfig fields over TRL_BASE (and "threads": torch.set_num_threads)
 TRL_BASE = dict(loss_type="dr_grpo", scale_rewards="none", steps_per_generation=2, threads=2)
@@ -104,7 +111,7 @@ def run_key(run: dict) -> str:
 
 def train_ours(run: dict, out: Path, every: int, steps: int) -> dict:
     """`drpo-train --config configs/tiny_cpu.yaml` with a checkpoint every `every` steps and no in-loop eval."""
-    cmd = [sys.executable, "-m", "drpo_trainer.cli", "--config", CONFIG, f"output_dir={out}"]
+    cmd = [sys.executable, "-m", "drpo_trainer.cli", "--config", _config_for(run["setting"], out), f"output_dir={out}"]
     cmd += [f"optim.lr={run['lr']}", f"trainer.seed={run['seed']}", "eval.files={}", "eval.at_start=false"]
     cmd += [f"checkpoint.every_steps={every}", "checkpoint.keep_last=10000", "checkpoint.export_final=false"]
     cmd += [f"trainer.max_steps={steps}", "tracking.progress_bar=false", *OURS_SETTINGS[run["setting"]]]
@@ -122,6 +129,20 @@ def train_ours(run: dict, out: Path, every: int, steps: int) -> dict:
         step_s=_median([r["time/step"] for r in rows]),
         skipped=_median([r["perf/skipped_sample_fraction"] for r in rows]),
     )
+
+
+def _config_for(setting: str, out: Path) -> str:
+    """The default job's config, or a copy with the setting's algorithm section (OURS_ALGORITHM)."""
+    if setting not in OURS_ALGORITHM:
+        return CONFIG
+    import yaml
+
+    raw = yaml.safe_load((ROOT / CONFIG).read_text())
+    raw["algorithm"].update(OURS_ALGORITHM[setting])
+    path = out.parent / f"{out.name}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return str(path)
 
 
 def train_trl(run: dict, out: Path, every: int, steps: int) -> dict:
@@ -389,7 +410,9 @@ def part_grid(b: Bench, lrs: list[float]) -> None:
 
 def part_settings(b: Bench) -> None:
     lr_ours, lr_trl = b.best("ours", setting="synchronous, 1 process")["lr"], b.best("trl", setting="dr_grpo")["lr"]
-    b.interleave([(s, lr_ours, 0) for s in OURS_SETTINGS], [(s, lr_trl, 0) for s in TRL_SETTINGS])
+    ours = [(s, lr_ours, 0) for s in OURS_SETTINGS]
+    ours += [(s, lr_trl, 0) for s in OURS_ALGORITHM if lr_trl != lr_ours]  # another loss: at TRL's lr too
+    b.interleave(ours, [(s, lr_trl, 0) for s in TRL_SETTINGS])
 
 
 def part_seeds(b: Bench, seeds: list[int]) -> None:
@@ -510,7 +533,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--part", choices=["grid", "settings", "seeds", "report", "all"], default="all")
     parser.add_argument("--out", default=str(ROOT / "runs" / "bench_time_to_accuracy"), help="results and runs")
-    parser.add_argument("--lrs", type=float, nargs="+", default=[5e-5, 1e-4, 2e-4], help="the lr grid (both)")
+    parser.add_argument(
+        "--lrs", type=float, nargs="+", default=[5e-5, 1e-4, 2e-4, 4e-4, 8e-4], help="the lr grid (both)"
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of the reported runs")
     parser.add_argument("--eval-every", type=int, default=5, help="rollout steps between saved policies")
     parser.add_argument("--steps", type=int, help="rollout steps per run (default: the job's, 60; fewer to try it out)")

@@ -120,6 +120,41 @@ def deepspeed_config(cfg: Config, world_size: int = 1, *, load_universal: bool =
     return ds
 
 
+def load_policy_model(cfg: Config, model_path: str, ds_config: dict) -> torch.nn.Module:
+    """The policy from `model_path` in cfg.model's dtype; under ZeRO-3 built straight into shards."""
+    from transformers import AutoModelForCausalLM
+
+    hf_ds_config = None
+    if ds_config["zero_optimization"]["stage"] == 3:
+        # While alive, makes transformers build the model straight into ZeRO-3 shards (zero.Init).
+        from transformers.integrations import HfDeepSpeedConfig
+
+        hf_ds_config = HfDeepSpeedConfig(ds_config)
+    kwargs = {"dtype": getattr(torch, cfg.model.dtype), "trust_remote_code": cfg.model.trust_remote_code}
+    if cfg.model.attn_implementation:
+        kwargs["attn_implementation"] = cfg.model.attn_implementation
+    model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
+    if hf_ds_config is not None:  # later loads (the rollout engine's full copy, exports) must not shard
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
+        del hf_ds_config
+    model.config.use_cache = False
+    return model
+
+
+def adamw(cfg: Config, trainable: list[torch.nn.Parameter], ds_config: dict) -> Optional[torch.optim.Optimizer]:
+    """torch's AdamW over `trainable`; None under ZeRO-Offload, which needs DeepSpeed's CPU Adam (set in ds_config)."""
+    o = cfg.optim
+    if not cfg.distributed.offload_optimizer:
+        return torch.optim.AdamW(trainable, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+    ds_config["optimizer"] = {
+        "type": "AdamW",
+        "params": {"lr": o.lr, "betas": list(o.betas), "eps": o.eps, "weight_decay": o.weight_decay},
+    }
+    return None
+
+
 class Learner:
     def __init__(
         self,
@@ -133,7 +168,6 @@ class Learner:
         zero3: bool = False,
     ) -> None:
         import deepspeed
-        from transformers import AutoModelForCausalLM
 
         self.cfg = cfg
         # the distribution mu and pi are scored under: the rollouts' temperature, top-k and top-p
@@ -142,39 +176,14 @@ class Learner:
         self.world_size = self.ctx.world_size
         ds_config = deepspeed_config(cfg, self.world_size, load_universal=load_universal, zero3=zero3)
         self.zero_stage = ds_config["zero_optimization"]["stage"]
-        hf_ds_config = None
-        if self.zero_stage == 3:
-            # While alive, makes transformers build the model straight into ZeRO-3 shards (zero.Init).
-            from transformers.integrations import HfDeepSpeedConfig
-
-            hf_ds_config = HfDeepSpeedConfig(ds_config)
-        kwargs = {"dtype": getattr(torch, cfg.model.dtype), "trust_remote_code": cfg.model.trust_remote_code}
-        if cfg.model.attn_implementation:
-            kwargs["attn_implementation"] = cfg.model.attn_implementation
-        model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
-        if hf_ds_config is not None:  # later loads (the rollout engine's full copy, exports) must not shard
-            from transformers.integrations.deepspeed import unset_hf_deepspeed_config
-
-            unset_hf_deepspeed_config()
-            del hf_ds_config
-        model.config.use_cache = False
+        model = load_policy_model(cfg, model_path, ds_config)
         if cfg.model.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if cfg.model.lora is not None:  # only the adapters train (docs/lora.md)
             model = self._apply_lora(model)
         trainable = [p for p in model.parameters() if p.requires_grad]  # every parameter, without LoRA
-        o = cfg.optim
-        optimizer = None
-        if not cfg.distributed.offload_optimizer:
-            optimizer = torch.optim.AdamW(
-                trainable, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay
-            )
-        else:  # ZeRO-Offload needs DeepSpeed's CPU Adam
-            ds_config["optimizer"] = {
-                "type": "AdamW",
-                "params": {"lr": o.lr, "betas": list(o.betas), "eps": o.eps, "weight_decay": o.weight_decay},
-            }
-        sched = lr_lambda(o.schedule, o.warmup_steps, total_optimizer_steps)
+        optimizer = adamw(cfg, trainable, ds_config)
+        sched = lr_lambda(cfg.optim.schedule, cfg.optim.warmup_steps, total_optimizer_steps)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model,
             optimizer=optimizer,

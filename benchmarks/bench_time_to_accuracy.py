@@ -32,6 +32,8 @@ so parts can be run one at a time and a stopped benchmark continues):
               and our grpo loss in place of DRPO, at TRL's best lr too); TRL's settings (loss type,
               steps per generation, paged generation, threads)
     seeds     the fastest setting of each trainer to the target, seeds 1 and 2 (3 with seed 0)
+    budget    each reported setting given 60 s of training (its schedule over the steps that fit at
+              its pace), 3 seeds: the eval of the policy it holds at 60 s
     report    the tables, the figure (docs/figures/time_to_accuracy.png) and the ratio line
 
 Each part runs its runs interleaved (ours, TRL, ours, TRL, ...) so machine noise hits both.
@@ -55,6 +57,7 @@ CONFIG = "configs/tiny_cpu.yaml"
 TARGET_EVAL = 0.2
 TARGET_RATIO = 0.5
 EQUAL_WALL_S = (30.0, 60.0, 120.0)
+BUDGET_S = 60.0  # part budget: each trainer's schedule fitted to this much training
 RESULT = "BENCH_RESULT "
 
 # ours: overrides of the default job (skipping and mini-batch-1 reuse are on by default)
@@ -106,7 +109,8 @@ def job_settings() -> dict:
 
 # ------------------------------------------------------------------------------------------------ runs
 def run_key(run: dict) -> str:
-    return f"{run['trainer']}|{run['setting']}|{run['lr']:g}|{run['seed']}"
+    budget = f"|{run['steps']} steps" if run.get("steps") else ""  # a wall-time budget's run (part budget)
+    return f"{run['trainer']}|{run['setting']}|{run['lr']:g}|{run['seed']}{budget}"
 
 
 def train_ours(run: dict, out: Path, every: int, steps: int) -> dict:
@@ -355,13 +359,13 @@ class Bench:
         tmp.write_text("".join(json.dumps(r) + "\n" for r in self.runs.values()))
         tmp.replace(self.path)
 
-    def run(self, trainer: str, setting: str, lr: float, seed: int) -> dict:
-        run = dict(trainer=trainer, setting=setting, lr=lr, seed=seed)
+    def run(self, trainer: str, setting: str, lr: float, seed: int, steps: int | None = None) -> dict:
+        run = dict(trainer=trainer, setting=setting, lr=lr, seed=seed, **({"steps": steps} if steps else {}))
         key = run_key(run)
         if key not in self.runs:
             where = self.out / "runs" / key.replace("|", "_").replace(" ", "").replace(",", "_").replace("=", "")
             print(f"[{time.strftime('%H:%M:%S')}] {key}: training", flush=True)
-            res = (train_ours if trainer == "ours" else train_trl)(run, where, self.every, self.steps)
+            res = (train_ours if trainer == "ours" else train_trl)(run, where, self.every, steps or self.steps)
             self.runs[key] = {**run, **res, "evals": {}}
             first_crossing(self.runs[key], self.out)
             self.save()
@@ -381,10 +385,14 @@ class Bench:
 
     def best(self, trainer: str, *, setting: str) -> dict:
         """The seed-0 run of `setting` fastest to the target (then the highest last eval): its lr is the best."""
-        runs = [r for r in self.runs.values() if r["trainer"] == trainer and r["seed"] == 0 and r["setting"] == setting]
+        runs = [r for r in self.plain(trainer) if r["seed"] == 0 and r["setting"] == setting]
         if not runs:
             raise SystemExit(f"no {trainer} runs yet: run --part grid first")
         return min(runs, key=_rank)
+
+    def plain(self, trainer: str) -> list[dict]:
+        """`trainer`'s runs of the job's own length (not a budget's)."""
+        return [r for r in self.runs.values() if r["trainer"] == trainer and not r.get("steps")]
 
     def step0(self) -> float:
         """The builtin model's step-0 eval, and TRL's saved initial policy's: the same evaluator must agree."""
@@ -417,12 +425,12 @@ def part_settings(b: Bench) -> None:
 def grid_lrs(b: Bench, trainer: str) -> list[float]:
     """The grid's two learning rates whose base setting reached the target soonest on seed 0."""
     base = {"ours": "synchronous, 1 process", "trl": "dr_grpo"}[trainer]
-    runs = [r for r in b.runs.values() if r["trainer"] == trainer and r["seed"] == 0 and r["setting"] == base]
+    runs = [r for r in b.plain(trainer) if r["seed"] == 0 and r["setting"] == base]
     return [r["lr"] for r in sorted(runs, key=_rank)[:2]]
 
 
 def fastest(b: Bench, trainer: str) -> dict:
-    return min((r for r in b.runs.values() if r["trainer"] == trainer and r["seed"] == 0), key=_rank)
+    return min((r for r in b.plain(trainer) if r["seed"] == 0), key=_rank)
 
 
 def candidates(b: Bench, trainer: str) -> list[dict]:
@@ -430,8 +438,8 @@ def candidates(b: Bench, trainer: str) -> list[dict]:
     learning rates whose fastest settings are fastest (one seed picks a lucky run; two candidates keep a
     fast but unstable one from standing alone)."""
     by_lr: dict[float, dict] = {}
-    for r in b.runs.values():
-        if r["trainer"] == trainer and r["seed"] == 0 and (r["lr"] not in by_lr or _rank(r) < _rank(by_lr[r["lr"]])):
+    for r in b.plain(trainer):
+        if r["seed"] == 0 and (r["lr"] not in by_lr or _rank(r) < _rank(by_lr[r["lr"]])):
             by_lr[r["lr"]] = r
     return sorted(by_lr.values(), key=_rank)[:2]
 
@@ -447,6 +455,51 @@ def part_seeds(b: Bench, seeds: list[int]) -> None:
             rec = b.run(c["trainer"], c["setting"], c["lr"], s)
             ensure_evals(rec, sorted(rec["models"]), b.out)
             b.save()
+
+
+def budget_steps(rs: list[dict], seconds: float, steps: int) -> int:
+    """Rollout steps that fill `seconds` of training at the pace of `rs` (60-step runs: their median end)."""
+    ends = sorted(max(r["elapsed"].values()) for r in rs)
+    return max(1, int(seconds * steps / ends[len(ends) // 2]))
+
+
+def part_budget(b: Bench, seeds: list[int], seconds: float) -> None:
+    """Each reported setting given `seconds` of training: its schedule stretched over the steps that fit
+    (from the pace of its 60-step runs), 3 seeds, the policy it holds at `seconds` scored."""
+    plan = {t: reported(b, t, seeds) for t in ("ours", "trl")}
+    if any(rs is None for rs in plan.values()):
+        raise SystemExit("the budget part needs the seeds part first")
+    runs = {
+        t: [(rs[0]["setting"], rs[0]["lr"], s, budget_steps(rs, seconds, b.steps)) for s in seeds]
+        for t, rs in plan.items()
+    }
+    b.interleave(runs["ours"], runs["trl"])
+    for t, rs in runs.items():
+        for r in rs:
+            rec = b.run(t, *r)
+            held = [s for s in rec["models"] if s == 0 or rec["elapsed"].get(s, 0.0) <= seconds]
+            ensure_evals(rec, [max(held)], b.out)
+            b.save()
+
+
+def budget_table(b: Bench, seeds: list[int], seconds: float, step0: float) -> None:
+    from benchmarks.common import median, print_table
+
+    rows = []
+    for t in ("ours", "trl"):
+        rs = [r for r in b.runs.values() if r["trainer"] == t and r.get("steps") and r["seed"] in seeds]
+        if len(rs) < len(seeds):
+            return
+        at = [eval_at(r, seconds, step0) for r in rs]
+        rows.append(
+            [f"{t}: {rs[0]['setting']}, lr {rs[0]['lr']:g}", rs[0]["steps"],
+             median([max(r["elapsed"].values()) for r in rs]), f"{median(at):.3f}", " / ".join(f"{a:.3f}" for a in at)]
+        )  # fmt: skip
+    print_table(
+        f"\na {seconds:.0f} s training budget (schedule over the steps that fit; policy held at {seconds:.0f} s)",
+        ["trainer", "steps", "median s trained", f"eval at {seconds:.0f} s (median)", "per seed"],
+        rows,
+    )
 
 
 def reported(b: Bench, trainer: str, seeds: list[int]) -> list[dict] | None:
@@ -497,6 +550,7 @@ def report(b: Bench, seeds: list[int], figure: Path | None) -> None:
         ["trainer", "median s to 0.2", "range", "reached", *(f"eval at {t:.0f} s (median)" for t in EQUAL_WALL_S)],
         summary,
     )
+    budget_table(b, seeds, BUDGET_S, step0)
     if figure is not None:
         _figure(chosen, step0, figure)
         print(f"figure: {figure}")
@@ -577,7 +631,7 @@ def _fmt_s(t: float | None) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", choices=["grid", "settings", "seeds", "report", "all"], default="all")
+    parser.add_argument("--part", choices=["grid", "settings", "seeds", "budget", "report", "all"], default="all")
     parser.add_argument("--out", default=str(ROOT / "runs" / "bench_time_to_accuracy"), help="results and runs")
     parser.add_argument(
         "--lrs", type=float, nargs="+", default=[5e-5, 1e-4, 2e-4, 4e-4, 8e-4], help="the lr grid (both)"
@@ -600,6 +654,8 @@ def main() -> None:
         part_settings(b)
     if args.part in ("seeds", "all"):
         part_seeds(b, args.seeds)
+    if args.part in ("budget", "all"):
+        part_budget(b, args.seeds, BUDGET_S)
     report(b, args.seeds, Path(args.figure) if args.figure else None)
 
 

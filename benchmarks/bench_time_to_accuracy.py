@@ -271,7 +271,7 @@ def _trl_rows(job: dict, tokenizer) -> list[dict]:
     for r in rows:
         messages = [{"role": "user", "content": r["prompt"]}]
         ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
-        ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+        ids = ids["input_ids"] if hasattr(ids, "keys") else ids  # a BatchEncoding in newer transformers
         if len(ids) <= job["max_prompt_tokens"]:
             out.append({"prompt": messages, "answer": r["answer"]})
     return out
@@ -396,16 +396,14 @@ class Bench:
 
     def step0(self) -> float:
         """The builtin model's step-0 eval, and TRL's saved initial policy's: the same evaluator must agree."""
-        if "step0" not in self.__dict__:
-            from drpo_trainer.builtin.resolve import resolve_model_path
+        from drpo_trainer.builtin.resolve import resolve_model_path
 
-            trl = next((r for r in self.runs.values() if r["trainer"] == "trl"), None)
-            points = [(resolve_model_path("builtin:tiny-math"), 0)] + ([(trl["models"][0], 0)] if trl else [])
-            scores = evaluate(points, self.out / "evals")
-            if len(scores) == 2 and scores[0] != scores[1]:
-                raise SystemExit(f"TRL's initial policy scores {scores[1]}, the builtin model {scores[0]}: not equal")
-            self.__dict__["step0"] = scores[0]
-        return self.__dict__["step0"]
+        trl = next((r for r in self.runs.values() if r["trainer"] == "trl"), None)
+        points = [(resolve_model_path("builtin:tiny-math"), 0)] + ([(trl["models"][0], 0)] if trl else [])
+        scores = evaluate(points, self.out / "evals")
+        if len(scores) == 2 and scores[0] != scores[1]:
+            raise SystemExit(f"TRL's initial policy scores {scores[1]}, the builtin model {scores[0]}: not equal")
+        return scores[0]
 
 
 def part_grid(b: Bench, lrs: list[float]) -> None:
